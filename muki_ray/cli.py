@@ -1,0 +1,119 @@
+"""The `muki-ray` command. Bad input exits 2 with one line per error and no traceback."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Callable
+
+from muki_ray.config import ConfigError, RunConfig, load_config, teacher_labels, teacher_model_path
+from muki_ray.labels import LabelSpace
+
+EXIT_BAD_INPUT = 2
+
+
+class UsageError(Exception):
+    """A one-line user-facing error (bad input, missing file, unreachable cluster)."""
+
+
+def label_space(cfg: RunConfig) -> LabelSpace:
+    """The union label space of a validated config (reads the prepare data's labels if needed)."""
+    prepare_labels = None
+    if cfg.prepare is not None and cfg.prepare.split == "contiguous":
+        from muki_ray.data import read_source
+
+        table = read_source(cfg.prepare.data, on_bad_row=cfg.data.on_bad_row, seed=cfg.data.seed, require_label=True)
+        prepare_labels = sorted(set(table.column("label").to_pylist()))
+    lists = teacher_labels(cfg, prepare_labels)
+    return LabelSpace.from_teachers({t.name: labels for t, labels in zip(cfg.teachers, lists)})
+
+
+def cmd_validate(args) -> int:
+    cfg = load_config(args.config, args.set)
+    space = label_space(cfg)
+    print(f"config OK: {args.config}")
+    print(f"output_dir: {cfg.output_dir}")
+    print(f"strategy: {cfg.integration.strategy} (tau={cfg.integration.temperature}, "
+          f"reweight={cfg.integration.reweight}, normalize={cfg.integration.reweight_normalize})")
+    print(f"teachers: {len(cfg.teachers)}")
+    for t, labels in zip(cfg.teachers, space.teacher_labels):
+        src = "prepare" if cfg.prepare is not None and t.model is None else "model"
+        p = "model's own" if t.mc.dropout is None else t.mc.dropout
+        print(f"  {t.name}: {len(labels)} labels, K={t.mc.samples}, dropout={p}, "
+              f"{src}={teacher_model_path(cfg, t)}")
+    print(space.describe())
+    print(f"student: {cfg.student.model} (ZeRO-{cfg.student.zero_stage}, {cfg.student.num_workers} workers)")
+    return 0
+
+
+def cmd_datasets(args) -> int:
+    from muki_ray.data import describe_builtins, format_builtins
+
+    print(format_builtins(describe_builtins()))
+    return 0
+
+
+def cmd_schema(args) -> int:
+    import re
+    from pathlib import Path
+
+    from muki_ray.config import schema_markdown
+
+    md = schema_markdown()
+    if args.update:
+        path = Path(args.update)
+        text = path.read_text()
+        new, n = re.subn(r"(<!-- schema:start -->\n).*?(<!-- schema:end -->)",
+                         lambda m: m.group(1) + md + "\n" + m.group(2), text, flags=re.S)
+        if n != 1:
+            raise UsageError(f"{path}: no <!-- schema:start --> ... <!-- schema:end --> block")
+        path.write_text(new)
+        print(f"updated the schema in {path}")
+    else:
+        print(md)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="muki-ray", description=__doc__)
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_config(name: str, fn: Callable, help: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help)
+        sp.add_argument("config", help="run config YAML")
+        sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. integration.strategy=muki_hard (repeatable)")
+        sp.set_defaults(fn=fn)
+        return sp
+
+    with_config("validate", cmd_validate, "validate a config and print the teachers and union label space")
+    sub.add_parser("datasets", help="list the built-in datasets").set_defaults(fn=cmd_datasets)
+    sp = sub.add_parser("schema", help="print the config schema as Markdown")
+    sp.add_argument("--update", metavar="README", help="rewrite the schema block of this Markdown file")
+    sp.set_defaults(fn=cmd_schema)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from muki_ray.cluster import ClusterError
+    from muki_ray.data import DataError
+    from muki_ray.hf_folder import ModelLoadError
+
+    try:
+        return args.fn(args)
+    except ConfigError as e:
+        for line in e.errors:
+            print(f"error: {line}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except (DataError, UsageError, ModelLoadError, ClusterError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

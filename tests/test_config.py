@@ -1,0 +1,227 @@
+"""Config validation: every error is one line starting with its YAML path, exit code 2."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from muki_ray.cli import main
+from muki_ray.config import ConfigError, apply_overrides, contiguous_split, load_config, schema_markdown
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def base(tmp_path, tiny_models):
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text("\n".join(json.dumps({"text": f"market {i}", "label": "business"}) for i in range(4)) + "\n")
+    return {
+        "output_dir": str(tmp_path / "run"),
+        "data": {"pool": {"source": str(pool)}, "dev": {"source": str(pool)}},
+        "teachers": [
+            {"name": "news", "model": str(tiny_models["news"])},
+            {"name": "arts", "model": str(tiny_models["arts"])},
+        ],
+        "student": {"model": str(tiny_models["student"])},
+    }
+
+
+def write(tmp_path, raw) -> str:
+    p = tmp_path / "cfg.yaml"
+    p.write_text(yaml.safe_dump(raw))
+    return str(p)
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_valid_config_summary(tmp_path, base, capsys):
+    code, out, err = run_cli(capsys, "validate", write(tmp_path, base))
+    assert code == 0, err
+    assert "news: 2 labels" in out and "arts: 3 labels" in out
+    # union in teacher order with owners
+    assert "business" in out and "<- news" in out and "<- arts" in out
+    assert "union label space: 5 labels from 2 teachers" in out
+
+
+def test_overlap_marked(tmp_path, base, tiny_models, capsys):
+    base["teachers"].append({"name": "misc", "model": str(tiny_models["misc"])})
+    code, out, _ = run_cli(capsys, "validate", write(tmp_path, base))
+    assert code == 0
+    assert "union label space: 6 labels from 3 teachers" in out
+    line = next(line for line in out.splitlines() if " tech " in line)
+    assert "arts, misc" in line and "(overlap)" in line
+
+
+def _set(raw, path, value):
+    node = raw
+    for k in path[:-1]:
+        node = node[k]
+    if value is DELETE:
+        del node[path[-1]]
+    else:
+        node[path[-1]] = value
+
+
+DELETE = object()
+
+BAD = [
+    # (what to change, value, expected path prefix of the error line)
+    (("student",), DELETE, "student: required field is missing"),
+    (("data",), DELETE, "data: required field is missing"),
+    (("teachers", 0, "name"), DELETE, "teachers[0].name: required field is missing"),
+    (("bogus",), 1, "bogus: unknown key"),
+    (("teachers", 1, "color"), "red", "teachers[1].color: unknown key"),
+    (("teachers", 1, "name"), "news", "teachers[1].name: duplicate teacher name"),
+    (("teachers", 0, "name"), "bad name", "teachers[0].name:"),
+    (("teachers", 0, "labels"), ["business"], "teachers[0].labels: a teacher needs at least 2 labels"),
+    (("teachers", 1, "labels"), ["x", "y"], "teachers[1].labels: 2 labels given but the model head has 3"),
+    (("teachers", 1, "labels"), ["a", "b", "c", "d"], "teachers[1].labels: 4 labels given"),
+    (("teachers", 0, "model"), "/nonexistent/model", "teachers[0].model: model folder /nonexistent/model does not exist"),
+    (("teachers", 0, "mc"), {"samples": 0}, "teachers[0].mc.samples:"),
+    (("teachers", 0, "mc"), {"dropout": 1.0}, "teachers[0].mc.dropout: must be in [0, 1)"),
+    (("teachers", 0, "mc"), {"dropout": -0.1}, "teachers[0].mc.dropout:"),
+    (("teachers", 0, "batch_size"), "big", "teachers[0].batch_size:"),
+    (("integration",), {"temperature": 0}, "integration.temperature: must be > 0"),
+    (("integration",), {"temperature": -1.0}, "integration.temperature: must be > 0"),
+    (("integration",), {"strategy": "magic"}, "integration.strategy:"),
+    (("integration",), {"strategy": "oracle"}, "integration.strategy: 'oracle' needs gold labels"),
+    (("integration",), {"strategy": "supervised"}, "integration.strategy: 'supervised' needs gold labels"),
+    (("student", "zero_stage"), 5, "student.zero_stage: must be 0, 1, 2 or 3"),
+    (("student", "model"), "/nonexistent/student", "student.model:"),
+    (("data", "pool", "source"), "/nonexistent/pool.jsonl", "data.pool.source: /nonexistent/pool.jsonl does not exist"),
+    (("data", "pool", "part"), [0.5, 0.2], "data.pool.part: must satisfy"),
+    (("data", "on_bad_row"), "ignore", "data.on_bad_row:"),
+    (("teachers",), [], "teachers:"),
+    (("ray",), {"num_cpus": 0}, "ray.num_cpus:"),
+]
+
+
+@pytest.mark.parametrize("path,value,expected", BAD, ids=[b[2].split(":")[0] + f"#{i}" for i, b in enumerate(BAD)])
+def test_bad_config(tmp_path, base, capsys, path, value, expected):
+    raw = copy.deepcopy(base)
+    _set(raw, path, value)
+    code, out, err = run_cli(capsys, "validate", write(tmp_path, raw))
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert any(line.startswith("error: " + expected) for line in lines), err
+    assert "Traceback" not in err
+
+
+def test_generic_label_names_refused(tmp_path, base, capsys):
+    from tests.conftest import make_tiny_model
+
+    folder = make_tiny_model(tmp_path / "generic", ["LABEL_0", "LABEL_1"])
+    base["teachers"][0]["model"] = str(folder)
+    code, _, err = run_cli(capsys, "validate", write(tmp_path, base))
+    assert code == 2 and "teachers[0].labels: the model's id2label has generic LABEL_k names" in err
+    base["teachers"][0]["labels"] = ["pos", "neg"]  # explicit names are accepted
+    code, _, err = run_cli(capsys, "validate", write(tmp_path, base))
+    assert code == 0, err
+
+
+def test_not_a_hf_folder(tmp_path, base, capsys):
+    (tmp_path / "empty").mkdir()
+    base["teachers"][0]["model"] = str(tmp_path / "empty")
+    code, _, err = run_cli(capsys, "validate", write(tmp_path, base))
+    assert code == 2 and "teachers[0].model:" in err and "no config.json" in err
+
+
+def test_every_error_reported_at_once(tmp_path, base, capsys):
+    base["integration"] = {"temperature": 0}
+    base["student"]["zero_stage"] = 7
+    code, _, err = run_cli(capsys, "validate", write(tmp_path, base))
+    assert code == 2
+    assert "integration.temperature" in err and "student.zero_stage" in err
+
+
+@pytest.mark.parametrize("content,expected", [
+    ("a: [1, 2", "invalid YAML"),
+    ("- just\n- a list\n", "must be a YAML mapping"),
+])
+def test_bad_yaml_file(tmp_path, capsys, content, expected):
+    p = tmp_path / "bad.yaml"
+    p.write_text(content)
+    code, _, err = run_cli(capsys, "validate", str(p))
+    assert code == 2 and expected in err and str(p) in err
+
+
+def test_missing_config_file(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "validate", str(tmp_path / "nope.yaml"))
+    assert code == 2 and "config file not found" in err
+
+
+def test_overrides(tmp_path, base, capsys):
+    cfg = load_config(write(tmp_path, base), ["integration.strategy=muki_hard", "teachers[1].mc.samples=4"])
+    assert cfg.integration.strategy == "muki_hard" and cfg.teachers[1].mc.samples == 4
+    code, _, err = run_cli(capsys, "validate", write(tmp_path, base), "--set", "integration.temperature=-1")
+    assert code == 2 and "integration.temperature: must be > 0" in err
+    code, _, err = run_cli(capsys, "validate", write(tmp_path, base), "--set", "teachers[5].name=x")
+    assert code == 2 and "--set teachers[5].name=x" in err
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        apply_overrides({}, ["novalue"])
+
+
+def test_relative_paths_resolve_against_yaml(tmp_path, base, tiny_models):
+    import shutil
+
+    shutil.copytree(tiny_models["news"], tmp_path / "cfgdir" / "m")
+    base["teachers"][0]["model"] = "m"
+    p = tmp_path / "cfgdir" / "c.yaml"
+    p.write_text(yaml.safe_dump(base))
+    cfg = load_config(p)
+    assert Path(cfg.teachers[0].model) == (tmp_path / "cfgdir" / "m").resolve()
+
+
+def test_prepare_overlap_refused(tmp_path, base, tiny_models, capsys):
+    raw = copy.deepcopy(base)
+    raw["data"]["pool"] = {"source": "bbc_news", "split": "train", "part": [0.4, 1.0]}
+    raw["prepare"] = {"data": {"source": "bbc_news", "split": "train", "part": [0.0, 0.5]},
+                      "model": str(tiny_models["student"])}
+    for t in raw["teachers"]:
+        del t["model"]
+    code, _, err = run_cli(capsys, "validate", write(tmp_path, raw))
+    assert code == 2 and "prepare.data.part: overlaps data.pool.part" in err
+
+
+def test_contiguous_split_rule():
+    assert contiguous_split(["tech", "business", "sport", "politics", "entertainment"], 2) == [
+        ["business", "entertainment", "politics"], ["sport", "tech"]]
+    assert contiguous_split(list("abcdefg"), 3) == [["a", "b", "c"], ["d", "e"], ["f", "g"]]
+
+
+def test_schema_documents_every_option():
+    md = schema_markdown()
+    for key in ["teachers[].mc.samples", "integration.reweight_normalize", "student.zero_stage",
+                "data.pool.part", "ray.object_store_memory", "prepare.split"]:
+        assert f"`{key}`" in md
+
+
+def test_readme_schema_is_current():
+    readme = (REPO / "README.md").read_text()
+    assert schema_markdown() in readme, "README schema is stale: run `muki-ray schema` and paste it"
+
+
+def test_demo_config_validates(capsys):
+    code, out, err = run_cli(capsys, "validate", str(REPO / "jobs/configs/demo.yaml"))
+    assert code == 0, err
+    assert "teacher_a: 3 labels" in out and "teacher_b: 2 labels" in out
+    assert "union label space: 5 labels from 2 teachers" in out
+
+
+def test_console_script_exit_codes(tmp_path):
+    exe = Path(sys.executable).parent / "muki-ray"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("teachers: 3\n")
+    r = subprocess.run([str(exe), "validate", str(bad)], capture_output=True, text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "error: teachers:" in r.stderr
