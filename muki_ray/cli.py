@@ -47,6 +47,41 @@ def cmd_validate(args) -> int:
     return 0
 
 
+def cmd_predict(args) -> int:
+    from pathlib import Path
+
+    from muki_ray.cluster import connect
+    from muki_ray.pipeline import predict_stage
+
+    cfg = load_config(args.config, args.set)
+    space = label_space(cfg)
+    connect(cfg.ray)
+    info = predict_stage(cfg, space, Path(cfg.output_dir))
+    print(f"predictions: {info['rows']} rows x {len(cfg.teachers)} teachers -> "
+          f"{Path(cfg.output_dir) / 'predictions'} ({info['wall_time_s']:.1f} s)")
+    return 0
+
+
+def cmd_combine(args) -> int:
+    from pathlib import Path
+
+    from muki_ray.cluster import connect
+    from muki_ray.pipeline import combine_stage
+
+    cfg = load_config(args.config, args.set)
+    space = label_space(cfg)
+    connect(cfg.ray)
+    info = combine_stage(cfg, space, Path(cfg.output_dir))
+    print(f"targets: {info['rows']} rows, strategy {cfg.integration.strategy}, mean weight "
+          f"{info['mean_weight']:.3f} -> {Path(cfg.output_dir) / 'targets'}")
+    if info.get("supervision"):
+        s = info["supervision"]
+        print(f"supervision: target accuracy {s['target_accuracy']:.3f}, selection accuracy "
+              f"{s['selection_accuracy']:.3f} (MC {s['mc']['selection_accuracy']:.3f}, "
+              f"entropy {s['entropy']['selection_accuracy']:.3f})")
+    return 0
+
+
 def cmd_datasets(args) -> int:
     from muki_ray.data import describe_builtins, format_builtins
 
@@ -89,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
         return sp
 
     with_config("validate", cmd_validate, "validate a config and print the teachers and union label space")
+    with_config("predict-teachers", cmd_predict, "run every teacher's MC-Dropout predictions over the pool")
+    with_config("combine", cmd_combine, "integrate the teachers' predictions into targets")
     sub.add_parser("datasets", help="list the built-in datasets").set_defaults(fn=cmd_datasets)
     sp = sub.add_parser("schema", help="print the config schema as Markdown")
     sp.add_argument("--update", metavar="README", help="rewrite the schema block of this Markdown file")
@@ -110,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         for line in e.errors:
             print(f"error: {line}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except (DataError, UsageError, ModelLoadError, ClusterError) as e:
+    except (DataError, UsageError, ModelLoadError, ClusterError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
 

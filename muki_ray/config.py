@@ -118,6 +118,9 @@ class TeacherResources(Strict):
     )
     num_cpus: float = Field(1.0, gt=0, description="CPUs per actor (fractional on small machines).")
     replicas: int = Field(1, ge=1, description="Actors in this teacher's pool.")
+    threads: Optional[int] = Field(
+        None, ge=1, description="torch intra-op threads per CPU actor; default: ceil(num_cpus)."
+    )
 
 
 class Teacher(Strict):

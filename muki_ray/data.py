@@ -344,7 +344,9 @@ def check_labels(table: pa.Table, union_labels, where: str) -> None:
             raise DataError(f"{where}: label {lab!r} is not in the union label space ({', '.join(union_labels)})")
 
 
-def to_ray_dataset(table: pa.Table):
+def to_ray_dataset(table: pa.Table, rows_per_block: int = 1024):
+    """Arrow table -> ray.data.Dataset in blocks of `rows_per_block`, so actor pools share the work."""
     import ray.data
 
-    return ray.data.from_arrow(table)
+    blocks = [table.slice(i, rows_per_block) for i in range(0, max(table.num_rows, 1), rows_per_block)]
+    return ray.data.from_arrow(blocks)

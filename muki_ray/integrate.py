@@ -1,0 +1,182 @@
+"""Integrating N teachers into one target over the union label space (MUKI steps 2-3). Pure numpy.
+
+Per teacher i (lists over teachers; B rows): probs[i] (B, C_i) deterministic softmax, logits[i]
+(B, C_i), mc_probs[i] (B, C_i) p̄, mc_score[i] (B,) s = 1 - H(p̄)/log C_i. `positions[i]` (C_i,)
+maps teacher i's labels to union indices; a label shared by several teachers has one index and
+their contributions to it are added. Outputs: targets (B, |Y|) rows summing to 1, weights (B,),
+teacher (B,) the chosen or highest-weight teacher, scores (B, N).
+
+Ties in hard selection go to the teacher listed first (np.argmax's rule).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+
+MARGIN_EPS = 1e-6
+SCORE_STRATEGIES = ("muki_hard", "muki_soft", "entropy_hard", "entropy_soft")
+
+
+@dataclass
+class Integrated:
+    targets: np.ndarray   # (B, |Y|) float64, rows sum to 1
+    weights: np.ndarray   # (B,) raw margin weights (ones when not re-weighting); normalize over the pool
+    teacher: np.ndarray   # (B,) int, chosen / highest-weight teacher
+    scores: np.ndarray    # (B, N) the scores used for selection
+
+
+def pad(p: np.ndarray, positions: np.ndarray, num_union: int) -> np.ndarray:
+    """(B, C_i) -> (B, |Y|): teacher distribution at its union positions, zeros elsewhere."""
+    out = np.zeros((p.shape[0], num_union), dtype=np.float64)
+    np.add.at(out, (slice(None), positions), p)  # add.at: repeated positions accumulate
+    return out
+
+
+def entropy(p: np.ndarray) -> np.ndarray:
+    """H(p) over the last axis, nats; 0·log 0 = 0."""
+    p = np.asarray(p, dtype=np.float64)
+    return -(p * np.log(np.clip(p, 1e-300, None))).sum(-1)
+
+
+def entropy_scores(probs: np.ndarray) -> np.ndarray:
+    """Deterministic-pass score s = 1 - H(p)/log C, (B, C) -> (B,) in [0, 1]."""
+    c = probs.shape[-1]
+    if c < 2:
+        raise ValueError(f"a teacher with {c} label(s) has no usable uncertainty (log C = 0)")
+    return np.clip(1.0 - entropy(probs) / math.log(c), 0.0, 1.0)
+
+
+def teacher_weights(scores: np.ndarray, temperature: float) -> np.ndarray:
+    """softmax(s / τ) over teachers, (B, N) -> (B, N), numerically stable."""
+    z = scores / temperature
+    z = z - z.max(axis=1, keepdims=True)
+    w = np.exp(z)
+    return w / w.sum(axis=1, keepdims=True)
+
+
+def hard_targets(dists: Sequence[np.ndarray], scores: np.ndarray, positions, num_union: int):
+    """i* = argmax_i s_i; target = pad_{i*}(p_{i*}). Returns (targets (B,|Y|), teacher (B,))."""
+    choice = scores.argmax(axis=1)
+    targets = np.zeros((scores.shape[0], num_union))
+    for i, (p, pos) in enumerate(zip(dists, positions)):
+        rows = choice == i
+        if rows.any():
+            targets[rows] = pad(p[rows], pos, num_union)
+    return targets, choice
+
+
+def soft_targets(dists: Sequence[np.ndarray], scores: np.ndarray, positions, num_union: int, temperature: float):
+    """w = softmax(s/τ); target = Σ_i w_i pad_i(p_i). Returns (targets, teacher = argmax w)."""
+    w = teacher_weights(scores, temperature)
+    targets = sum(w[:, i:i + 1] * pad(p, pos, num_union) for i, (p, pos) in enumerate(zip(dists, positions)))
+    return targets, w.argmax(axis=1)
+
+
+def margin_weights(scores: np.ndarray) -> np.ndarray:
+    """m = s_(1) - s_(2) + 1e-6, the gap between the top-2 teacher scores, (B, N) -> (B,)."""
+    if scores.shape[1] < 2:
+        return np.ones(scores.shape[0])
+    top2 = np.sort(scores, axis=1)[:, -2:]
+    return top2[:, 1] - top2[:, 0] + MARGIN_EPS
+
+
+def normalize_weights(w: np.ndarray, mean: Optional[float] = None) -> np.ndarray:
+    """Scale weights to mean 1 over the pool (`mean` = the pool mean when w is one batch)."""
+    m = float(np.mean(w)) if mean is None else float(mean)
+    return w / m if m > 0 else np.ones_like(w)
+
+
+def vanilla_kd_targets(logits: Sequence[np.ndarray], positions, num_union: int, kd_temperature: float):
+    """softmax(concat(logits) / T) over the concatenated teacher labels (Σ C_i entries).
+
+    Mass of a label shared by several teachers is summed onto its union index, so the result
+    lives in the union space; with disjoint teachers it equals the concatenation.
+    """
+    concat = np.concatenate(logits, axis=1) / kd_temperature
+    concat = concat - concat.max(axis=1, keepdims=True)
+    p = np.exp(concat)
+    p /= p.sum(axis=1, keepdims=True)
+    return pad(p, np.concatenate(positions), num_union)
+
+
+def oracle_targets(dists: Sequence[np.ndarray], scores: np.ndarray, gold: np.ndarray, positions, num_union: int):
+    """The teacher that owns the gold label (several owners: the highest-scoring); analysis only.
+
+    Rows with unknown gold (-1) fall back to the highest-scoring teacher.
+    """
+    owns = np.zeros((len(gold), len(dists)), dtype=bool)
+    for i, pos in enumerate(positions):
+        owns[:, i] = np.isin(gold, pos)
+    masked = np.where(owns, scores, -np.inf)
+    masked = np.where(owns.any(axis=1, keepdims=True), masked, scores)
+    return hard_targets(dists, masked, positions, num_union)
+
+
+def integrate(strategy: str, *, probs, logits, mc_probs, mc_score, positions, num_union: int,
+              temperature: float = 0.2, kd_temperature: float = 5.0, reweight: bool = True,
+              target_probs: str = "deterministic", gold: Optional[np.ndarray] = None) -> Integrated:
+    """One strategy's targets for a batch. Lists are over teachers; see the module docstring.
+
+    Re-weighting (margin of the strategy's own scores) applies to the score-based strategies
+    (muki_*, entropy_*); the others get weight 1. `weights` are raw: normalize over the pool.
+    """
+    dists = mc_probs if target_probs == "mc_mean" else probs
+    mc = np.stack([np.asarray(s, dtype=np.float64) for s in mc_score], axis=1)
+    ent = np.stack([entropy_scores(np.asarray(p)) for p in probs], axis=1)
+    b = mc.shape[0]
+    scores = ent if strategy.startswith("entropy_") else mc
+    if strategy in ("muki_hard", "entropy_hard"):
+        targets, teacher = hard_targets(dists, scores, positions, num_union)
+    elif strategy in ("muki_soft", "entropy_soft"):
+        targets, teacher = soft_targets(dists, scores, positions, num_union, temperature)
+    elif strategy == "vanilla_kd":
+        targets, teacher = vanilla_kd_targets(logits, positions, num_union, kd_temperature), mc.argmax(1)
+    elif strategy == "uhc":
+        # UHC trains on each teacher's own distribution (see losses.UHCLoss); this target is the
+        # plain average, kept for reporting only.
+        targets = sum(pad(p, pos, num_union) for p, pos in zip(dists, positions)) / len(dists)
+        teacher = mc.argmax(1)
+    elif strategy in ("oracle", "supervised"):
+        if gold is None:
+            raise ValueError(f"strategy {strategy!r} needs gold labels on the pool")
+        gold = np.asarray(gold)
+        if strategy == "oracle":
+            targets, teacher = oracle_targets(dists, mc, gold, positions, num_union)
+        else:
+            targets = np.zeros((b, num_union))
+            known = gold >= 0
+            targets[np.flatnonzero(known), gold[known]] = 1.0
+            targets[~known] = 1.0 / num_union
+            teacher = oracle_targets(dists, mc, gold, positions, num_union)[1]
+    else:
+        raise ValueError(f"unknown strategy {strategy!r}")
+    weights = margin_weights(scores) if (reweight and strategy in SCORE_STRATEGIES) else np.ones(b)
+    return Integrated(targets=targets, weights=weights, teacher=teacher, scores=scores)
+
+
+def selection_quality(scores: np.ndarray, dists: Sequence[np.ndarray], positions, num_union: int,
+                      gold: np.ndarray) -> dict:
+    """Hard selection by `scores` (B, N) judged against gold union indices (B,); -1 rows ignored.
+
+    target_accuracy: argmax of the selected teacher's padded distribution == gold.
+    selection_accuracy: the selected teacher owns the gold label.
+    mean_margin_correct / _wrong: mean raw margin on correct / wrong selections.
+    """
+    gold = np.asarray(gold)
+    known = gold >= 0
+    targets, teacher = hard_targets(dists, scores, positions, num_union)
+    owns = np.stack([np.isin(gold, pos) for pos in positions], axis=1)
+    selected_ok = owns[np.arange(len(gold)), teacher]
+    margin = margin_weights(scores)
+    k = known
+    return {
+        "rows": int(k.sum()),
+        "target_accuracy": float((targets.argmax(1) == gold)[k].mean()) if k.any() else float("nan"),
+        "selection_accuracy": float(selected_ok[k].mean()) if k.any() else float("nan"),
+        "mean_margin_correct": float(margin[k & selected_ok].mean()) if (k & selected_ok).any() else float("nan"),
+        "mean_margin_wrong": float(margin[k & ~selected_ok].mean()) if (k & ~selected_ok).any() else float("nan"),
+    }

@@ -1,0 +1,89 @@
+"""Stage outputs and manifests under RUN_DIR/<stage>/.
+
+A stage writes its outputs into a temporary sibling folder, renames it into place, and writes
+`manifest.json` last. A stage folder without a manifest is partial (a crash) and is never read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+MANIFEST = "manifest.json"
+
+
+def fingerprint(obj: Any) -> str:
+    """Stable short hash of JSON-able data (config sections, input fingerprints)."""
+    blob = json.dumps(obj, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def folder_fingerprint(folder: Path) -> str:
+    """Content hash of a folder's files (names, sizes and bytes)."""
+    h = hashlib.sha256()
+    for p in sorted(Path(folder).rglob("*")):
+        if p.is_file():
+            h.update(str(p.relative_to(folder)).encode())
+            with open(p, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def read_manifest(stage_dir: Path) -> Optional[dict]:
+    p = Path(stage_dir) / MANIFEST
+    if not p.exists():
+        return None
+    try:
+        return json.loads(p.read_text())
+    except ValueError:
+        return None
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
+        os.replace(tmp, path)
+    except OSError as e:
+        raise OSError(f"cannot write {path}: {e.strerror or e}") from None
+
+
+def begin_stage(stage_dir: Path) -> Path:
+    """Create RUN_DIR/<stage>/ and drop its manifest, so an interrupted run is recognized as partial."""
+    stage_dir = Path(stage_dir)
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    (stage_dir / MANIFEST).unlink(missing_ok=True)
+    return stage_dir
+
+
+@contextlib.contextmanager
+def stage_output(stage_dir: Path, name: str) -> Iterator[Path]:
+    """Yield a temporary folder; on success it replaces RUN_DIR/<stage>/<name>."""
+    stage_dir = begin_stage(stage_dir)
+    final = stage_dir / name
+    tmp = stage_dir / f".{name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    yield tmp
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+
+
+def finish_stage(stage_dir: Path, *, config_hash: str, inputs: dict, rows: Optional[int], started: float,
+                 extra: Optional[dict] = None) -> dict:
+    """Write the manifest last: config hash, input fingerprints, row count, wall time."""
+    info = {"config_hash": config_hash, "inputs": inputs, "rows": rows,
+            "wall_time_s": round(time.time() - started, 3), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    if extra:
+        info.update(extra)
+    write_json_atomic(Path(stage_dir) / MANIFEST, info)
+    return info

@@ -1,0 +1,363 @@
+"""Distributed training of a classifier with Ray Train (TorchTrainer) and DeepSpeed ZeRO.
+
+Used twice: the student on the integrated targets, and (in `prepare`) each teacher on gold
+labels of its own label subset. Tokenization happens in a Ray Data stage before the trainer;
+`train_loop_per_worker` reads top to bottom: build model -> deepspeed.initialize -> resume ->
+epochs (train, evaluate on dev, report with checkpoint). The best checkpoint by dev accuracy is
+consolidated (ZeRO-3 shards included) into a Hugging Face folder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+log = logging.getLogger("muki_ray.student")
+
+# Loss kinds, by integration strategy.
+LOSS_FOR_STRATEGY = {
+    "muki_soft": "weighted_kl", "muki_hard": "weighted_kl", "entropy_soft": "weighted_kl",
+    "entropy_hard": "weighted_kl", "oracle": "weighted_kl", "vanilla_kd": "vanilla_kd",
+    "uhc": "uhc", "supervised": "cross_entropy",
+}
+
+
+# ------------------------------------------------------------------ config
+def deepspeed_config(hyper, *, use_gpu: bool, bf16: bool, total_steps: int, user: Optional[dict] = None) -> dict:
+    """The DeepSpeed config for `hyper` (a TrainHyper); `user` keys override ours (deep merge)."""
+    warmup = int(round(hyper.warmup_ratio * total_steps))
+    zero: dict = {"stage": hyper.zero_stage}
+    if hyper.offload_optimizer and hyper.zero_stage > 0:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": use_gpu}
+    if hyper.zero_stage == 3:
+        # Gather the full weights at save time as well; export also works from the shards.
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    cfg = {
+        "train_micro_batch_size_per_gpu": hyper.batch_size,
+        "gradient_accumulation_steps": hyper.grad_accum,
+        "gradient_clipping": hyper.max_grad_norm,
+        "zero_optimization": zero,
+        "bf16": {"enabled": bf16},
+        "fp16": {"enabled": False},
+        "optimizer": {
+            "type": "AdamW",
+            # torch_adam on CPU: DeepSpeed would otherwise JIT-compile FusedAdam (~100 s) or fail.
+            "params": {"lr": hyper.lr, "weight_decay": hyper.weight_decay, "betas": [0.9, 0.999],
+                       "eps": 1e-8, "torch_adam": not use_gpu},
+        },
+        "scheduler": {
+            "type": "WarmupDecayLR",
+            "params": {"warmup_min_lr": 0.0, "warmup_max_lr": hyper.lr, "warmup_num_steps": max(warmup, 0),
+                       "total_num_steps": max(total_steps, warmup + 1), "warmup_type": "linear"},
+        },
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    return deep_merge(cfg, user or {})
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for k, v in override.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+@dataclass
+class TrainJob:
+    """Everything the workers need; plain data so it ships to every worker."""
+
+    model_path: str
+    labels: list[str]                       # output label names, head order
+    loss: str                               # weighted_kl | vanilla_kd | uhc | cross_entropy
+    hyper: dict                             # TrainHyper as a dict
+    ds_config: dict
+    steps_per_epoch: int                    # optimizer micro-steps per worker per epoch
+    log_path: Optional[str] = None          # train_log.jsonl (rank 0 writes)
+    kd_temperature: float = 1.0
+    uhc_positions: list[list[int]] = field(default_factory=list)
+    uhc_columns: list[str] = field(default_factory=list)
+    part_labels: dict[str, list[int]] = field(default_factory=dict)  # part name -> union indices
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+    init_state: Optional[str] = None        # a state_dict .pt to start from (warm start)
+    fault_step: Optional[str] = None        # test-only: "N:marker" kills rank 0 once at global step N
+
+
+# ------------------------------------------------------------ tokenization
+class Tokenize:
+    """Ray Data stage: text -> fixed-width input_ids/attention_mask (+ lengths for trimming).
+
+    Fixed width keeps Arrow tensor columns simple; the collate step trims every batch to its
+    longest row, so no FLOPs are spent on padding beyond that.
+    """
+
+    def __init__(self, model_path: str, max_length: int, trust_remote_code: bool = False):
+        from muki_ray.hf_folder import load_tokenizer
+
+        self.tokenizer = load_tokenizer(model_path, trust_remote_code=trust_remote_code)
+        self.max_length = max_length
+
+    def __call__(self, batch: dict) -> dict:
+        enc = self.tokenizer([str(t) for t in batch["text"]], truncation=True, max_length=self.max_length,
+                             padding="max_length", return_tensors="np")
+        batch["input_ids"] = enc["input_ids"].astype(np.int64)
+        batch["attention_mask"] = enc["attention_mask"].astype(np.int64)
+        if "token_type_ids" in enc:
+            batch["token_type_ids"] = enc["token_type_ids"].astype(np.int64)
+        del batch["text"]
+        return batch
+
+
+def tokenize(ds, model_path: str, max_length: int, trust_remote_code: bool = False, num_cpus: float = 0.5):
+    return ds.map_batches(Tokenize, fn_constructor_kwargs={"model_path": model_path, "max_length": max_length,
+                                                           "trust_remote_code": trust_remote_code},
+                          batch_size=256, batch_format="numpy", num_cpus=num_cpus,
+                          compute=__import__("ray").data.ActorPoolStrategy(size=1))
+
+
+def collate(batch: dict, device) -> dict:
+    """numpy batch -> torch tensors on `device`, trimmed to the longest row."""
+    import torch
+
+    width = int(batch["attention_mask"].sum(axis=1).max()) if len(batch["attention_mask"]) else 1
+    out = {}
+    for k, v in batch.items():
+        if k in ("input_ids", "attention_mask", "token_type_ids"):
+            out[k] = torch.as_tensor(np.ascontiguousarray(v[:, :width]), device=device)
+        elif k in ("id", "text", "teacher", "label", "scores"):
+            continue
+        elif v.dtype == object:
+            out[k] = torch.as_tensor(np.stack(v).astype(np.float32), device=device)
+        else:
+            out[k] = torch.as_tensor(v, device=device)
+    return out
+
+
+# ------------------------------------------------------------ train loop
+def train_loop_per_worker(config: dict) -> None:
+    import deepspeed  # inside the worker: importing at module top costs every process ~seconds
+    import ray.train
+    import torch
+
+    from muki_ray.losses import SupervisedCELoss, UHCLoss, VanillaKDLoss, WeightedKLLoss
+
+    job = TrainJob(**config["job"])
+    hyper = job.hyper
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(hyper["seed"])
+
+    # 1. Model: the union label head.
+    model = _build_model(job)
+
+    # 2. DeepSpeed engine (Ray Train has already set up the process group: NCCL or gloo).
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()
+                                                                          if p.requires_grad],
+                                           config=job.ds_config)
+    device = engine.device
+
+    # 3. Resume from the latest checkpoint (after a worker failure, or a rerun of the same run).
+    start_epoch, global_step = 0, 0
+    ckpt = ray.train.get_checkpoint()
+    if ckpt:
+        with ckpt.as_directory() as d:
+            _, client = engine.load_checkpoint(d, tag="state")
+            start_epoch, global_step = client["epoch"] + 1, client["global_step"]
+        if rank == 0:
+            log.info("resumed from checkpoint at epoch %d, global step %d", start_epoch, global_step)
+
+    loss_fn = {
+        "weighted_kl": WeightedKLLoss(),
+        "vanilla_kd": VanillaKDLoss(job.kd_temperature),
+        "uhc": UHCLoss(),
+        "cross_entropy": SupervisedCELoss(),
+    }[job.loss]
+    positions = [torch.as_tensor(p, dtype=torch.long, device=device) for p in job.uhc_positions]
+    bf16 = job.ds_config.get("bf16", {}).get("enabled", False)
+
+    train_shard = ray.train.get_dataset_shard("train")
+    dev_shard = ray.train.get_dataset_shard("dev")
+    micro = hyper["batch_size"]
+    for epoch in range(start_epoch, hyper["epochs"]):
+        # 4. One epoch: every rank takes exactly steps_per_epoch micro-batches (ZeRO needs lockstep).
+        engine.train()
+        t0, seen, losses = time.time(), 0, []
+        batches = train_shard.iter_batches(batch_size=micro, batch_format="numpy", drop_last=True,
+                                           local_shuffle_buffer_size=max(4 * micro, 256),
+                                           local_shuffle_seed=hyper["seed"] + epoch)
+        for step, np_batch in enumerate(batches):
+            if step >= job.steps_per_epoch:
+                break
+            batch = collate(np_batch, device)
+            logits = engine(**_model_inputs(batch)).logits.float()
+            if job.loss == "weighted_kl":
+                loss = loss_fn(logits, batch["target"], batch["weight"])
+            elif job.loss == "vanilla_kd":
+                loss = loss_fn(logits, batch["target"])
+            elif job.loss == "uhc":
+                loss = loss_fn(logits, [batch[c] for c in job.uhc_columns], positions)
+            else:
+                loss = loss_fn(logits, batch["gold"])
+            engine.backward(loss)
+            engine.step()
+            global_step += 1
+            seen += len(batch["input_ids"])
+            losses.append(loss.item())
+            if rank == 0 and (global_step % 10 == 0 or step == job.steps_per_epoch - 1):
+                rate = seen * world / max(time.time() - t0, 1e-9)
+                rec = {"epoch": epoch, "global_step": global_step, "loss": float(np.mean(losses[-10:])),
+                       "lr": float(engine.get_lr()[0]), "examples_per_s": round(rate, 2)}
+                log.info("epoch %d step %d/%d loss %.4f lr %.2e %.1f ex/s", epoch, step + 1,
+                         job.steps_per_epoch, rec["loss"], rec["lr"], rate)
+                _append_log(job.log_path, rec)
+            _maybe_fail(global_step, job.fault_step)
+        # 5. Dev evaluation (every rank evaluates its shard; counts are summed).
+        dev = evaluate_shard(engine, dev_shard, job, device, bf16)
+        metrics = {"epoch": epoch, "global_step": global_step, "train_loss": float(np.mean(losses or [0.0])),
+                   "epoch_time_s": round(time.time() - t0, 2), **dev}
+        if rank == 0:
+            log.info("epoch %d done: %s", epoch, json.dumps(metrics))
+            _append_log(job.log_path, {"event": "epoch", **metrics})
+        # 6. Checkpoint: every rank saves its DeepSpeed shard; Ray merges them into one folder.
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            engine.save_checkpoint(tmp, tag="state", client_state={"epoch": epoch, "global_step": global_step})
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def _build_model(job: TrainJob):
+    import torch
+
+    from muki_ray.hf_folder import load_classifier
+
+    names = list(job.labels)
+    model = load_classifier(job.model_path, trust_remote_code=job.trust_remote_code, allow_pickle=job.allow_pickle,
+                            num_labels=len(names), id2label=dict(enumerate(names)),
+                            label2id={n: i for i, n in enumerate(names)}, ignore_mismatched_sizes=True)
+    if job.init_state:
+        state = torch.load(job.init_state, map_location="cpu", weights_only=True)
+        model.load_state_dict(state)
+    return model
+
+
+def _model_inputs(batch: dict) -> dict:
+    return {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+
+
+def evaluate_shard(engine, shard, job: TrainJob, device, bf16: bool) -> dict:
+    """Dev accuracy over the union and per part, summed over ranks. `gold` = union index."""
+    import torch
+    import torch.distributed as dist
+
+    engine.eval()
+    parts = list(job.part_labels)
+    counts = torch.zeros(2 + 2 * len(parts), dtype=torch.float64, device=device)
+    masks = {p: torch.zeros(len(job.labels), dtype=torch.bool, device=device) for p in parts}
+    for p, idx in job.part_labels.items():
+        masks[p][idx] = True
+    with torch.no_grad():
+        for np_batch in shard.iter_batches(batch_size=64, batch_format="numpy"):
+            batch = collate(np_batch, device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                pred = engine(**_model_inputs(batch)).logits.float().argmax(-1)
+            gold = batch["gold"]
+            ok = (pred == gold) & (gold >= 0)
+            counts[0] += ok.sum()
+            counts[1] += (gold >= 0).sum()
+            for j, p in enumerate(parts):
+                inpart = (gold >= 0) & masks[p][gold.clamp(min=0)]
+                counts[2 + 2 * j] += (ok & inpart).sum()
+                counts[3 + 2 * j] += inpart.sum()
+    if dist.is_initialized():
+        dist.all_reduce(counts)
+    c = counts.cpu().numpy()
+    out = {"dev_accuracy": float(c[0] / c[1]) if c[1] else float("nan"), "dev_rows": int(c[1])}
+    for j, p in enumerate(parts):
+        out[f"dev_accuracy/{p}"] = float(c[2 + 2 * j] / c[3 + 2 * j]) if c[3 + 2 * j] else float("nan")
+    return out
+
+
+def _append_log(path: Optional[str], rec: dict) -> None:
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps({"time": round(time.time(), 3), **rec}) + "\n")
+
+
+def _maybe_fail(global_step: int, spec: Optional[str]) -> None:
+    """Test-only fault hook (MUKI_FAULT_TRAIN_STEP=N:marker in the driver): rank 0 exits once at step N."""
+    if spec:
+        step, marker = spec.split(":", 1)
+        import ray.train
+
+        if global_step == int(step) and ray.train.get_context().get_world_rank() == 0 and not os.path.exists(marker):
+            Path(marker).write_text("failed once")
+            os._exit(1)
+
+
+# ----------------------------------------------------------------- driver
+def fit(job: TrainJob, train_ds, dev_ds, *, run_dir: Path, name: str, num_rows: int, scaling: dict,
+        max_failures: int) -> dict:
+    """Run the TorchTrainer; returns the best checkpoint path and its metrics."""
+    import ray.train
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from muki_ray.hardware import collective_backend
+
+    storage = Path(run_dir).resolve() / "ray_train"
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"job": asdict(job)},
+        torch_config=TorchConfig(backend=collective_backend(scaling["use_gpu"])),
+        scaling_config=ScalingConfig(**scaling),
+        run_config=RunConfig(
+            name=name, storage_path=str(storage),
+            checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="dev_accuracy",
+                                               checkpoint_score_order="max"),
+            failure_config=FailureConfig(max_failures=max_failures),
+        ),
+        datasets={"train": train_ds, "dev": dev_ds},
+    )
+    result = trainer.fit()
+    best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1].get("dev_accuracy", -1))
+    return {"checkpoint": best_ckpt.path, "metrics": best_metrics, "last_metrics": result.metrics}
+
+
+def steps_per_epoch(num_rows: int, world: int, micro: int) -> int:
+    """Micro-steps every worker can take on its equal shard, dropping the ragged tail."""
+    return max(1, (num_rows // world) // micro)
+
+
+def consolidate(checkpoint_dir: str, zero_stage: int) -> dict:
+    """A full fp32 state_dict from a DeepSpeed checkpoint (ZeRO-1/2/3 shards are merged)."""
+    import torch
+
+    d = Path(checkpoint_dir)
+    if zero_stage == 0:
+        state = torch.load(d / "state" / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+        return {k: v.float() for k, v in state["module"].items()}
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(d), tag="state")
+
+
+def export(job: TrainJob, state: dict, out_dir: Path) -> Path:
+    """Write a `from_pretrained` folder with the union labels and the student's tokenizer."""
+    from muki_ray.hf_folder import load_tokenizer, save_atomic
+
+    model = _build_model(TrainJob(**{**asdict(job), "init_state": None}))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if [k for k in missing if not k.endswith("position_ids")]:
+        raise RuntimeError(f"export: checkpoint lacks weights {missing[:5]}")
+    tok = load_tokenizer(job.model_path, trust_remote_code=job.trust_remote_code)
+    return save_atomic(model.eval(), tok, out_dir)

@@ -1,0 +1,199 @@
+"""The teacher stage: every teacher's MC-Dropout predictions, streamed through Ray Data.
+
+One actor pool per teacher, chained with `map_batches` (never `zip`: zip materializes its
+inputs and does not keep block order). Each stage appends that teacher's columns:
+
+    NAME__logits          list[float] (C,)  deterministic logits, dropout off
+    NAME__probs           list[float] (C,)  softmax(logits)
+    NAME__entropy         float             H(probs), nats
+    NAME__mc_probs        list[float] (C,)  p̄, mean of K dropout softmaxes
+    NAME__mc_uncertainty  float             H(p̄), nats
+    NAME__mc_score        float             s = 1 - H(p̄) / log C, in [0, 1]
+
+Why one cache per teacher: adding a teacher to the config must cost one teacher's work. Each
+teacher's columns are therefore also stored alone, keyed by `id` under a fingerprint of its model,
+labels and MC settings; a reused teacher enters the chain as a cheap lookup stage instead of a
+model (see `CachedTeacher`), so the chain's output has the same columns either way.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from muki_ray.mc_dropout import mc_predict
+
+log = logging.getLogger("muki_ray.teachers")
+
+COLUMNS = ("logits", "probs", "entropy", "mc_probs", "mc_uncertainty", "mc_score")
+
+
+def column(teacher: str, field: str) -> str:
+    return f"{teacher}__{field}"
+
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    """Everything an actor needs to serve one teacher (plain data, cheap to ship to workers)."""
+
+    name: str
+    model_path: str
+    labels: tuple[str, ...]
+    samples: int = 16
+    dropout: Optional[float] = None
+    seed: int = 0
+    max_batch_tokens: int = 65536
+    max_length: int = 128
+    precision: str = "fp32"
+    threads: int = 1
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+
+
+class TeacherStage:
+    """Ray Data callable class: one teacher's MC-Dropout predictions for a batch of texts.
+
+    `setup()` loads the model and the teacher's own tokenizer; `__call__` maps a batch
+    {"text": (B,), ...} to the same batch plus this teacher's columns. Subclassed per teacher
+    (see `stage_class`) so that Ray Data's progress shows the teacher's name.
+    """
+
+    def __init__(self, spec: TeacherSpec):
+        self.spec = spec
+        self.model = None
+        self.setup()
+
+    def setup(self) -> None:
+        import torch
+
+        from muki_ray.hardware import autocast_dtype, pick_device
+        from muki_ray.hf_folder import load_classifier, load_tokenizer
+
+        s = self.spec
+        self.device = pick_device()
+        if self.device.type == "cpu":
+            # Ray pins OMP_NUM_THREADS to 1 for fractional-CPU actors; use what was configured.
+            torch.set_num_threads(s.threads)
+        self.tokenizer = load_tokenizer(s.model_path, trust_remote_code=s.trust_remote_code)
+        model = load_classifier(s.model_path, trust_remote_code=s.trust_remote_code, allow_pickle=s.allow_pickle)
+        head = model.config.num_labels
+        if head != len(s.labels):
+            raise ValueError(
+                f"teacher {s.name!r}: model head has {head} outputs but {len(s.labels)} labels are configured"
+            )
+        self.model = model.to(self.device).eval()
+        self.dtype = autocast_dtype(s.precision, self.device)
+        self.batches = 0
+        torch.set_grad_enabled(False)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        texts = [str(t) for t in batch["text"]]
+        out = self.predict(texts)
+        for field in COLUMNS:
+            batch[column(self.spec.name, field)] = out[field]
+        self.batches += 1
+        _maybe_fail(self.spec.name, self.batches)
+        return batch
+
+    def predict(self, texts: list[str]) -> dict[str, np.ndarray]:
+        """(B,) texts -> per-field arrays, rows in input order.
+
+        Rows are sorted by token length and packed into micro-batches padded only to their own
+        longest row, so no FLOPs go to pad tokens beyond the micro-batch maximum.
+        """
+        s = self.spec
+        enc = self.tokenizer(texts, truncation=True, max_length=s.max_length, padding=False)
+        lengths = np.array([len(ids) for ids in enc["input_ids"]])
+        order = np.argsort(-lengths, kind="stable")
+        parts: list[dict[str, np.ndarray]] = []
+        start = 0
+        while start < len(order):
+            # Longest row first, so the micro-batch width is lengths[order[start]].
+            width = int(lengths[order[start]])
+            rows = max(1, s.max_batch_tokens // max(1, width * s.samples))
+            idx = order[start : start + rows]
+            parts.append(self._forward({k: [enc[k][i] for i in idx] for k in enc.keys()}))
+            start += rows
+        merged = {f: np.concatenate([p[f] for p in parts]) for f in COLUMNS}
+        inverse = np.empty_like(order)
+        inverse[order] = np.arange(len(order))
+        return {f: _as_column(merged[f][inverse]) for f in COLUMNS}
+
+    def _forward(self, features: dict[str, list]) -> dict[str, np.ndarray]:
+        s = self.spec
+        padded = self.tokenizer.pad(features, return_tensors="pt")
+        batch = {k: v.to(self.device) for k, v in padded.items()}
+        out = mc_predict(self.model, batch, samples=s.samples, dropout=s.dropout, seed=s.seed,
+                         max_batch_tokens=s.max_batch_tokens, autocast_dtype=self.dtype)
+        return {f: getattr(out, f).float().cpu().numpy() for f in COLUMNS}
+
+
+def _as_column(a: np.ndarray) -> np.ndarray:
+    """(B, C) -> object array of (C,) float32 arrays, which Arrow stores as list<float>."""
+    if a.ndim == 1:
+        return a.astype(np.float32)
+    col = np.empty(len(a), dtype=object)
+    for i, row in enumerate(a.astype(np.float32)):
+        col[i] = row
+    return col
+
+
+def _maybe_fail(name: str, batches: int) -> None:
+    """Test-only fault hook: MUKI_FAULT_TEACHER=NAME:N kills this actor after N batches."""
+    fault = os.environ.get("MUKI_FAULT_TEACHER")
+    if fault:
+        target, n = fault.rsplit(":", 1)
+        if target == name and batches >= int(n):
+            os._exit(1)
+
+
+def stage_class(name: str, base: type = TeacherStage) -> type:
+    """A subclass named after the teacher: Ray Data labels a stage with its class name."""
+    return type(name, (base,), {"__module__": base.__module__, "__qualname__": name})
+
+
+def stage_options(resources, num_gpus_default: float) -> dict:
+    """map_batches options for one teacher's actor pool, from its `resources` config."""
+    import ray.data
+
+    num_gpus = resources.num_gpus if resources.num_gpus is not None else num_gpus_default
+    return {
+        "compute": ray.data.ActorPoolStrategy(size=resources.replicas),
+        "num_cpus": resources.num_cpus,
+        "num_gpus": num_gpus,
+        # No max_restarts/max_task_retries here: Ray Data's actor pools already default both to
+        # -1, so a lost actor is restarted and its batch retried and the stream completes.
+    }
+
+
+def teacher_specs(cfg, space) -> list[TeacherSpec]:
+    """One TeacherSpec per configured teacher, labels from the union label space."""
+    from muki_ray.config import teacher_model_path
+
+    return [
+        TeacherSpec(name=t.name, model_path=str(teacher_model_path(cfg, t)), labels=tuple(labels),
+                    samples=t.mc.samples, dropout=t.mc.dropout, seed=t.mc.seed,
+                    max_batch_tokens=t.mc.max_batch_tokens, max_length=t.max_length, precision=t.precision,
+                    threads=t.resources.threads or max(1, math.ceil(t.resources.num_cpus)),
+                    trust_remote_code=t.trust_remote_code, allow_pickle=t.allow_pickle)
+        for t, labels in zip(cfg.teachers, space.teacher_labels)
+    ]
+
+
+def chain_teachers(ds, cfg, specs: list[TeacherSpec]):
+    """pool dataset {id, text} -> the same rows plus every teacher's columns, one actor pool each."""
+    from muki_ray.hardware import cluster_has_gpus
+
+    gpu_default = 1.0 if cluster_has_gpus() else 0.0
+    by_name = {t.name: t for t in cfg.teachers}
+    for spec in specs:
+        t = by_name[spec.name]
+        ds = ds.map_batches(stage_class(spec.name), fn_constructor_kwargs={"spec": spec},
+                            batch_size=t.batch_size, batch_format="numpy",
+                            **stage_options(t.resources, gpu_default))
+    return ds

@@ -1,0 +1,131 @@
+"""MC-Dropout really samples (the reference implementation's K passes were identical)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, BertConfig, DistilBertConfig, RobertaConfig
+
+from muki_ray.mc_dropout import dropout_sampling, entropy, mc_predict, normalized_score
+
+
+def tiny(arch: str, p: float = 0.3, num_labels: int = 3):
+    common = dict(vocab_size=60, num_labels=num_labels, max_position_embeddings=64)
+    if arch == "bert":
+        cfg = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                         hidden_dropout_prob=p, **common)
+    elif arch == "roberta":
+        cfg = RobertaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                            hidden_dropout_prob=p, pad_token_id=1, **common)
+    else:
+        cfg = DistilBertConfig(dim=32, n_layers=2, n_heads=2, hidden_dim=64, dropout=p, seq_classif_dropout=p,
+                               **common)
+    torch.manual_seed(0)
+    return AutoModelForSequenceClassification.from_config(cfg).eval()
+
+
+def batch(b=4, length=12):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(5, 60, (b, length), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, 8:] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+@pytest.mark.parametrize("arch", ["bert", "roberta", "distilbert"])
+def test_passes_differ_and_mean_is_mc_probs(arch):
+    model = tiny(arch)
+    out = mc_predict(model, batch(), samples=6, seed=0, return_samples=True)
+    s = out.sample_probs
+    assert s.shape == (4, 6, 3)
+    # The K passes really differ (pairwise, for every row).
+    for k in range(1, 6):
+        assert not torch.allclose(s[:, 0], s[:, k], atol=1e-6)
+    torch.testing.assert_close(out.mc_probs, s.mean(1), atol=1e-6, rtol=0)
+    torch.testing.assert_close(out.mc_uncertainty, entropy(out.mc_probs))
+    torch.testing.assert_close(out.mc_score, 1 - out.mc_uncertainty / math.log(3))
+    torch.testing.assert_close(out.probs, out.logits.softmax(-1))
+
+
+def test_same_seed_same_pbar_different_seed_differs():
+    model = tiny("bert")
+    a = mc_predict(model, batch(), samples=4, seed=7).mc_probs
+    b = mc_predict(model, batch(), samples=4, seed=7).mc_probs
+    c = mc_predict(model, batch(), samples=4, seed=8).mc_probs
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, c, atol=1e-6)
+
+
+def test_global_rng_untouched():
+    model = tiny("bert")
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    mc_predict(model, batch(), samples=3, seed=0)
+    assert torch.equal(torch.rand(3), expected)
+
+
+@pytest.mark.parametrize("arch", ["bert", "roberta", "distilbert"])
+def test_dropout_zero_equals_deterministic(arch):
+    model = tiny(arch, p=0.3)
+    out = mc_predict(model, batch(), samples=5, dropout=0.0, return_samples=True)
+    for k in range(5):
+        torch.testing.assert_close(out.sample_probs[:, k], out.probs, atol=1e-6, rtol=0)
+    torch.testing.assert_close(out.mc_uncertainty, out.entropy, atol=1e-6, rtol=0)
+
+
+def test_override_reaches_every_architecture_and_is_restored():
+    for arch in ["bert", "roberta", "distilbert"]:
+        model = tiny(arch, p=0.1)
+        before = model.config.to_dict()
+        drops = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+        assert drops
+        with dropout_sampling(model, 0.5) as active:
+            assert all(m.p == 0.5 and m.training for m in active)
+            assert not any(m.training for m in model.modules() if not isinstance(m, torch.nn.Dropout))
+        assert all(m.p == 0.1 and not m.training for m in drops)
+        assert model.config.to_dict() == before
+
+
+def test_training_flags_restored():
+    model = tiny("bert").train()
+    mc_predict(model, batch(), samples=2)
+    assert all(m.training for m in model.modules())
+    model.eval()
+    mc_predict(model, batch(), samples=2)
+    assert not any(m.training for m in model.modules())
+
+
+def test_higher_dropout_more_uncertain_on_average():
+    model = tiny("bert", p=0.1)
+    low = mc_predict(model, batch(8), samples=16, dropout=0.05).mc_probs
+    high = mc_predict(model, batch(8), samples=16, dropout=0.6, return_samples=True)
+    spread_high = high.sample_probs.std(1).mean()
+    spread_low = mc_predict(model, batch(8), samples=16, dropout=0.05, return_samples=True).sample_probs.std(1).mean()
+    assert spread_high > spread_low
+    assert low.shape == (8, 3)
+
+
+def test_k_samples_run_batched_not_sequential():
+    model = tiny("bert")
+    calls = []
+    hook = model.bert.register_forward_hook(lambda m, i, o: calls.append(o.last_hidden_state.shape[0]))
+    b, k, length = 4, 8, 12
+    mc_predict(model, batch(b, length), samples=k, max_batch_tokens=10**6)
+    assert calls == [b, b * k]  # one deterministic forward, one forward of B*K rows
+    calls.clear()
+    mc_predict(model, batch(b, length), samples=k, max_batch_tokens=12 * 10)  # 10 rows per chunk
+    assert calls == [b, 10, 10, 10, 2]
+    hook.remove()
+
+
+def test_normalized_score_hand_worked():
+    c3 = torch.tensor
+    assert normalized_score(entropy(c3([1 / 3, 1 / 3, 1 / 3])), 3).item() == pytest.approx(0.0, abs=1e-6)
+    assert normalized_score(entropy(c3([1.0, 0.0, 0.0])), 3).item() == pytest.approx(1.0)
+    assert normalized_score(entropy(c3([0.5, 0.5, 0.0])), 3).item() == pytest.approx(1 - math.log(2) / math.log(3))
+    assert entropy(c3([0.5, 0.5])).item() == pytest.approx(math.log(2))
+    with pytest.raises(ValueError, match="1 label"):
+        normalized_score(torch.tensor([0.0]), 1)

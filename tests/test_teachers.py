@@ -1,0 +1,127 @@
+"""The teacher stage: Ray Data actor pools, chained, one row per pool id, heterogeneous teachers."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from muki_ray.config import parse_config
+from muki_ray.labels import LabelSpace
+from muki_ray.teachers import COLUMNS, TeacherSpec, TeacherStage, column, stage_class, teacher_specs
+from tests.conftest import WORDS
+
+
+def _cfg(tmp_path, tiny_models, n=300, replicas=2, **teacher_extra):
+    rng = np.random.default_rng(0)
+    pool = tmp_path / "pool.jsonl"
+    with open(pool, "w") as f:
+        for i in range(n):
+            words = rng.choice(WORDS, size=rng.integers(2, 30))
+            f.write(json.dumps({"id": f"doc{i}", "text": " ".join(words)}) + "\n")
+    raw = {
+        "output_dir": str(tmp_path / "run"),
+        "data": {"pool": {"source": str(pool)}},
+        "teachers": [
+            {"name": "news", "model": str(tiny_models["news"]), "batch_size": 64, "mc": {"samples": 3},
+             "resources": {"num_cpus": 0.25, "replicas": replicas}, **teacher_extra},
+            {"name": "arts", "model": str(tiny_models["arts"]), "batch_size": 50, "mc": {"samples": 2},
+             "resources": {"num_cpus": 0.25}},
+            {"name": "misc", "model": str(tiny_models["misc"]), "batch_size": 40, "mc": {"samples": 2},
+             "resources": {"num_cpus": 0.25}},
+        ],
+        "student": {"model": str(tiny_models["student"])},
+    }
+    (tmp_path / "cfg.yaml").write_text(__import__("yaml").safe_dump(raw))
+    cfg = parse_config(raw)
+    space = LabelSpace.from_teachers({"news": ["business", "politics"], "arts": ["entertainment", "sport", "tech"],
+                                      "misc": ["tech", "science"]})
+    return cfg, space
+
+
+def test_three_heterogeneous_teachers_one_row_per_id(tmp_path, tiny_models, ray_session):
+    from muki_ray.pipeline import predict_stage
+
+    from muki_ray.cli import main
+    from muki_ray.data import to_ray_dataset
+    from muki_ray.manifest import read_manifest
+    from muki_ray.pipeline import load_pool
+
+    cfg, space = _cfg(tmp_path, tiny_models)
+    assert to_ray_dataset(load_pool(cfg, space), 37).num_blocks() > 1
+    assert main(["predict-teachers", str(tmp_path / "cfg.yaml")]) == 0
+    manifest = read_manifest(tmp_path / "run" / "predictions")
+    table = pq.read_table(tmp_path / "run" / "predictions" / "data")
+    ids = table.column("id").to_pylist()
+    assert sorted(ids) == sorted(f"doc{i}" for i in range(300))  # no loss, no duplicates
+    assert manifest["rows"] == 300
+    for name, c in [("news", 2), ("arts", 3), ("misc", 2)]:
+        probs = np.stack(table.column(column(name, "probs")).to_numpy(zero_copy_only=False))
+        mc = np.stack(table.column(column(name, "mc_probs")).to_numpy(zero_copy_only=False))
+        assert probs.shape == (300, c) and mc.shape == (300, c)
+        np.testing.assert_allclose(probs.sum(1), 1, atol=1e-5)
+        np.testing.assert_allclose(mc.sum(1), 1, atol=1e-5)
+        score = table.column(column(name, "mc_score")).to_numpy()
+        assert ((score >= -1e-6) & (score <= 1 + 1e-6)).all()
+    # Rows keep their own predictions: recompute a few ids in-process and compare.
+    spec = teacher_specs(cfg, space)[1]
+    stage = TeacherStage(spec)
+    rows = table.slice(0, 5).to_pylist()
+    direct = stage.predict([r["text"] for r in rows])
+    np.testing.assert_allclose(np.stack(direct["probs"]), np.stack([r["arts__probs"] for r in rows]), atol=1e-5)
+
+
+def test_stage_output_is_a_plain_callable_with_teacher_columns(tiny_models):
+    spec = TeacherSpec(name="news", model_path=str(tiny_models["news"]), labels=("business", "politics"),
+                       samples=4, dropout=0.2)
+    stage = TeacherStage(spec)
+    texts = np.array(["market stock", "vote", "the election minister party " * 8, "a"], dtype=object)
+    out = stage({"id": np.arange(4), "text": texts})
+    assert set(column("news", f) for f in COLUMNS) <= set(out)
+    # Length sorting must not scramble rows: each row equals its own single-row prediction.
+    for i, text in enumerate(texts):
+        alone = stage.predict([text])
+        np.testing.assert_allclose(out["news__logits"][i], alone["logits"][0], atol=1e-5)
+
+
+def test_head_size_mismatch_names_the_teacher(tiny_models):
+    spec = TeacherSpec(name="arts", model_path=str(tiny_models["arts"]), labels=("a", "b"))
+    with pytest.raises(ValueError, match="teacher 'arts': model head has 3 outputs but 2 labels"):
+        TeacherStage(spec)
+
+
+def test_stage_class_named_after_teacher():
+    cls = stage_class("news")
+    assert cls.__name__ == "news" and issubclass(cls, TeacherStage)
+
+
+def test_resources_reach_actor_pool_options(tmp_path, tiny_models, monkeypatch):
+    """Configured num_gpus/num_cpus/replicas reach each map_batches call (no GPU needed)."""
+    import ray.data
+
+    from muki_ray import teachers
+
+    cfg, space = _cfg(tmp_path, tiny_models, n=4, replicas=3)
+    cfg.teachers[1].resources.num_gpus = 1
+    calls = []
+
+    class FakeDataset:
+        def map_batches(self, fn, **kw):
+            calls.append((fn.__name__, kw))
+            return self
+
+    monkeypatch.setattr("muki_ray.hardware.cluster_has_gpus", lambda: False)
+    teachers.chain_teachers(FakeDataset(), cfg, teacher_specs(cfg, space))
+    assert [c[0] for c in calls] == ["news", "arts", "misc"]
+    news, arts, misc = (c[1] for c in calls)
+    assert news["num_cpus"] == 0.25 and news["num_gpus"] == 0.0
+    assert isinstance(news["compute"], ray.data.ActorPoolStrategy) and news["compute"].min_size == 3
+    assert arts["num_gpus"] == 1 and arts["batch_size"] == 50
+    assert news["fn_constructor_kwargs"]["spec"].samples == 3
+    # On a GPU cluster, an unset num_gpus defaults to one GPU per teacher actor.
+    calls.clear()
+    monkeypatch.setattr("muki_ray.hardware.cluster_has_gpus", lambda: True)
+    teachers.chain_teachers(FakeDataset(), cfg, teacher_specs(cfg, space))
+    assert [c[1]["num_gpus"] for c in calls] == [1.0, 1, 1.0]
