@@ -25,8 +25,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: setup
-	$(BIN)/muki-ray validate jobs/configs/demo.yaml
-	$(BIN)/muki-ray datasets
+	$(BIN)/muki-ray run jobs/configs/demo.yaml
 
 test: setup
 	$(BIN)/python -m pytest -q tests

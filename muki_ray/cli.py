@@ -82,6 +82,98 @@ def cmd_combine(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from pathlib import Path
+
+    from muki_ray.cluster import connect
+    from muki_ray.pipeline import evaluate_stage, train_stage
+
+    cfg = load_config(args.config, args.set)
+    space = label_space(cfg)
+    connect(cfg.ray)
+    train_stage(cfg, space, Path(cfg.output_dir))
+    m = evaluate_stage(cfg, space, Path(cfg.output_dir))["metrics"]
+    print(f"student -> {Path(cfg.output_dir) / 'student'}: dev accuracy {m['dev_accuracy']:.4f} "
+          f"(epoch {m['best_epoch']}), test accuracy {m.get('test_accuracy', float('nan')):.4f}, "
+          f"{m['train_time_s']:.0f} s")
+    return 0
+
+
+def cmd_prepare(args) -> int:
+    from pathlib import Path
+
+    from muki_ray.cluster import connect
+    from muki_ray.pipeline import prepare_stage
+
+    cfg = load_config(args.config, args.set)
+    if cfg.prepare is None:
+        raise UsageError(f"{args.config}: no `prepare` section")
+    space = label_space(cfg)
+    connect(cfg.ray)
+    info = prepare_stage(cfg, space, Path(cfg.output_dir))
+    for name, t in info["teachers"].items():
+        print(f"teacher {name}: {t['train_rows']} texts, own-part test accuracy "
+              f"{t.get('own_test_accuracy', float('nan')):.4f} -> {Path(cfg.output_dir) / 'prepare' / name}")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from pathlib import Path
+
+    from muki_ray.cluster import connect
+    from muki_ray.pipeline import STAGES, run
+
+    cfg = load_config(args.config, args.set)
+    bad = [f for f in args.force if f not in STAGES]
+    if bad:
+        raise UsageError(f"--force: unknown stage {bad[0]!r}; stages: {', '.join(STAGES)}")
+    space = label_space(cfg)
+    connect(cfg.ray)
+    done = run(cfg, space, Path(cfg.output_dir), force=tuple(args.force))
+    print()
+    for stage, info in done.items():
+        state = "skipped (up to date)" if info.get("skipped") else f"ran in {info['wall_time_s']:.1f} s"
+        print(f"  {stage:<12} {state}")
+    rows = done["report"]["results"]
+    width = max(len(a) for a, _ in rows)
+    print()
+    for a, b in rows:
+        print(f"  {a:<{width}}  {b}")
+    print(f"\nreport: {Path(cfg.output_dir) / 'report.md'}   student: {Path(cfg.output_dir) / 'student'}")
+    return 0
+
+
+def cmd_classify(args) -> int:
+    import json
+    from pathlib import Path
+
+    from muki_ray.evaluate import predict_proba
+    from muki_ray.hf_folder import check_folder
+
+    check_folder(Path(args.model), what="student")
+    texts = list(args.text)
+    if args.input:
+        for n, line in enumerate(Path(args.input).read_text(encoding="utf-8").splitlines(), start=1):
+            if line.strip():
+                try:
+                    texts.append(str(json.loads(line)["text"]))
+                except (ValueError, KeyError, TypeError):
+                    raise UsageError(f"{args.input}: line {n}: expected a JSON object with a 'text' field") from None
+    if not texts:
+        raise UsageError("classify: give TEXT arguments or --input FILE.jsonl")
+    probs, names = predict_proba(args.model, texts, max_length=args.max_length)
+    out = open(args.output, "w") if args.output else None
+    for text, p in zip(texts, probs):
+        k = int(p.argmax())
+        if out:
+            out.write(json.dumps({"text": text, "label": names[k], "score": float(p[k])}) + "\n")
+        else:
+            print(f"{names[k]}\t{p[k]:.3f}\t{text[:80]}")
+    if out:
+        out.close()
+    return 0
+
+
 def cmd_datasets(args) -> int:
     from muki_ray.data import describe_builtins, format_builtins
 
@@ -126,6 +218,17 @@ def build_parser() -> argparse.ArgumentParser:
     with_config("validate", cmd_validate, "validate a config and print the teachers and union label space")
     with_config("predict-teachers", cmd_predict, "run every teacher's MC-Dropout predictions over the pool")
     with_config("combine", cmd_combine, "integrate the teachers' predictions into targets")
+    with_config("train-student", cmd_train, "train the student on the targets with Ray Train + DeepSpeed")
+    with_config("prepare-teachers", cmd_prepare, "fine-tune each teacher on its label subset (prepare section)")
+    sp = with_config("run", cmd_run, "run every stage, skipping those that are up to date")
+    sp.add_argument("--force", action="append", default=[], metavar="STAGE", help="rerun this stage (repeatable)")
+    sp = sub.add_parser("classify", help="classify texts with an exported student folder")
+    sp.add_argument("text", nargs="*", help="texts to classify")
+    sp.add_argument("--model", required=True, help="a from_pretrained folder, e.g. RUN_DIR/student")
+    sp.add_argument("--input", help="JSONL with a 'text' field per line")
+    sp.add_argument("--output", help="write JSONL {text, label, score} here instead of printing")
+    sp.add_argument("--max-length", type=int, default=128)
+    sp.set_defaults(fn=cmd_classify)
     sub.add_parser("datasets", help="list the built-in datasets").set_defaults(fn=cmd_datasets)
     sp = sub.add_parser("schema", help="print the config schema as Markdown")
     sp.add_argument("--update", metavar="README", help="rewrite the schema block of this Markdown file")

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -81,9 +82,15 @@ def stage_output(stage_dir: Path, name: str) -> Iterator[Path]:
 def finish_stage(stage_dir: Path, *, config_hash: str, inputs: dict, rows: Optional[int], started: float,
                  extra: Optional[dict] = None) -> dict:
     """Write the manifest last: config hash, input fingerprints, row count, wall time."""
-    info = {"config_hash": config_hash, "inputs": inputs, "rows": rows,
+    info = {"config_hash": config_hash, "inputs": inputs, "rows": rows, "output_id": uuid.uuid4().hex,
             "wall_time_s": round(time.time() - started, 3), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
     if extra:
         info.update(extra)
     write_json_atomic(Path(stage_dir) / MANIFEST, info)
     return info
+
+
+def is_current(stage_dir: Path, config_hash: str, inputs: dict) -> bool:
+    """A complete stage whose config section and inputs are unchanged (it can be skipped)."""
+    m = read_manifest(stage_dir)
+    return m is not None and m.get("config_hash") == config_hash and m.get("inputs") == inputs

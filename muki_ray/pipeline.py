@@ -1,7 +1,10 @@
-"""The run's stages, each a thin function over the pure modules: predict, combine, train, evaluate.
+"""The run's stages, each a thin function over the pure modules:
 
-Every stage reads validated config, writes under RUN_DIR/<stage>/ through `stage_output`, and
-writes its manifest last (see manifest.py).
+    prepare -> predictions -> targets -> train -> evaluate -> report
+
+Every stage writes under RUN_DIR/<stage>/ (outputs into a temporary folder, then renamed) and
+writes its manifest last. `run()` skips a stage whose manifest records the same config-section
+hash and the same upstream outputs, so changing only `integration` reruns combine and after.
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ from pathlib import Path
 
 from muki_ray.config import RunConfig
 from muki_ray.labels import LabelSpace
-from muki_ray.manifest import begin_stage, finish_stage, fingerprint, stage_output
+from muki_ray.manifest import (begin_stage, finish_stage, fingerprint, folder_fingerprint, is_current,
+                               read_manifest, stage_output, write_json_atomic)
 
 log = logging.getLogger("muki_ray.pipeline")
 
@@ -31,6 +35,46 @@ def load_pool(cfg: RunConfig, space: LabelSpace):
     return table
 
 
+
+STAGES = ("prepare", "predictions", "targets", "train", "evaluate", "report")
+
+
+def upstream(run_dir: Path, stage: str) -> str:
+    """The output id of a completed upstream stage (FileNotFoundError when it is missing)."""
+    m = read_manifest(Path(run_dir) / stage)
+    if m is None:
+        raise FileNotFoundError(f"{Path(run_dir) / stage}: stage {stage!r} has not completed")
+    return m["output_id"]
+
+
+def stage_keys(cfg: RunConfig, space: LabelSpace, run_dir: Path, stage: str) -> tuple[str, dict]:
+    """(config-section hash, upstream inputs) that decide whether `stage` must rerun."""
+    from muki_ray.config import teacher_model_path
+
+    if stage == "prepare":
+        return fingerprint([cfg.prepare.model_dump(), space.teacher_labels, space.teachers,
+                            cfg.data.dev.model_dump() if cfg.data.dev else None, cfg.data.seed]), {}
+    if stage == "predictions":
+        models = {}
+        for t in cfg.teachers:
+            path = teacher_model_path(cfg, t)
+            models[t.name] = upstream(run_dir, "prepare") if (cfg.prepare and t.model is None) \
+                else folder_fingerprint(path)
+        section = [t.model_dump(exclude={"model", "resources"}) for t in cfg.teachers]
+        return fingerprint([section, space.teacher_labels, cfg.data.pool.model_dump(), cfg.data.seed,
+                            cfg.data.on_bad_row, cfg.data.pool_gold_labels]), {"models": models}
+    if stage == "targets":
+        return fingerprint(cfg.integration.model_dump()), {"predictions": upstream(run_dir, "predictions")}
+    if stage == "train":
+        return fingerprint([cfg.student.model_dump(), cfg.integration.strategy, cfg.integration.kd_temperature,
+                            space.names, cfg.data.dev.model_dump() if cfg.data.dev else None]), \
+            {"targets": upstream(run_dir, "targets")}
+    if stage == "evaluate":
+        return fingerprint(cfg.data.test.model_dump() if cfg.data.test else None), \
+            {"train": upstream(run_dir, "train")}
+    raise ValueError(stage)
+
+
 def predict_stage(cfg: RunConfig, space: LabelSpace, run_dir: Path) -> dict:
     """RUN_DIR/predictions/data/*.parquet: one row per pool text with every teacher's columns."""
     import pyarrow.dataset as pads
@@ -39,7 +83,8 @@ def predict_stage(cfg: RunConfig, space: LabelSpace, run_dir: Path) -> dict:
     from muki_ray.teachers import chain_teachers, teacher_specs
 
     started = time.time()
-    stage_dir = Path(run_dir) / "predictions"
+    config_hash, inputs = stage_keys(cfg, space, run_dir, "predictions")
+    stage_dir = begin_stage(Path(run_dir) / "predictions")
     table = load_pool(cfg, space)
     specs = teacher_specs(cfg, space)
     log.info("predict: %d pool texts through %d teachers (%s)", table.num_rows, len(specs),
@@ -53,9 +98,7 @@ def predict_stage(cfg: RunConfig, space: LabelSpace, run_dir: Path) -> dict:
         if len(ids) != table.num_rows or len(set(ids)) != len(ids):
             raise RuntimeError(f"predict: wrote {len(ids)} rows ({len(set(ids))} unique) for "
                                f"{table.num_rows} pool texts")
-    return finish_stage(stage_dir, config_hash=fingerprint([s.__dict__ for s in specs]),
-                        inputs={"pool": fingerprint(table.column("id").to_pylist())},
-                        rows=len(ids), started=started,
+    return finish_stage(stage_dir, config_hash=config_hash, inputs=inputs, rows=len(ids), started=started,
                         extra={"teachers": [s.name for s in specs]})
 
 
@@ -65,7 +108,6 @@ def combine_stage(cfg: RunConfig, space: LabelSpace, run_dir: Path) -> dict:
     import ray.data
 
     from muki_ray.combiner import combine, supervision_report
-    from muki_ray.manifest import read_manifest, write_json_atomic
 
     started = time.time()
     run_dir = Path(run_dir)
@@ -73,7 +115,8 @@ def combine_stage(cfg: RunConfig, space: LabelSpace, run_dir: Path) -> dict:
     preds_manifest = read_manifest(preds_dir)
     if preds_manifest is None:
         raise FileNotFoundError(f"{preds_dir}: no complete predictions (run predict-teachers first)")
-    stage_dir = run_dir / "targets"
+    config_hash, inputs = stage_keys(cfg, space, run_dir, "targets")
+    stage_dir = begin_stage(run_dir / "targets")
     ds = combine(ray.data.read_parquet(str(preds_dir / "data")), space, cfg.integration)
     with stage_output(stage_dir, "data") as tmp:
         ds.write_parquet(str(tmp))
@@ -88,40 +131,78 @@ def combine_stage(cfg: RunConfig, space: LabelSpace, run_dir: Path) -> dict:
                  report["target_accuracy"], report["selection_accuracy"], report["mc"]["selection_accuracy"],
                  report["entropy"]["selection_accuracy"])
     weights = targets.column("weight").to_numpy()
-    return finish_stage(stage_dir, config_hash=fingerprint(cfg.integration.model_dump()),
-                        inputs={"predictions": preds_manifest["config_hash"] + preds_manifest["finished_at"]},
-                        rows=targets.num_rows, started=started,
-                        extra={"mean_weight": float(weights.mean()), "supervision": report})
+    return finish_stage(stage_dir, config_hash=config_hash, inputs=inputs, rows=targets.num_rows,
+                        started=started, extra={"mean_weight": float(weights.mean()), "supervision": report})
 
 
-def labeled_table(cfg: RunConfig, source, space: LabelSpace, where: str):
-    """A labeled split {id, text, label} whose labels are all in the union."""
+def labeled_table(cfg: RunConfig, source, labels, where: str):
+    """A labeled split {id, text, label} whose labels are all in `labels`."""
     from muki_ray.data import check_labels, read_source
 
     table = read_source(source, on_bad_row=cfg.data.on_bad_row, seed=cfg.data.seed, require_label=True)
-    check_labels(table, space.names, where)
+    check_labels(table, list(labels), where)
     return table
 
 
-def with_gold(table, space: LabelSpace):
-    """Add `gold` (union index) to a labeled table, drop the label name."""
+def with_gold(table, names) -> "pa.Table":
+    """Replace the label name by `gold`, its index in `names` (-1 when absent)."""
     import pyarrow as pa
 
-    return table.append_column("gold", pa.array(space.encode(table.column("label").to_pylist()))).drop(["label"])
+    index = {n: i for i, n in enumerate(names)}
+    gold = [index.get(x, -1) for x in table.column("label").to_pylist()]
+    return table.append_column("gold", pa.array(gold, type=pa.int64())).drop(["label"])
+
+
+def train_classifier(hyper, *, model_path: str, labels: list[str], loss: str, train_ds, dev_table, rows: int,
+                     run_dir: Path, name: str, out_dir: Path, parts: dict, trust_remote_code=False,
+                     allow_pickle=False, **job_extra) -> dict:
+    """Ray Train + DeepSpeed fit of a classifier over `labels`, exported to `out_dir` (HF folder).
+
+    Shared by the student (KD losses) and the prepared teachers (cross-entropy on gold labels).
+    """
+    import json as _json
+
+    from muki_ray.data import to_ray_dataset
+    from muki_ray.student import TrainJob, consolidate, deepspeed_config, export, fit, steps_per_epoch, tokenize
+
+    per_epoch = steps_per_epoch(rows, hyper.num_workers, hyper.batch_size)
+    total_opt_steps = -(-per_epoch // hyper.grad_accum) * hyper.epochs
+    bf16 = hyper.precision == "bf16" or (hyper.precision == "auto" and hyper.use_gpu)
+    user_ds = _json.loads(Path(hyper.deepspeed_config).read_text()) if hyper.deepspeed_config else None
+    job = TrainJob(
+        model_path=model_path, labels=list(labels), loss=loss, hyper=hyper.model_dump(),
+        ds_config=deepspeed_config(hyper, use_gpu=hyper.use_gpu, bf16=bf16, total_steps=total_opt_steps,
+                                   user=user_ds),
+        steps_per_epoch=per_epoch, log_path=str(Path(run_dir) / "train_log.jsonl"), part_labels=parts,
+        trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
+        fault_step=os.environ.get("MUKI_FAULT_TRAIN_STEP"), **job_extra)
+    dev_ds = tokenize(to_ray_dataset(with_gold(dev_table, labels).select(["text", "gold"])), model_path,
+                      hyper.max_length, trust_remote_code)
+    log.info("train %s: %d rows, %d workers x batch %d, %d steps/epoch, %d epochs, ZeRO-%d, loss %s", name,
+             rows, hyper.num_workers, hyper.batch_size, per_epoch, hyper.epochs, hyper.zero_stage, loss)
+    # Tokenize once, before training: a streamed map would re-run every epoch and compete with the
+    # training workers for CPU.
+    train_ds, dev_ds = train_ds.materialize(), dev_ds.materialize()
+    t0 = time.time()
+    result = fit(job, train_ds, dev_ds, run_dir=Path(run_dir), name=name, num_rows=rows,
+                 scaling={"num_workers": hyper.num_workers, "use_gpu": hyper.use_gpu,
+                          "resources_per_worker": dict(hyper.resources_per_worker)},
+                 max_failures=hyper.max_failures)
+    train_time = time.time() - t0
+    export(job, consolidate(result["checkpoint"], hyper.zero_stage), out_dir)  # tmp + rename
+    m = result["metrics"]
+    return {"dev_accuracy": m.get("dev_accuracy"),
+            "dev_accuracy_per_teacher": {p: m.get(f"dev_accuracy/{p}") for p in parts},
+            "best_epoch": m.get("epoch"), "global_step": result["last_metrics"].get("global_step"),
+            "train_time_s": round(train_time, 2)}
 
 
 def train_stage(cfg: RunConfig, space: LabelSpace, run_dir: Path) -> dict:
-    """Train the student on RUN_DIR/targets; export RUN_DIR/student/ and write RUN_DIR/metrics.json."""
-    import json as _json
-
+    """Train the student on RUN_DIR/targets and export RUN_DIR/student/ (best dev epoch)."""
     import ray.data
 
     from muki_ray.config import resolve_model_path
-    from muki_ray.data import to_ray_dataset
-    from muki_ray.evaluate import evaluate_folder
-    from muki_ray.manifest import read_manifest, write_json_atomic
-    from muki_ray.student import (LOSS_FOR_STRATEGY, TrainJob, consolidate, deepspeed_config, export, fit,
-                                  steps_per_epoch, tokenize)
+    from muki_ray.student import LOSS_FOR_STRATEGY, tokenize
     from muki_ray.teachers import column
 
     started = time.time()
@@ -129,64 +210,126 @@ def train_stage(cfg: RunConfig, space: LabelSpace, run_dir: Path) -> dict:
     targets_manifest = read_manifest(run_dir / "targets")
     if targets_manifest is None:
         raise FileNotFoundError(f"{run_dir / 'targets'}: no complete targets (run combine first)")
+    if cfg.data.dev is None:
+        raise FileNotFoundError("data.dev: a labeled dev split is needed to choose the student's best epoch")
+    config_hash, inputs = stage_keys(cfg, space, run_dir, "train")
+    stage_dir = begin_stage(run_dir / "train")
     s = cfg.student
-    strategy = cfg.integration.strategy
-    loss = LOSS_FOR_STRATEGY[strategy]
+    loss = LOSS_FOR_STRATEGY[cfg.integration.strategy]
     model_path = str(resolve_model_path(s.model))
-
     keep = ["text", "target", "weight"]
-    if loss == "uhc":
-        keep += [column(t, "probs") for t in space.teachers]
-    if loss == "cross_entropy":
-        keep += ["gold"]
+    keep += [column(t, "probs") for t in space.teachers] if loss == "uhc" else []
+    keep += ["gold"] if loss == "cross_entropy" else []
     train_ds = tokenize(ray.data.read_parquet(str(run_dir / "targets" / "data"), columns=keep), model_path,
                         s.max_length, s.trust_remote_code)
-    dev_table = labeled_table(cfg, cfg.data.dev, space, "data.dev")
-    dev_ds = tokenize(to_ray_dataset(with_gold(dev_table, space).drop(["id"])), model_path, s.max_length,
-                      s.trust_remote_code)
-
-    rows = targets_manifest["rows"]
-    per_epoch = steps_per_epoch(rows, s.num_workers, s.batch_size)
-    total_opt_steps = -(-per_epoch // s.grad_accum) * s.epochs
-    bf16 = s.precision == "bf16" or (s.precision == "auto" and s.use_gpu)
-    user_ds = _json.loads(Path(s.deepspeed_config).read_text()) if s.deepspeed_config else None
-    ds_cfg = deepspeed_config(s, use_gpu=s.use_gpu, bf16=bf16, total_steps=total_opt_steps, user=user_ds)
-    job = TrainJob(
-        model_path=model_path, labels=list(space.names), loss=loss, hyper=s.model_dump(), ds_config=ds_cfg,
-        steps_per_epoch=per_epoch, log_path=str(run_dir / "train_log.jsonl"),
-        kd_temperature=cfg.integration.kd_temperature,
-        uhc_positions=[p.tolist() for p in space.positions],
-        uhc_columns=[column(t, "probs") for t in space.teachers],
-        part_labels={t: p.tolist() for t, p in zip(space.teachers, space.positions)},
+    metrics = train_classifier(
+        s, model_path=model_path, labels=list(space.names), loss=loss, train_ds=train_ds,
+        dev_table=labeled_table(cfg, cfg.data.dev, space.names, "data.dev"), rows=targets_manifest["rows"],
+        run_dir=run_dir, out_dir=run_dir / "student",
+        # The Ray Train run name pins config and inputs: an identical rerun resumes its checkpoints.
+        name=f"student-{fingerprint([config_hash, inputs])}",
+        parts={t: p.tolist() for t, p in zip(space.teachers, space.positions)},
         trust_remote_code=s.trust_remote_code, allow_pickle=s.allow_pickle,
-        fault_step=os.environ.get("MUKI_FAULT_TRAIN_STEP"))
-    config_hash = fingerprint({"student": s.model_dump(), "strategy": strategy, "labels": space.names,
-                               "kd": cfg.integration.kd_temperature})
-    inputs = {"targets": targets_manifest["config_hash"] + targets_manifest["finished_at"]}
-    # The Ray Train run name pins config and inputs: an identical rerun resumes its checkpoints,
-    # a changed one starts fresh.
-    name = f"student-{fingerprint([config_hash, inputs])}"
-    log.info("train: %d rows, %d workers x batch %d, %d steps/epoch, %d epochs, ZeRO-%d, loss %s",
-             rows, s.num_workers, s.batch_size, per_epoch, s.epochs, s.zero_stage, loss)
-    stage_dir = begin_stage(run_dir / "train")
-    t_fit = time.time()
-    result = fit(job, train_ds, dev_ds, run_dir=run_dir, name=name, num_rows=rows,
-                 scaling={"num_workers": s.num_workers, "use_gpu": s.use_gpu,
-                          "resources_per_worker": dict(s.resources_per_worker)},
-                 max_failures=s.max_failures)
-    train_time = time.time() - t_fit
+        kd_temperature=cfg.integration.kd_temperature, uhc_positions=[p.tolist() for p in space.positions],
+        uhc_columns=[column(t, "probs") for t in space.teachers])
+    metrics["strategy"] = cfg.integration.strategy
+    log.info("student: dev accuracy %.4f (epoch %s)", metrics["dev_accuracy"], metrics["best_epoch"])
+    return finish_stage(stage_dir, config_hash=config_hash, inputs=inputs, rows=targets_manifest["rows"],
+                        started=started, extra={"metrics": metrics})
 
-    export(job, consolidate(result["checkpoint"], s.zero_stage), run_dir / "student")  # tmp + rename
-    metrics = {"dev_accuracy": result["metrics"].get("dev_accuracy"),
-               "dev_accuracy_per_teacher": {t: result["metrics"].get(f"dev_accuracy/{t}") for t in space.teachers},
-               "best_epoch": result["metrics"].get("epoch"), "global_step": result["last_metrics"].get("global_step"),
-               "train_time_s": round(train_time, 2), "strategy": strategy}
+
+def evaluate_stage(cfg: RunConfig, space: LabelSpace, run_dir: Path) -> dict:
+    """RUN_DIR/metrics.json: the exported student's test accuracy (union and per teacher) + dev figures."""
+    from muki_ray.evaluate import evaluate_folder
+
+    started = time.time()
+    run_dir = Path(run_dir).resolve()
+    config_hash, inputs = stage_keys(cfg, space, run_dir, "evaluate")
+    stage_dir = begin_stage(run_dir / "evaluate")
+    metrics = dict(read_manifest(run_dir / "train")["metrics"])
     if cfg.data.test is not None:
-        test = labeled_table(cfg, cfg.data.test, space, "data.test")
+        test = labeled_table(cfg, cfg.data.test, space.names, "data.test")
         metrics.update(evaluate_folder(run_dir / "student", test.column("text").to_pylist(),
-                                       test.column("label").to_pylist(), space, max_length=s.max_length))
+                                       test.column("label").to_pylist(), space, max_length=cfg.student.max_length))
     write_json_atomic(run_dir / "metrics.json", metrics)
-    log.info("student: dev %.4f (epoch %s), test %s", metrics["dev_accuracy"] or float("nan"),
-             metrics["best_epoch"], metrics.get("test_accuracy"))
-    return finish_stage(stage_dir, config_hash=config_hash, inputs=inputs, rows=rows, started=started,
+    log.info("student: test accuracy %s", metrics.get("test_accuracy"))
+    return finish_stage(stage_dir, config_hash=config_hash, inputs=inputs, rows=None, started=started,
                         extra={"metrics": metrics})
+
+
+def prepare_stage(cfg: RunConfig, space: LabelSpace, run_dir: Path) -> dict:
+    """Fine-tune each teacher on its own label subset (cross-entropy); RUN_DIR/prepare/<teacher>/."""
+    from muki_ray.config import resolve_model_path
+    from muki_ray.data import to_ray_dataset
+    from muki_ray.evaluate import evaluate_folder
+    from muki_ray.labels import LabelSpace as _Space
+    from muki_ray.student import tokenize
+
+    import pyarrow.compute as pc
+
+    started = time.time()
+    run_dir = Path(run_dir).resolve()
+    config_hash, inputs = stage_keys(cfg, space, run_dir, "prepare")
+    stage_dir = begin_stage(run_dir / "prepare")
+    p = cfg.prepare
+    model_path = str(resolve_model_path(p.model))
+    data = labeled_table(cfg, p.data, space.names, "prepare.data")
+    dev = labeled_table(cfg, cfg.data.dev, space.names, "data.dev") if cfg.data.dev else None
+    test = labeled_table(cfg, p.test, space.names, "prepare.test") if p.test else None
+    teachers = {}
+    for t, labels in zip(cfg.teachers, space.teacher_labels):
+        if t.model is not None:
+            continue  # a teacher with its own model folder is used as it is
+        labels = list(labels)
+        mine = data.filter(pc.is_in(data.column("label"), value_set=pa_strings(labels)))
+        train_ds = tokenize(to_ray_dataset(with_gold(mine, labels).select(["text", "gold"])), model_path,
+                            p.max_length)
+        own_dev = (dev if dev is not None else mine)
+        own_dev = own_dev.filter(pc.is_in(own_dev.column("label"), value_set=pa_strings(labels)))
+        info = train_classifier(p, model_path=model_path, labels=labels, loss="cross_entropy", train_ds=train_ds,
+                                dev_table=own_dev, rows=mine.num_rows, run_dir=run_dir,
+                                name=f"prepare-{t.name}-{fingerprint([config_hash, labels])}",
+                                out_dir=stage_dir / t.name, parts={t.name: list(range(len(labels)))})
+        if test is not None:
+            own = test.filter(pc.is_in(test.column("label"), value_set=pa_strings(labels)))
+            info.update(evaluate_folder(stage_dir / t.name, own.column("text").to_pylist(),
+                                        own.column("label").to_pylist(), _Space.from_teachers({t.name: labels}),
+                                        max_length=p.max_length, prefix="own_test_"))
+        info["train_rows"] = mine.num_rows
+        teachers[t.name] = info
+        log.info("teacher %s (%s): %d texts, own-part test accuracy %s", t.name, ", ".join(labels),
+                 mine.num_rows, info.get("own_test_accuracy"))
+    return finish_stage(stage_dir, config_hash=config_hash, inputs=inputs, rows=data.num_rows, started=started,
+                        extra={"teachers": teachers})
+
+
+def pa_strings(values):
+    import pyarrow as pa
+
+    return pa.array(list(values), type=pa.string())
+
+
+STAGE_FUNCTIONS = {"prepare": prepare_stage, "predictions": predict_stage, "targets": combine_stage,
+                   "train": train_stage, "evaluate": evaluate_stage}
+
+
+def run(cfg: RunConfig, space: LabelSpace, run_dir: Path, force: tuple[str, ...] = ()) -> dict:
+    """Chain the stages, skipping each one whose config section and inputs are unchanged."""
+    from muki_ray.report import write_report
+
+    run_dir = Path(run_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    done = {}
+    for stage in STAGES[:-1]:
+        if stage == "prepare" and cfg.prepare is None:
+            continue
+        config_hash, inputs = stage_keys(cfg, space, run_dir, stage)
+        if stage not in force and is_current(run_dir / stage, config_hash, inputs):
+            log.info("stage %s: up to date, skipped", stage)
+            done[stage] = {"skipped": True, **read_manifest(run_dir / stage)}
+            continue
+        log.info("stage %s: running", stage)
+        done[stage] = {"skipped": False, **STAGE_FUNCTIONS[stage](cfg, space, run_dir)}
+        log.info("stage %s: done in %.1f s", stage, done[stage]["wall_time_s"])
+    done["report"] = {"skipped": False, **write_report(cfg, space, run_dir)}
+    return done

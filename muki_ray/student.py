@@ -9,6 +9,7 @@ consolidated (ZeRO-3 shards included) into a Hugging Face folder.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -55,7 +56,7 @@ def deepspeed_config(hyper, *, use_gpu: bool, bf16: bool, total_steps: int, user
         },
         "scheduler": {
             "type": "WarmupDecayLR",
-            "params": {"warmup_min_lr": 0.0, "warmup_max_lr": hyper.lr, "warmup_num_steps": max(warmup, 0),
+            "params": {"warmup_min_lr": 0.0, "warmup_max_lr": hyper.lr, "warmup_num_steps": max(warmup, 1),
                        "total_num_steps": max(total_steps, warmup + 1), "warmup_type": "linear"},
         },
         "steps_per_print": 10**9,
@@ -93,35 +94,35 @@ class TrainJob:
 
 
 # ------------------------------------------------------------ tokenization
-class Tokenize:
-    """Ray Data stage: text -> fixed-width input_ids/attention_mask (+ lengths for trimming).
+@functools.lru_cache(maxsize=4)
+def _tokenizer(model_path: str, trust_remote_code: bool):
+    from muki_ray.hf_folder import load_tokenizer
 
-    Fixed width keeps Arrow tensor columns simple; the collate step trims every batch to its
-    longest row, so no FLOPs are spent on padding beyond that.
+    return load_tokenizer(model_path, trust_remote_code=trust_remote_code)
+
+
+def tokenize_batch(batch: dict, model_path: str, max_length: int, trust_remote_code: bool = False) -> dict:
+    """Ray Data batch function: text -> fixed-width input_ids/attention_mask[/token_type_ids].
+
+    Fixed width keeps Arrow tensor columns simple; `collate` trims each batch to its longest
+    row, so no FLOPs go to padding beyond that. The tokenizer is cached per worker process.
     """
-
-    def __init__(self, model_path: str, max_length: int, trust_remote_code: bool = False):
-        from muki_ray.hf_folder import load_tokenizer
-
-        self.tokenizer = load_tokenizer(model_path, trust_remote_code=trust_remote_code)
-        self.max_length = max_length
-
-    def __call__(self, batch: dict) -> dict:
-        enc = self.tokenizer([str(t) for t in batch["text"]], truncation=True, max_length=self.max_length,
-                             padding="max_length", return_tensors="np")
-        batch["input_ids"] = enc["input_ids"].astype(np.int64)
-        batch["attention_mask"] = enc["attention_mask"].astype(np.int64)
-        if "token_type_ids" in enc:
-            batch["token_type_ids"] = enc["token_type_ids"].astype(np.int64)
-        del batch["text"]
-        return batch
+    enc = _tokenizer(model_path, trust_remote_code)([str(t) for t in batch["text"]], truncation=True,
+                                                    max_length=max_length, padding="max_length",
+                                                    return_tensors="np")
+    for key in ("input_ids", "attention_mask", "token_type_ids"):
+        if key in enc:
+            batch[key] = enc[key].astype(np.int32)  # half the object-store footprint of int64
+    del batch["text"]
+    return batch
 
 
-def tokenize(ds, model_path: str, max_length: int, trust_remote_code: bool = False, num_cpus: float = 0.5):
-    return ds.map_batches(Tokenize, fn_constructor_kwargs={"model_path": model_path, "max_length": max_length,
-                                                           "trust_remote_code": trust_remote_code},
-                          batch_size=256, batch_format="numpy", num_cpus=num_cpus,
-                          compute=__import__("ray").data.ActorPoolStrategy(size=1))
+def tokenize(ds, model_path: str, max_length: int, trust_remote_code: bool = False):
+    """Task-based tokenization stage. Tasks (not an actor pool) with a small CPU share, so the
+    training workers plus this stage never claim every CPU (a starved read hangs: ray#44687)."""
+    return ds.map_batches(tokenize_batch, fn_kwargs={"model_path": model_path, "max_length": max_length,
+                                                     "trust_remote_code": trust_remote_code},
+                          batch_size=256, batch_format="numpy", num_cpus=0.25)
 
 
 def collate(batch: dict, device) -> dict:
@@ -132,7 +133,7 @@ def collate(batch: dict, device) -> dict:
     out = {}
     for k, v in batch.items():
         if k in ("input_ids", "attention_mask", "token_type_ids"):
-            out[k] = torch.as_tensor(np.ascontiguousarray(v[:, :width]), device=device)
+            out[k] = torch.as_tensor(np.ascontiguousarray(v[:, :width]), dtype=torch.long, device=device)
         elif k in ("id", "text", "teacher", "label", "scores"):
             continue
         elif v.dtype == object:
@@ -155,6 +156,9 @@ def train_loop_per_worker(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(hyper["seed"])
+    if not hyper["use_gpu"]:
+        # Ray pins OMP_NUM_THREADS to int(CPU) (1 for fractional shares); use the configured share.
+        torch.set_num_threads(max(1, math.ceil(hyper["resources_per_worker"].get("CPU", 1))))
 
     # 1. Model: the union label head.
     model = _build_model(job)
@@ -220,10 +224,11 @@ def train_loop_per_worker(config: dict) -> None:
                          job.steps_per_epoch, rec["loss"], rec["lr"], rate)
                 _append_log(job.log_path, rec)
             _maybe_fail(global_step, job.fault_step)
+        train_s = time.time() - t0
         # 5. Dev evaluation (every rank evaluates its shard; counts are summed).
         dev = evaluate_shard(engine, dev_shard, job, device, bf16)
         metrics = {"epoch": epoch, "global_step": global_step, "train_loss": float(np.mean(losses or [0.0])),
-                   "epoch_time_s": round(time.time() - t0, 2), **dev}
+                   "epoch_time_s": round(time.time() - t0, 2), "examples_per_s": round(seen * world / max(train_s, 1e-9), 2), "peak_rss_mb": _peak_rss_mb(), **dev}
         if rank == 0:
             log.info("epoch %d done: %s", epoch, json.dumps(metrics))
             _append_log(job.log_path, {"event": "epoch", **metrics})
@@ -287,6 +292,13 @@ def evaluate_shard(engine, shard, job: TrainJob, device, bf16: bool) -> dict:
     return out
 
 
+def _peak_rss_mb() -> float:
+    """Peak resident memory of this worker process, MiB (Linux ru_maxrss is KiB)."""
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
 def _append_log(path: Optional[str], rec: dict) -> None:
     if path:
         with open(path, "a") as f:
@@ -301,6 +313,7 @@ def _maybe_fail(global_step: int, spec: Optional[str]) -> None:
 
         if global_step == int(step) and ray.train.get_context().get_world_rank() == 0 and not os.path.exists(marker):
             Path(marker).write_text("failed once")
+            time.sleep(3)  # let the controller register the last reported checkpoint first
             os._exit(1)
 
 

@@ -47,7 +47,9 @@ def make_tiny_model(folder: Path, labels: list[str], arch: str = "bert", seed: i
     words = list(WORDS) if arch == "bert" else list(reversed(WORDS)) if arch == "roberta" else sorted(WORDS)
     vocab = specials + words
     (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tok = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True)
+    # transformers 5 takes the vocabulary itself (`vocab_file=` would be silently ignored).
+    tok = BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True)
+    assert tok.convert_tokens_to_ids(words[0]) == len(specials), "tiny tokenizer lost its vocabulary"
     if arch == "bert":
         cfg = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                          intermediate_size=64, max_position_embeddings=128,

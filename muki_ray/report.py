@@ -1,0 +1,121 @@
+"""The run report: RUN_DIR/report.md and, with gold labels on the pool, RUN_DIR/uncertainty.png."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from muki_ray.labels import LabelSpace
+from muki_ray.manifest import read_manifest
+
+
+def _fmt(x) -> str:
+    return "-" if x is None or (isinstance(x, float) and np.isnan(x)) else (f"{x:.4f}" if isinstance(x, float) else str(x))
+
+
+def uncertainty_figure(preds_table, space: LabelSpace, out: Path) -> dict:
+    """The paper's Figure 2: normalized uncertainty of the correct vs the wrong teacher, entropy vs MC.
+
+    Normalized uncertainty u/log C = 1 - s. The "correct" teacher owns the gold label; every other
+    teacher is "wrong". Returns the histogram inputs' summary (means, and the share of rows where
+    the correct teacher is the least uncertain).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from muki_ray.combiner import teacher_arrays
+    from muki_ray.integrate import entropy_scores
+
+    batch = {c: preds_table.column(c).to_numpy(zero_copy_only=False) for c in preds_table.column_names}
+    arrays = teacher_arrays(batch, space)
+    gold = space.encode(batch["label"])
+    keep = gold >= 0
+    owns = space.owner_mask()[:, np.clip(gold, 0, None)].T[keep]  # (B, N)
+    u = {"entropy": 1 - np.stack([entropy_scores(p) for p in arrays["probs"]], 1)[keep],
+         "MC-Dropout": 1 - np.stack(arrays["mc_score"], 1)[keep]}
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
+    summary = {}
+    for ax, (name, values) in zip(axes, u.items()):
+        right, wrong = values[owns], values[~owns]
+        bins = np.linspace(0, 1, 26)
+        ax.hist(right, bins=bins, alpha=0.6, density=True, label=f"correct teacher (n={len(right)})", color="tab:green")
+        ax.hist(wrong, bins=bins, alpha=0.6, density=True, label=f"wrong teacher (n={len(wrong)})", color="tab:red")
+        ax.set_title(f"{name}: normalized uncertainty")
+        ax.set_xlabel("uncertainty / log|Y_i|  (0 = certain, 1 = uniform)")
+        ax.legend(fontsize=8)
+        best = np.where(owns, values, np.inf).min(1) < np.where(~owns, values, np.inf).min(1)
+        summary[name] = {"mean_correct": float(right.mean()), "mean_wrong": float(wrong.mean()),
+                         "correct_least_uncertain": float(best.mean())}
+    axes[0].set_ylabel("density")
+    fig.suptitle("Correct vs wrong teacher on the pool (paper Fig. 2)")
+    fig.tight_layout()
+    tmp = out.with_name(out.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(out)
+    return summary
+
+
+def write_report(cfg, space: LabelSpace, run_dir: Path) -> dict:
+    """Markdown summary of every stage; returns a manifest-like dict with the results table."""
+    import pyarrow.parquet as pq
+
+    started = time.time()
+    run_dir = Path(run_dir)
+    m = {s: read_manifest(run_dir / s) for s in ("prepare", "predictions", "targets", "train", "evaluate")}
+    lines = [f"# muki-ray run report", "", f"Run directory: `{run_dir}`", ""]
+
+    lines += ["## Teachers", "", "| teacher | labels | own-part test accuracy |", "|---|---|---|"]
+    prepared = (m["prepare"] or {}).get("teachers", {})
+    for name, labels in zip(space.teachers, space.teacher_labels):
+        acc = prepared.get(name, {}).get("own_test_accuracy")
+        lines.append(f"| {name} | {', '.join(labels)} | {_fmt(acc)} |")
+
+    lines += ["", "## Union label space", "", "| index | label | owner(s) |", "|---|---|---|"]
+    for i, n in enumerate(space.names):
+        lines.append(f"| {i} | {n} | {', '.join(space.owners[n])} |")
+
+    sup = (m["targets"] or {}).get("supervision")
+    figure = None
+    if sup:
+        lines += ["", f"## Supervision quality (strategy `{sup['strategy']}`, {sup['rows']} pool texts with gold)", "",
+                  "| scores | target accuracy | selection accuracy | margin on correct | margin on wrong |",
+                  "|---|---|---|---|---|",
+                  f"| this run's targets | {_fmt(sup['target_accuracy'])} | {_fmt(sup['selection_accuracy'])} | | |"]
+        for k in ("mc", "entropy"):
+            q = sup[k]
+            lines.append(f"| hard selection, {'MC-Dropout' if k == 'mc' else 'plain entropy'} | "
+                         f"{_fmt(q['target_accuracy'])} | {_fmt(q['selection_accuracy'])} | "
+                         f"{_fmt(q['mean_margin_correct'])} | {_fmt(q['mean_margin_wrong'])} |")
+        preds = pq.read_table(run_dir / "predictions" / "data")
+        if "label" in preds.column_names:
+            figure = uncertainty_figure(preds, space, run_dir / "uncertainty.png")
+            lines += ["", "![uncertainty](uncertainty.png)", "",
+                      "Share of texts where the correct teacher is the least uncertain: "
+                      f"entropy {_fmt(figure['entropy']['correct_least_uncertain'])}, "
+                      f"MC-Dropout {_fmt(figure['MC-Dropout']['correct_least_uncertain'])}."]
+
+    metrics = (m["evaluate"] or {}).get("metrics", {})
+    rows = [("metric", "value")]
+    if metrics:
+        rows += [("test accuracy (union)", _fmt(metrics.get("test_accuracy"))),
+                 ("dev accuracy (best epoch)", _fmt(metrics.get("dev_accuracy")))]
+        rows += [(f"test accuracy, {t}'s labels", _fmt(v))
+                 for t, v in (metrics.get("test_accuracy_per_teacher") or {}).items()]
+        rows += [("best epoch", _fmt(metrics.get("best_epoch"))), ("strategy", metrics.get("strategy"))]
+    lines += ["", "## Student", ""] + [f"| {a} | {b} |" for a, b in rows[:1]] + ["|---|---|"] + \
+             [f"| {a} | {b} |" for a, b in rows[1:]]
+
+    lines += ["", "## Wall time per stage", "", "| stage | seconds |", "|---|---|"]
+    for s, mm in m.items():
+        if mm:
+            lines.append(f"| {s} | {mm['wall_time_s']:.1f} |")
+    text = "\n".join(lines) + "\n"
+    tmp = run_dir / "report.md.tmp"
+    tmp.write_text(text)
+    tmp.replace(run_dir / "report.md")
+    return {"wall_time_s": round(time.time() - started, 2), "results": rows, "figure": figure}

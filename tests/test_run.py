@@ -1,0 +1,102 @@
+"""`muki-ray run` end to end on tiny models: outputs, report, resume and skip logic, classify."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from muki_ray.cli import main
+from tests.conftest import make_tiny_model
+from tests.test_student import toy_rows
+
+
+@pytest.fixture
+def run_config(tmp_path):
+    def jsonl(name, rows):
+        p = tmp_path / name
+        p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return str(p)
+
+    base = make_tiny_model(tmp_path / "base", ["x", "y"], "bert", seed=7, hidden_dropout=0.1)
+    raw = {
+        "output_dir": str(tmp_path / "run"),
+        "data": {"pool": {"source": jsonl("train.jsonl", toy_rows(96, 0)), "part": [0.5, 1.0]},
+                 "dev": {"source": jsonl("dev.jsonl", toy_rows(16, 1))},
+                 "test": {"source": jsonl("test.jsonl", toy_rows(20, 2))},
+                 "pool_gold_labels": True},
+        "prepare": {"data": {"source": str(tmp_path / "train.jsonl"), "part": [0.0, 0.5]},
+                    "test": {"source": str(tmp_path / "test.jsonl")},
+                    "model": str(base), "epochs": 1, "batch_size": 8, "lr": 5e-3, "max_length": 16,
+                    "resources_per_worker": {"CPU": 0.5}},
+        "teachers": [{"name": "first", "mc": {"samples": 3}, "max_length": 16, "resources": {"num_cpus": 0.25}},
+                     {"name": "second", "mc": {"samples": 3}, "max_length": 16, "resources": {"num_cpus": 0.25}}],
+        "integration": {"strategy": "muki_soft"},
+        "student": {"model": str(base), "epochs": 1, "batch_size": 8, "lr": 5e-3, "max_length": 16,
+                    "resources_per_worker": {"CPU": 0.5}},
+    }
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path, tmp_path / "run"
+
+
+def stage_ids(run):
+    from muki_ray.manifest import read_manifest
+
+    return {s: (read_manifest(run / s) or {}).get("output_id")
+            for s in ("prepare", "predictions", "targets", "train", "evaluate")}
+
+
+def test_run_end_to_end_resume_and_classify(run_config, ray_session, capsys):
+    cfg_path, run = run_config
+    assert main(["run", str(cfg_path)]) == 0
+    out = capsys.readouterr().out
+    assert "test accuracy (union)" in out
+    for path in ["prepare/first/config.json", "prepare/second/config.json", "predictions/data", "targets/data",
+                 "student/config.json", "metrics.json", "report.md", "supervision.json", "uncertainty.png"]:
+        assert (run / path).exists(), path
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert "test_accuracy" in metrics and set(metrics["test_accuracy_per_teacher"]) == {"first", "second"}
+    report = (run / "report.md").read_text()
+    assert "| first |" in report and "| second |" in report and "Supervision quality" in report
+    teacher_cfg = json.loads((run / "prepare" / "first" / "config.json").read_text())
+    assert list(teacher_cfg["id2label"].values()) == ["business", "entertainment"]  # sorted slice 1
+    first = stage_ids(run)
+
+    # An identical rerun skips every stage.
+    assert main(["run", str(cfg_path)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("skipped (up to date)") == 5
+    assert stage_ids(run) == first
+
+    # Changing only integration.temperature reruns combine, train and evaluate, not predict.
+    assert main(["run", str(cfg_path), "--set", "integration.temperature=0.5"]) == 0
+    second = stage_ids(run)
+    assert second["prepare"] == first["prepare"] and second["predictions"] == first["predictions"]
+    assert all(second[s] != first[s] for s in ("targets", "train", "evaluate"))
+
+    # A stage whose manifest is missing (a crash) is recomputed; its partial output is never read.
+    (run / "targets" / "manifest.json").unlink()
+    (run / "targets" / "data" / "garbage.parquet").write_text("partial")
+    assert main(["run", str(cfg_path), "--set", "integration.temperature=0.5"]) == 0
+    third = stage_ids(run)
+    assert third["predictions"] == second["predictions"] and third["targets"] != second["targets"]
+    assert not (run / "targets" / "data" / "garbage.parquet").exists()
+
+    # --force reruns one stage (and what depends on it).
+    capsys.readouterr()
+    assert main(["run", str(cfg_path), "--set", "integration.temperature=0.5", "--force", "evaluate"]) == 0
+    assert stage_ids(run)["evaluate"] != third["evaluate"] and stage_ids(run)["train"] == third["train"]
+
+    # The student names union labels.
+    capsys.readouterr()
+    assert main(["classify", "--model", str(run / "student"), "market stock bank", "film music star"]) == 0
+    labels = [line.split("\t")[0] for line in capsys.readouterr().out.strip().splitlines()]
+    assert len(labels) == 2 and set(labels) <= {"business", "entertainment", "politics", "sport"}
+
+
+def test_bad_force_stage(run_config, capsys):
+    cfg_path, _ = run_config
+    assert main(["run", str(cfg_path), "--force", "nope"]) == 2
+    assert "--force: unknown stage 'nope'" in capsys.readouterr().err

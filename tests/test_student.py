@@ -1,0 +1,131 @@
+"""Student training through Ray Train + DeepSpeed on tiny models (CPU, gloo)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from muki_ray.config import parse_config
+from muki_ray.labels import LabelSpace
+from muki_ray.manifest import finish_stage
+from tests.conftest import make_tiny_model
+
+UNION = ["business", "politics", "entertainment", "sport"]
+SPACE = LabelSpace.from_teachers({"news": ["business", "politics"], "arts": ["entertainment", "sport"]})
+TOPIC_WORDS = {"business": "market stock bank profit", "politics": "election minister party vote",
+               "entertainment": "film music star award", "sport": "game team match player"}
+
+
+def toy_rows(n, seed):
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        label = UNION[i % 4]
+        words = rng.choice(TOPIC_WORDS[label].split(), size=4).tolist() + rng.choice(["the", "a", "of"], 3).tolist()
+        rows.append({"id": f"{seed}-{i}", "text": " ".join(rng.permutation(words)), "label": label})
+    return rows
+
+
+def prepare(tmp_path, strategy="muki_soft", n=64, zero=2, workers=2, epochs=2, weights=None, **student):
+    """Fake targets (one-hot of the toy label, so the task is learnable) and a labeled dev split."""
+    run = tmp_path / "run"
+    rows = toy_rows(n, 0)
+    gold = SPACE.encode([r["label"] for r in rows])
+    targets = np.eye(4)[gold] * 0.9 + 0.025
+    cols = {"id": [r["id"] for r in rows], "text": [r["text"] for r in rows],
+            "target": [list(t) for t in targets],
+            "weight": list(np.ones(n) if weights is None else weights),
+            "teacher": ["news" if g < 2 else "arts" for g in gold], "scores": [[0.5, 0.5]] * n,
+            "gold": gold.tolist(),
+            "news__probs": [list(t[:2] / t[:2].sum()) for t in targets],
+            "arts__probs": [list(t[2:] / t[2:].sum()) for t in targets]}
+    (run / "targets" / "data").mkdir(parents=True)
+    pq.write_table(pa.table(cols), run / "targets" / "data" / "part-0.parquet")
+    finish_stage(run / "targets", config_hash="t", inputs={}, rows=n, started=0.0)
+    dev = tmp_path / "dev.jsonl"
+    dev.write_text("".join(json.dumps(r) + "\n" for r in toy_rows(24, 1)))
+    student_dir = make_tiny_model(tmp_path / "student", UNION, "bert", seed=5, hidden_dropout=0.0)
+    raw = {
+        "output_dir": str(run),
+        "data": {"pool": {"source": str(dev)}, "dev": {"source": str(dev)}, "test": {"source": str(dev)},
+                 "pool_gold_labels": True},
+        "teachers": [{"name": "news", "model": "x", "labels": ["business", "politics"]},
+                     {"name": "arts", "model": "x", "labels": ["entertainment", "sport"]}],
+        "integration": {"strategy": strategy},
+        "student": {"model": str(student_dir), "epochs": epochs, "batch_size": 8, "zero_stage": zero,
+                    "num_workers": workers, "resources_per_worker": {"CPU": 0.5}, "max_length": 16,
+                    "warmup_ratio": 0.0, **{"lr": 5e-3, **student}},
+    }
+    return parse_config(raw, check_files=False), run
+
+
+def train_log(run):
+    return [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("zero", [2, 3])
+def test_zero_stage_trains_and_exports(tmp_path, ray_session, zero):
+    from transformers import pipeline
+
+    from muki_ray.pipeline import evaluate_stage, train_stage
+
+    cfg, run = prepare(tmp_path, zero=zero, n=128, epochs=3, lr=1e-2)
+    info = train_stage(cfg, SPACE, run)
+    evaluate_stage(cfg, SPACE, run)
+    steps = [r for r in train_log(run) if "loss" in r]
+    assert steps[-1]["loss"] < steps[0]["loss"] * 0.7, steps  # the toy set is learnable
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["dev_accuracy"] > 0.5 and "test_accuracy" in metrics
+    assert set(metrics["test_accuracy_per_teacher"]) == {"news", "arts"}
+    assert info["metrics"]["best_epoch"] in (0, 1, 2)
+    clf = pipeline("text-classification", model=str(run / "student"), device="cpu")
+    preds = clf(["market stock bank profit", "film music star award"])
+    assert {p["label"] for p in preds} <= set(UNION)
+    assert preds[0]["label"] == "business"
+
+
+def test_rerun_resumes_from_checkpoint(tmp_path, ray_session, monkeypatch):
+    from muki_ray.pipeline import train_stage
+
+    cfg, run = prepare(tmp_path, zero=0, workers=1, epochs=2)
+    per_epoch = 64 // 8
+    monkeypatch.setenv("MUKI_FAULT_TRAIN_STEP", f"{2 * per_epoch - 1}:{tmp_path / 'failed-once'}")
+    with pytest.raises(Exception):
+        train_stage(cfg, SPACE, run)  # dies in epoch 2, after the epoch-1 checkpoint
+    assert (tmp_path / "failed-once").exists()
+    train_stage(cfg, SPACE, run)
+    epochs = [r for r in train_log(run) if r.get("event") == "epoch"]
+    assert [e["epoch"] for e in epochs] == [0, 1]  # epoch 0 was not trained again
+    assert epochs[-1]["global_step"] == 2 * per_epoch
+    resumed = [r for r in train_log(run) if "loss" in r and r["epoch"] == 1]
+    assert resumed[0]["global_step"] > per_epoch
+
+
+def test_zero_weight_rows_leave_the_model_unchanged(tmp_path, ray_session):
+    import torch
+
+    from muki_ray.pipeline import train_stage
+
+    cfg, run = prepare(tmp_path, zero=0, workers=1, epochs=1, weights=np.zeros(64), weight_decay=0.0)
+    train_stage(cfg, SPACE, run)
+    from safetensors.torch import load_file
+
+    before = load_file(str(tmp_path / "student" / "model.safetensors"))
+    after = load_file(str(run / "student" / "model.safetensors"))
+    changed = [k for k in before if k in after and not torch.equal(before[k], after[k])]
+    assert changed == []
+
+
+@pytest.mark.parametrize("strategy", ["supervised", "uhc", "vanilla_kd"])
+def test_other_losses_run_through_the_same_trainer(tmp_path, ray_session, strategy):
+    from muki_ray.pipeline import train_stage
+
+    cfg, run = prepare(tmp_path, strategy=strategy, n=16, zero=0, workers=1, epochs=1)
+    info = train_stage(cfg, SPACE, run)
+    steps = [r for r in train_log(run) if "loss" in r]
+    assert steps and np.isfinite(steps[-1]["loss"]) and steps[-1]["loss"] > 0
+    assert info["metrics"]["global_step"] == 2
