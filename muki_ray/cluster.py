@@ -27,10 +27,7 @@ def connect(ray_cfg) -> None:
             raise ClusterError(f"ray.address: no Ray cluster at {address} ({str(e).splitlines()[0]})") from None
         log.info("connected to Ray at %s: %s", address, ray.cluster_resources())
     else:
-        ray.init(num_cpus=ray_cfg.num_cpus, object_store_memory=ray_cfg.object_store_memory,
-                 include_dashboard=False, **quiet)
-        log.info("started embedded Ray: %s", ray.cluster_resources())
-    from ray.data import DataContext
-
-    # Quieter progress: one bar per operator, named after the teacher.
-    DataContext.get_current().enable_progress_bars = True
+        ctx = ray.init(num_cpus=ray_cfg.num_cpus, object_store_memory=ray_cfg.object_store_memory,
+                       include_dashboard=ray_cfg.include_dashboard, dashboard_host="127.0.0.1", **quiet)
+        log.info("started embedded Ray: %s%s", ray.cluster_resources(),
+                 f"; dashboard http://{ctx.dashboard_url}" if ctx.dashboard_url else "")

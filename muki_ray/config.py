@@ -241,6 +241,14 @@ class RayConfig(Strict):
     object_store_memory: int = Field(
         512 * 1024**2, ge=78643200, description="Object store bytes of the embedded Ray."
     )
+    storage_path: Optional[str] = Field(
+        None, description="Ray Train checkpoint storage: a shared path or an object-store URI (s3://, gs://); "
+        "default OUTPUT_DIR/ray_train."
+    )
+    include_dashboard: bool = Field(
+        True, description="Start the dashboard with the embedded Ray (on 127.0.0.1); Ray Train's "
+        "placement-group cleaner needs its state API."
+    )
 
 
 class RunConfig(Strict):

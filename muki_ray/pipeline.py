@@ -155,7 +155,7 @@ def with_gold(table, names) -> "pa.Table":
 
 def train_classifier(hyper, *, model_path: str, labels: list[str], loss: str, train_ds, dev_table, rows: int,
                      run_dir: Path, name: str, out_dir: Path, parts: dict, trust_remote_code=False,
-                     allow_pickle=False, **job_extra) -> dict:
+                     allow_pickle=False, storage_path=None, **job_extra) -> dict:
     """Ray Train + DeepSpeed fit of a classifier over `labels`, exported to `out_dir` (HF folder).
 
     Shared by the student (KD losses) and the prepared teachers (cross-entropy on gold labels).
@@ -187,7 +187,7 @@ def train_classifier(hyper, *, model_path: str, labels: list[str], loss: str, tr
     result = fit(job, train_ds, dev_ds, run_dir=Path(run_dir), name=name, num_rows=rows,
                  scaling={"num_workers": hyper.num_workers, "use_gpu": hyper.use_gpu,
                           "resources_per_worker": dict(hyper.resources_per_worker)},
-                 max_failures=hyper.max_failures)
+                 max_failures=hyper.max_failures, storage_path=storage_path)
     train_time = time.time() - t0
     export(job, consolidate(result["checkpoint"], hyper.zero_stage), out_dir)  # tmp + rename
     m = result["metrics"]
@@ -225,7 +225,7 @@ def train_stage(cfg: RunConfig, space: LabelSpace, run_dir: Path) -> dict:
     metrics = train_classifier(
         s, model_path=model_path, labels=list(space.names), loss=loss, train_ds=train_ds,
         dev_table=labeled_table(cfg, cfg.data.dev, space.names, "data.dev"), rows=targets_manifest["rows"],
-        run_dir=run_dir, out_dir=run_dir / "student",
+        run_dir=run_dir, out_dir=run_dir / "student", storage_path=cfg.ray.storage_path,
         # The Ray Train run name pins config and inputs: an identical rerun resumes its checkpoints.
         name=f"student-{fingerprint([config_hash, inputs])}",
         parts={t: p.tolist() for t, p in zip(space.teachers, space.positions)},
@@ -289,7 +289,8 @@ def prepare_stage(cfg: RunConfig, space: LabelSpace, run_dir: Path) -> dict:
         info = train_classifier(p, model_path=model_path, labels=labels, loss="cross_entropy", train_ds=train_ds,
                                 dev_table=own_dev, rows=mine.num_rows, run_dir=run_dir,
                                 name=f"prepare-{t.name}-{fingerprint([config_hash, labels])}",
-                                out_dir=stage_dir / t.name, parts={t.name: list(range(len(labels)))})
+                                out_dir=stage_dir / t.name, parts={t.name: list(range(len(labels)))},
+                                storage_path=cfg.ray.storage_path)
         if test is not None:
             own = test.filter(pc.is_in(test.column("label"), value_set=pa_strings(labels)))
             info.update(evaluate_folder(stage_dir / t.name, own.column("text").to_pylist(),

@@ -319,7 +319,7 @@ def _maybe_fail(global_step: int, spec: Optional[str]) -> None:
 
 # ----------------------------------------------------------------- driver
 def fit(job: TrainJob, train_ds, dev_ds, *, run_dir: Path, name: str, num_rows: int, scaling: dict,
-        max_failures: int) -> dict:
+        max_failures: int, storage_path: Optional[str] = None) -> dict:
     """Run the TorchTrainer; returns the best checkpoint path and its metrics."""
     import ray.train
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -327,7 +327,8 @@ def fit(job: TrainJob, train_ds, dev_ds, *, run_dir: Path, name: str, num_rows: 
 
     from muki_ray.hardware import collective_backend
 
-    storage = Path(run_dir).resolve() / "ray_train"
+    # Checkpoints go to shared storage on a cluster: a shared path or an object-store URI.
+    storage = storage_path or str(Path(run_dir).resolve() / "ray_train")
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": asdict(job)},
@@ -343,7 +344,7 @@ def fit(job: TrainJob, train_ds, dev_ds, *, run_dir: Path, name: str, num_rows: 
     )
     result = trainer.fit()
     best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1].get("dev_accuracy", -1))
-    return {"checkpoint": best_ckpt.path, "metrics": best_metrics, "last_metrics": result.metrics}
+    return {"checkpoint": best_ckpt, "metrics": best_metrics, "last_metrics": result.metrics}
 
 
 def steps_per_epoch(num_rows: int, world: int, micro: int) -> int:
@@ -351,11 +352,15 @@ def steps_per_epoch(num_rows: int, world: int, micro: int) -> int:
     return max(1, (num_rows // world) // micro)
 
 
-def consolidate(checkpoint_dir: str, zero_stage: int) -> dict:
-    """A full fp32 state_dict from a DeepSpeed checkpoint (ZeRO-1/2/3 shards are merged)."""
+def consolidate(checkpoint, zero_stage: int) -> dict:
+    """A full fp32 state_dict from a Ray Train checkpoint of DeepSpeed shards (ZeRO-1/2/3 merged)."""
+    with checkpoint.as_directory() as d:  # downloads when the checkpoint lives in object storage
+        return _consolidate_dir(Path(d), zero_stage)
+
+
+def _consolidate_dir(d: Path, zero_stage: int) -> dict:
     import torch
 
-    d = Path(checkpoint_dir)
     if zero_stage == 0:
         state = torch.load(d / "state" / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
         return {k: v.float() for k, v in state["module"].items()}
