@@ -174,6 +174,16 @@ def cmd_classify(args) -> int:
     return 0
 
 
+def cmd_diff(args) -> int:
+    from muki_ray.pipeline import plan_changes
+
+    a = load_config(args.config_a, check_files=False)
+    b = load_config(args.config_b, args.set)
+    for line in plan_changes(a, label_space(a), b, label_space(b)):
+        print(line)
+    return 0
+
+
 def cmd_datasets(args) -> int:
     from muki_ray.data import describe_builtins, format_builtins
 
@@ -222,6 +232,11 @@ def build_parser() -> argparse.ArgumentParser:
     with_config("prepare-teachers", cmd_prepare, "fine-tune each teacher on its label subset (prepare section)")
     sp = with_config("run", cmd_run, "run every stage, skipping those that are up to date")
     sp.add_argument("--force", action="append", default=[], metavar="STAGE", help="rerun this stage (repeatable)")
+    sp = sub.add_parser("diff", help="say which stages and teachers a config change recomputes (runs nothing)")
+    sp.add_argument("config_a", help="the config of the existing run")
+    sp.add_argument("config_b", help="the changed config")
+    sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key of CONFIG_B")
+    sp.set_defaults(fn=cmd_diff)
     sp = sub.add_parser("classify", help="classify texts with an exported student folder")
     sp.add_argument("text", nargs="*", help="texts to classify")
     sp.add_argument("--model", required=True, help="a from_pretrained folder, e.g. RUN_DIR/student")

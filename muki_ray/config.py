@@ -216,6 +216,10 @@ class TrainHyper(Strict):
 
 class StudentConfig(TrainHyper):
     model: str = Field(description="Base model: local Hugging Face folder or `builtin:minilm-l6`.")
+    init_from: Optional[str] = Field(
+        None, description="Warm start: a previous run directory (its `student/`) or a student HF folder; the "
+        "head is expanded to the new union by label name, body weights kept."
+    )
     trust_remote_code: bool = Field(False, description="Allow the model folder's own code.")
     allow_pickle: bool = Field(False, description="Allow pickle (`.bin`) weights.")
 
@@ -400,6 +404,7 @@ def _resolve_paths(cfg: RunConfig, base: Path) -> None:
     for t in cfg.teachers:
         t.model = fix(t.model)
     cfg.student.model = fix(cfg.student.model)
+    cfg.student.init_from = fix(cfg.student.init_from)
     cfg.student.deepspeed_config = fix(cfg.student.deepspeed_config)
     if cfg.prepare:
         cfg.prepare.model = fix(cfg.prepare.model)

@@ -75,22 +75,45 @@ def stage_keys(cfg: RunConfig, space: LabelSpace, run_dir: Path, stage: str) -> 
     raise ValueError(stage)
 
 
+def pool_fingerprint(table) -> str:
+    """Content hash of the pool: its ids and texts, in id order."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for rid, text in sorted(zip(table.column("id").to_pylist(), table.column("text").to_pylist())):
+        h.update(rid.encode())
+        h.update(b"\0")
+        h.update(text.encode())
+        h.update(b"\1")
+    return h.hexdigest()[:16]
+
+
 def predict_stage(cfg: RunConfig, space: LabelSpace, run_dir: Path) -> dict:
-    """RUN_DIR/predictions/data/*.parquet: one row per pool text with every teacher's columns."""
+    """RUN_DIR/predictions/data/*.parquet: one row per pool text with every teacher's columns.
+
+    Each teacher's columns are also kept alone in RUN_DIR/cache/teachers/<name>-<fingerprint>/, so a
+    rerun recomputes only teachers whose model, labels, MC settings or pool changed (or that are new).
+    """
     import pyarrow.dataset as pads
+    import pyarrow.parquet as pq
 
     from muki_ray.data import to_ray_dataset
-    from muki_ray.teachers import chain_teachers, teacher_specs
+    from muki_ray.teachers import COLUMNS, chain_teachers, column, teacher_fingerprint, teacher_specs
 
     started = time.time()
+    run_dir = Path(run_dir)
     config_hash, inputs = stage_keys(cfg, space, run_dir, "predictions")
-    stage_dir = begin_stage(Path(run_dir) / "predictions")
+    stage_dir = begin_stage(run_dir / "predictions")
     table = load_pool(cfg, space)
     specs = teacher_specs(cfg, space)
-    log.info("predict: %d pool texts through %d teachers (%s)", table.num_rows, len(specs),
-             ", ".join(f"{s.name} K={s.samples}" for s in specs))
+    pool_fp = pool_fingerprint(table)
+    caches = {s.name: run_dir / "cache" / "teachers" / f"{s.name}-{teacher_fingerprint(s, pool_fp)}" for s in specs}
+    reused = {n: str(d / "data") for n, d in caches.items() if read_manifest(d) is not None}
+    for s in specs:
+        log.info("predict: teacher %s %s", s.name, "reused from its cache" if s.name in reused
+                 else f"computed (K={s.samples})")
     block = max(16, min(1024, table.num_rows // 8 or 1))  # several blocks, so replicas share the stream
-    ds = chain_teachers(to_ray_dataset(table, block), cfg, specs)
+    ds = chain_teachers(to_ray_dataset(table, block), cfg, specs, cached=reused)
     with stage_output(stage_dir, "data") as tmp:
         ds.write_parquet(str(tmp))
         written = pads.dataset(str(tmp), format="parquet").to_table(columns=["id"])
@@ -98,8 +121,16 @@ def predict_stage(cfg: RunConfig, space: LabelSpace, run_dir: Path) -> dict:
         if len(ids) != table.num_rows or len(set(ids)) != len(ids):
             raise RuntimeError(f"predict: wrote {len(ids)} rows ({len(set(ids))} unique) for "
                                f"{table.num_rows} pool texts")
+    computed = [s.name for s in specs if s.name not in reused]
+    for name in computed:
+        cols = ["id"] + [column(name, f) for f in COLUMNS]
+        with stage_output(caches[name], "data") as tmp:
+            pq.write_table(pq.read_table(stage_dir / "data", columns=cols), tmp / "part-0.parquet")
+        finish_stage(caches[name], config_hash=caches[name].name, inputs={"pool": pool_fp}, rows=len(ids),
+                     started=started)
     return finish_stage(stage_dir, config_hash=config_hash, inputs=inputs, rows=len(ids), started=started,
-                        extra={"teachers": [s.name for s in specs]})
+                        extra={"teachers": [s.name for s in specs], "computed": computed,
+                               "reused": sorted(reused)})
 
 
 def combine_stage(cfg: RunConfig, space: LabelSpace, run_dir: Path) -> dict:
@@ -222,6 +253,12 @@ def train_stage(cfg: RunConfig, space: LabelSpace, run_dir: Path) -> dict:
     keep += ["gold"] if loss == "cross_entropy" else []
     train_ds = tokenize(ray.data.read_parquet(str(run_dir / "targets" / "data"), columns=keep), model_path,
                         s.max_length, s.trust_remote_code)
+    init_state = None
+    if s.init_from:
+        from muki_ray.student import warm_start_state
+
+        init_state = str(warm_start_state(s.init_from, model_path, list(space.names), s.seed,
+                                          stage_dir / "init_state.pt", trust_remote_code=s.trust_remote_code))
     metrics = train_classifier(
         s, model_path=model_path, labels=list(space.names), loss=loss, train_ds=train_ds,
         dev_table=labeled_table(cfg, cfg.data.dev, space.names, "data.dev"), rows=targets_manifest["rows"],
@@ -231,7 +268,7 @@ def train_stage(cfg: RunConfig, space: LabelSpace, run_dir: Path) -> dict:
         parts={t: p.tolist() for t, p in zip(space.teachers, space.positions)},
         trust_remote_code=s.trust_remote_code, allow_pickle=s.allow_pickle,
         kd_temperature=cfg.integration.kd_temperature, uhc_positions=[p.tolist() for p in space.positions],
-        uhc_columns=[column(t, "probs") for t in space.teachers])
+        uhc_columns=[column(t, "probs") for t in space.teachers], init_state=init_state)
     metrics["strategy"] = cfg.integration.strategy
     log.info("student: dev accuracy %.4f (epoch %s)", metrics["dev_accuracy"], metrics["best_epoch"])
     return finish_stage(stage_dir, config_hash=config_hash, inputs=inputs, rows=targets_manifest["rows"],
@@ -334,3 +371,54 @@ def run(cfg: RunConfig, space: LabelSpace, run_dir: Path, force: tuple[str, ...]
         log.info("stage %s: done in %.1f s", stage, done[stage]["wall_time_s"])
     done["report"] = {"skipped": False, **write_report(cfg, space, run_dir)}
     return done
+
+
+def teacher_keys(cfg: RunConfig, space: LabelSpace) -> dict[str, str]:
+    """Per-teacher prediction fingerprints (the cache keys), without running anything."""
+    from muki_ray.config import teacher_model_path
+    from muki_ray.teachers import teacher_fingerprint, teacher_specs
+
+    pool_fp = pool_fingerprint(load_pool(cfg, space))
+    keys = {}
+    for t, spec in zip(cfg.teachers, teacher_specs(cfg, space)):
+        if cfg.prepare is not None and t.model is None:
+            # A prepared teacher's model is the prepare stage's output: key it by what makes it.
+            keys[t.name] = fingerprint([stage_keys(cfg, space, Path(cfg.output_dir), "prepare")[0], t.name,
+                                        {k: v for k, v in spec.__dict__.items() if k not in ("model_path", "threads")},
+                                        pool_fp])
+        else:
+            keys[t.name] = teacher_fingerprint(spec, pool_fp) if teacher_model_path(cfg, t).exists() else "missing"
+    return keys
+
+
+def plan_changes(a: RunConfig, space_a: LabelSpace, b: RunConfig, space_b: LabelSpace) -> list[str]:
+    """What running config B after config A recomputes, stage by stage and teacher by teacher."""
+    lines = []
+    rerun = False
+    if b.prepare is not None:
+        same = a.prepare is not None and stage_keys(a, space_a, Path(a.output_dir), "prepare")[0] == \
+            stage_keys(b, space_b, Path(b.output_dir), "prepare")[0]
+        lines.append(f"prepare: {'reuse' if same else 'rerun (prepare section, teacher labels or dev changed)'}")
+    ka, kb = teacher_keys(a, space_a), teacher_keys(b, space_b)
+    computed = {n: ("new" if n not in ka else "changed") for n in kb if ka.get(n) != kb[n]}
+    removed = [n for n in ka if n not in kb]
+    reused = [n for n in kb if n not in computed]
+    rerun = bool(computed or removed)
+    detail = "; ".join(filter(None, [
+        "compute " + ", ".join(f"{n} ({why})" for n, why in computed.items()) if computed else "",
+        "reuse " + ", ".join(reused) if reused else "",
+        "drop " + ", ".join(removed) if removed else ""]))
+    lines.append(f"predictions: {'rerun' if rerun else 'reuse'} - {detail}")
+    if space_a.names != space_b.names:
+        grown = [n for n in space_b.names if n not in space_a.names]
+        gone = [n for n in space_a.names if n not in space_b.names]
+        lines.append(f"union labels: {len(space_a)} -> {len(space_b)}"
+                     + (f" (+{', '.join(grown)})" if grown else "") + (f" (-{', '.join(gone)})" if gone else ""))
+    for stage, section in (("targets", lambda c: c.integration.model_dump()),
+                           ("train", lambda c: [c.student.model_dump(), c.data.dev.model_dump() if c.data.dev else None]),
+                           ("evaluate", lambda c: c.data.test.model_dump() if c.data.test else None)):
+        changed = fingerprint(section(a)) != fingerprint(section(b))
+        rerun = rerun or changed or (stage == "targets" and space_a.names != space_b.names)
+        why = "its section changed" if changed else "an upstream stage reruns"
+        lines.append(f"{stage}: {'rerun (' + why + ')' if rerun else 'reuse'}")
+    return lines

@@ -379,3 +379,62 @@ def export(job: TrainJob, state: dict, out_dir: Path) -> Path:
         raise RuntimeError(f"export: checkpoint lacks weights {missing[:5]}")
     tok = load_tokenizer(job.model_path, trust_remote_code=job.trust_remote_code)
     return save_atomic(model.eval(), tok, out_dir)
+
+
+def expand_head(old_state: dict, old_labels: list[str], new_state: dict, new_labels: list[str],
+                head_keys: set[str]) -> tuple[dict, list[str]]:
+    """Warm-start state for a student over `new_labels` from one trained over `old_labels`.
+
+    Body tensors (same name and shape, not in `head_keys`) are copied. Head tensors (first dim =
+    label count) get their rows copied by label name; rows of new labels keep their fresh init.
+    Returns (state, dropped label names).
+    """
+    out = {k: v.clone() for k, v in new_state.items()}
+    index = {n: i for i, n in enumerate(old_labels)}
+    for k, new in new_state.items():
+        old = old_state.get(k)
+        if old is None:
+            continue
+        if k in head_keys:
+            for j, name in enumerate(new_labels):
+                if name in index:
+                    out[k][j] = old[index[name]]
+        elif old.shape == new.shape:
+            out[k] = old.clone()
+    return out, [n for n in old_labels if n not in set(new_labels)]
+
+
+def warm_start_state(init_from: str, model_path: str, new_labels: list[str], seed: int, out_file: Path, *,
+                     trust_remote_code: bool = False) -> Path:
+    """Write the expanded warm-start state_dict for `new_labels` to `out_file` (torch.save)."""
+    import torch
+
+    from muki_ray.hf_folder import load_classifier
+
+    src = Path(init_from)
+    if (src / "student" / "config.json").exists():
+        src = src / "student"
+    old = load_classifier(src, trust_remote_code=trust_remote_code)
+    old_labels = [old.config.id2label[i] for i in range(old.config.num_labels)]
+    torch.manual_seed(seed)
+    names = list(new_labels)
+    def fresh(n: int):
+        return load_classifier(model_path, trust_remote_code=trust_remote_code, num_labels=n,
+                               ignore_mismatched_sizes=True).state_dict()
+
+    new_state = fresh(len(names))
+    # Head tensors are exactly those whose shape follows the label count.
+    other = fresh(len(names) + 1)
+    heads = {k for k, v in new_state.items() if other[k].shape != v.shape}
+    state, dropped = expand_head(old.state_dict(), old_labels, new_state, names, heads)
+    if dropped:
+        log.warning("warm start: labels no longer in the union are dropped: %s", ", ".join(dropped))
+    kept = [n for n in names if n in old_labels]
+    log.info("warm start from %s: %d head rows copied by name (%s), %d new (%s); head tensors %s", src,
+             len(kept), ", ".join(kept), len(names) - len(kept),
+             ", ".join(n for n in names if n not in old_labels), ", ".join(sorted(heads)))
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_file.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(out_file)
+    return out_file

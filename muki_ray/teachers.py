@@ -152,6 +152,40 @@ def _maybe_fail(name: str, batches: int) -> None:
             os._exit(1)
 
 
+class CachedTeacher:
+    """Ray Data callable class: append a reused teacher's columns from its cache, joined by `id`.
+
+    Stands in the chain where the model would, so the chain's output has the same columns
+    whether a teacher was computed now or reused.
+    """
+
+    def __init__(self, name: str, cache_dir: str):
+        import pyarrow.parquet as pq
+
+        self.name = name
+        table = pq.read_table(cache_dir)
+        self.row = {rid: i for i, rid in enumerate(table.column("id").to_pylist())}
+        self.columns = {f: table.column(column(name, f)).to_numpy(zero_copy_only=False) for f in COLUMNS}
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        try:
+            idx = np.array([self.row[rid] for rid in batch["id"]], dtype=np.int64)
+        except KeyError as e:
+            raise RuntimeError(f"teacher {self.name!r}: cached predictions lack pool id {e.args[0]!r}") from None
+        for f, values in self.columns.items():
+            picked = values[idx]
+            batch[column(self.name, f)] = _as_column(np.stack(picked)) if picked.dtype == object else picked
+        return batch
+
+
+def teacher_fingerprint(spec: TeacherSpec, pool_fingerprint: str) -> str:
+    """What a teacher's predictions depend on: model content, labels, MC settings, length, pool."""
+    from muki_ray.manifest import fingerprint, folder_fingerprint
+
+    settings = {k: v for k, v in spec.__dict__.items() if k not in ("name", "model_path", "threads")}
+    return fingerprint([folder_fingerprint(spec.model_path), settings, pool_fingerprint])
+
+
 def stage_class(name: str, base: type = TeacherStage) -> type:
     """A subclass named after the teacher: Ray Data labels a stage with its class name."""
     return type(name, (base,), {"__module__": base.__module__, "__qualname__": name})
@@ -185,14 +219,26 @@ def teacher_specs(cfg, space) -> list[TeacherSpec]:
     ]
 
 
-def chain_teachers(ds, cfg, specs: list[TeacherSpec]):
-    """pool dataset {id, text} -> the same rows plus every teacher's columns, one actor pool each."""
+def chain_teachers(ds, cfg, specs: list[TeacherSpec], cached: Optional[dict[str, str]] = None):
+    """pool dataset {id, text} -> the same rows plus every teacher's columns, one actor pool each.
+
+    `cached` maps teacher name -> cache folder: that teacher is joined from its cache instead.
+    """
+    import ray.data
+
     from muki_ray.hardware import cluster_has_gpus
 
+    cached = cached or {}
     gpu_default = 1.0 if cluster_has_gpus() else 0.0
     by_name = {t.name: t for t in cfg.teachers}
     for spec in specs:
         t = by_name[spec.name]
+        if spec.name in cached:
+            ds = ds.map_batches(stage_class(f"{spec.name}_cached", CachedTeacher),
+                                fn_constructor_kwargs={"name": spec.name, "cache_dir": cached[spec.name]},
+                                batch_size=t.batch_size, batch_format="numpy", num_cpus=0.1,
+                                compute=ray.data.ActorPoolStrategy(size=1))
+            continue
         ds = ds.map_batches(stage_class(spec.name), fn_constructor_kwargs={"spec": spec},
                             batch_size=t.batch_size, batch_format="numpy",
                             **stage_options(t.resources, gpu_default))
