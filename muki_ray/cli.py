@@ -29,6 +29,16 @@ def label_space(cfg: RunConfig) -> LabelSpace:
     return LabelSpace.from_teachers({t.name: labels for t, labels in zip(cfg.teachers, lists)})
 
 
+def connected(args) -> tuple[RunConfig, LabelSpace]:
+    """Load and validate the config, build the label space, then join or start Ray."""
+    from muki_ray.cluster import connect
+
+    cfg = load_config(args.config, args.set)
+    space = label_space(cfg)
+    connect(cfg.ray)
+    return cfg, space
+
+
 def cmd_validate(args) -> int:
     cfg = load_config(args.config, args.set)
     space = label_space(cfg)
@@ -50,12 +60,9 @@ def cmd_validate(args) -> int:
 def cmd_predict(args) -> int:
     from pathlib import Path
 
-    from muki_ray.cluster import connect
     from muki_ray.pipeline import predict_stage
 
-    cfg = load_config(args.config, args.set)
-    space = label_space(cfg)
-    connect(cfg.ray)
+    cfg, space = connected(args)
     info = predict_stage(cfg, space, Path(cfg.output_dir))
     print(f"predictions: {info['rows']} rows x {len(cfg.teachers)} teachers -> "
           f"{Path(cfg.output_dir) / 'predictions'} ({info['wall_time_s']:.1f} s)")
@@ -65,12 +72,9 @@ def cmd_predict(args) -> int:
 def cmd_combine(args) -> int:
     from pathlib import Path
 
-    from muki_ray.cluster import connect
     from muki_ray.pipeline import combine_stage
 
-    cfg = load_config(args.config, args.set)
-    space = label_space(cfg)
-    connect(cfg.ray)
+    cfg, space = connected(args)
     info = combine_stage(cfg, space, Path(cfg.output_dir))
     print(f"targets: {info['rows']} rows, strategy {cfg.integration.strategy}, mean weight "
           f"{info['mean_weight']:.3f} -> {Path(cfg.output_dir) / 'targets'}")
@@ -85,12 +89,9 @@ def cmd_combine(args) -> int:
 def cmd_train(args) -> int:
     from pathlib import Path
 
-    from muki_ray.cluster import connect
     from muki_ray.pipeline import evaluate_stage, train_stage
 
-    cfg = load_config(args.config, args.set)
-    space = label_space(cfg)
-    connect(cfg.ray)
+    cfg, space = connected(args)
     train_stage(cfg, space, Path(cfg.output_dir))
     m = evaluate_stage(cfg, space, Path(cfg.output_dir))["metrics"]
     print(f"student -> {Path(cfg.output_dir) / 'student'}: dev accuracy {m['dev_accuracy']:.4f} "
@@ -102,14 +103,11 @@ def cmd_train(args) -> int:
 def cmd_prepare(args) -> int:
     from pathlib import Path
 
-    from muki_ray.cluster import connect
     from muki_ray.pipeline import prepare_stage
 
-    cfg = load_config(args.config, args.set)
-    if cfg.prepare is None:
+    if load_config(args.config, args.set).prepare is None:
         raise UsageError(f"{args.config}: no `prepare` section")
-    space = label_space(cfg)
-    connect(cfg.ray)
+    cfg, space = connected(args)
     info = prepare_stage(cfg, space, Path(cfg.output_dir))
     for name, t in info["teachers"].items():
         print(f"teacher {name}: {t['train_rows']} texts, own-part test accuracy "
@@ -120,15 +118,12 @@ def cmd_prepare(args) -> int:
 def cmd_run(args) -> int:
     from pathlib import Path
 
-    from muki_ray.cluster import connect
     from muki_ray.pipeline import STAGES, run
 
-    cfg = load_config(args.config, args.set)
     bad = [f for f in args.force if f not in STAGES]
     if bad:
         raise UsageError(f"--force: unknown stage {bad[0]!r}; stages: {', '.join(STAGES)}")
-    space = label_space(cfg)
-    connect(cfg.ray)
+    cfg, space = connected(args)
     done = run(cfg, space, Path(cfg.output_dir), force=tuple(args.force))
     print()
     for stage, info in done.items():
