@@ -103,6 +103,16 @@ class MCConfig(Strict):
     max_batch_tokens: int = Field(
         65536, ge=1, description="Memory budget of one forward: at most this many (row x sample x token) per chunk."
     )
+    layers: Optional[int] = Field(
+        None, ge=1, description="Cheaper estimate: run the lower layers once and sample dropout only in the top N "
+        "layers and the head. Default: every layer (exact MC)."
+    )
+    adaptive: bool = Field(
+        False, description="Cheaper estimate: sample in rounds and stop a row once more passes cannot move its "
+        "score by more than `adaptive_tolerance` (normal-approximation bound, 99%)."
+    )
+    adaptive_tolerance: float = Field(0.02, gt=0, le=1, description="ε of `adaptive`, in score units (s in [0, 1]).")
+    adaptive_round: int = Field(4, ge=1, description="Passes per round of `adaptive`.")
 
     @field_validator("dropout")
     @classmethod
@@ -486,6 +496,9 @@ def semantic_errors(cfg: RunConfig, check_files: bool = True) -> list[str]:
             errors.append(
                 f"teachers[{i}].labels: {len(t.labels)} labels given but the model head has {size} outputs"
             )
+        depth = hf.get("num_hidden_layers", hf.get("n_layers"))
+        if t.mc.layers is not None and depth is not None and t.mc.layers > depth:
+            errors.append(f"teachers[{i}].mc.layers: {t.mc.layers} but the model has {depth} layers")
 
     if cfg.integration.strategy in GOLD_STRATEGIES and not cfg.data.pool_gold_labels:
         errors.append(

@@ -26,7 +26,7 @@ from typing import Optional
 
 import numpy as np
 
-from muki_ray.mc_dropout import mc_predict
+from muki_ray.mc_dropout import AdaptiveK, mc_predict
 
 log = logging.getLogger("muki_ray.teachers")
 
@@ -49,6 +49,8 @@ class TeacherSpec:
     seed: int = 0
     max_batch_tokens: int = 65536
     max_length: int = 128
+    layers: Optional[int] = None            # mc.layers: sample only the top N layers
+    adaptive: Optional[tuple[float, int]] = None  # mc.adaptive: (tolerance, round)
     precision: str = "fp32"
     threads: int = 1
     trust_remote_code: bool = False
@@ -89,6 +91,7 @@ class TeacherStage:
         self.model = model.to(self.device).eval()
         self.dtype = autocast_dtype(s.precision, self.device)
         self.batches = 0
+        self.passes = 0  # sampled forward rows (B·K without adaptive stopping)
         torch.set_grad_enabled(False)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -128,8 +131,11 @@ class TeacherStage:
         s = self.spec
         padded = self.tokenizer.pad(features, return_tensors="pt")
         batch = {k: v.to(self.device) for k, v in padded.items()}
+        adaptive = AdaptiveK(tolerance=s.adaptive[0], round=s.adaptive[1]) if s.adaptive else None
         out = mc_predict(self.model, batch, samples=s.samples, dropout=s.dropout, seed=s.seed,
-                         max_batch_tokens=s.max_batch_tokens, autocast_dtype=self.dtype)
+                         max_batch_tokens=s.max_batch_tokens, autocast_dtype=self.dtype, layers=s.layers,
+                         adaptive=adaptive)
+        self.passes += int(out.samples_used.sum())
         return {f: getattr(out, f).float().cpu().numpy() for f in COLUMNS}
 
 
@@ -213,6 +219,8 @@ def teacher_specs(cfg, space) -> list[TeacherSpec]:
         TeacherSpec(name=t.name, model_path=str(teacher_model_path(cfg, t)), labels=tuple(labels),
                     samples=t.mc.samples, dropout=t.mc.dropout, seed=t.mc.seed,
                     max_batch_tokens=t.mc.max_batch_tokens, max_length=t.max_length, precision=t.precision,
+                    layers=t.mc.layers,
+                    adaptive=(t.mc.adaptive_tolerance, t.mc.adaptive_round) if t.mc.adaptive else None,
                     threads=t.resources.threads or max(1, math.ceil(t.resources.num_cpus)),
                     trust_remote_code=t.trust_remote_code, allow_pickle=t.allow_pickle)
         for t, labels in zip(cfg.teachers, space.teacher_labels)

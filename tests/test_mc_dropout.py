@@ -8,7 +8,8 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, BertConfig, DistilBertConfig, RobertaConfig
 
-from muki_ray.mc_dropout import dropout_sampling, entropy, mc_predict, normalized_score
+from muki_ray.mc_dropout import (AdaptiveK, dropout_sampling, entropy, mc_predict, normalized_score, score_halfwidth,
+                                  transformer_layers)
 
 
 def tiny(arch: str, p: float = 0.3, num_labels: int = 3):
@@ -129,3 +130,61 @@ def test_normalized_score_hand_worked():
     assert entropy(c3([0.5, 0.5])).item() == pytest.approx(math.log(2))
     with pytest.raises(ValueError, match="1 label"):
         normalized_score(torch.tensor([0.0]), 1)
+
+
+# ------------------------------------------------------------ mc.layers: sample only the top N layers
+@pytest.mark.parametrize("arch", ["bert", "roberta", "distilbert"])
+@pytest.mark.parametrize("layers", [1, 2])
+def test_top_layers_replay_is_exact_without_dropout(arch, layers):
+    """With p = 0 every sampled pass must equal the deterministic one: the replayed lower output is right."""
+    model = tiny(arch)
+    out = mc_predict(model, batch(), samples=3, dropout=0.0, layers=layers, return_samples=True)
+    for k in range(3):
+        torch.testing.assert_close(out.sample_probs[:, k], out.probs, atol=1e-5, rtol=0)
+    assert len(transformer_layers(model)) == 2  # the stack was restored
+
+
+def test_top_layers_skip_the_lower_layers_and_still_sample():
+    model = tiny("bert")
+    stack = transformer_layers(model)
+    rows = {0: [], 1: []}
+    hooks = [stack[i].register_forward_hook(lambda m, a, o, i=i: rows[i].append(o.shape[0])) for i in (0, 1)]
+    b, k = 4, 5
+    out = mc_predict(model, batch(b), samples=k, layers=1, return_samples=True)
+    for h in hooks:
+        h.remove()
+    assert rows[0] == [b]             # the lower layer ran once, in the deterministic pass
+    assert rows[1] == [b, b * k]      # the top layer ran for the deterministic and the sampled rows
+    assert not torch.allclose(out.sample_probs[:, 0], out.sample_probs[:, 1], atol=1e-6)
+    with pytest.raises(ValueError, match=r"mc.layers must be in \[1, 2\]"):
+        mc_predict(model, batch(b), samples=2, layers=3)
+
+
+# ------------------------------------------------------------ adaptive K
+def test_score_halfwidth_hand_worked():
+    # Two passes [0.8, 0.2] and [0.6, 0.4] of K = 4: mean [0.7, 0.3], mean of squares [0.5, 0.1].
+    # Unbiased var 0.01 * 2 = 0.02 -> σ = 0.1414; move = σ √2 / 4 = 0.05 per class.
+    # |ln 0.7 + 1| + |ln 0.3 + 1| = 0.6433 + 0.2040; z = 2; / ln 2.
+    w = score_halfwidth(torch.tensor([[0.7, 0.3]]), torch.tensor([[0.5, 0.1]]), k=2, total=4, z=2.0)
+    want = 2 * 0.05 * (abs(math.log(0.7) + 1) + abs(math.log(0.3) + 1)) / math.log(2)
+    assert w.item() == pytest.approx(want, rel=1e-4)
+    f64 = dict(dtype=torch.float64)
+    assert score_halfwidth(torch.tensor([[0.7, 0.3]], **f64), torch.tensor([[0.49, 0.09]], **f64), k=2, total=4,
+                           z=2.0).item() == pytest.approx(0.0, abs=1e-6)  # identical passes: pinned
+    assert score_halfwidth(torch.tensor([[0.7, 0.3]]), torch.tensor([[0.5, 0.1]]), k=4, total=4, z=2.0).item() == 0
+
+
+def test_adaptive_stops_pinned_rows_and_keeps_the_rest_sampling():
+    model = tiny("bert", p=0.3)
+    k = 12
+    loose = mc_predict(model, batch(6), samples=k, adaptive=AdaptiveK(tolerance=10.0, round=3))
+    assert loose.samples_used.tolist() == [3] * 6          # every row pinned after one round
+    strict = mc_predict(model, batch(6), samples=k, adaptive=AdaptiveK(tolerance=0.0, round=3))
+    assert strict.samples_used.tolist() == [k] * 6         # nothing is ever pinned at ε = 0
+    mid = mc_predict(model, batch(6), samples=k, adaptive=AdaptiveK(tolerance=0.01, round=3))
+    assert set(mid.samples_used.tolist()) <= {3, 6, 9, 12}
+    torch.testing.assert_close(mid.mc_probs.sum(-1), torch.ones(6))
+    # Without dropout noise every row is pinned at once and p̄ equals the deterministic probs.
+    calm = mc_predict(model, batch(6), samples=k, dropout=0.0, adaptive=AdaptiveK(round=2))
+    assert calm.samples_used.tolist() == [2] * 6
+    torch.testing.assert_close(calm.mc_probs, calm.probs, atol=1e-5, rtol=0)

@@ -125,3 +125,26 @@ def test_resources_reach_actor_pool_options(tmp_path, tiny_models, monkeypatch):
     monkeypatch.setattr("muki_ray.hardware.cluster_has_gpus", lambda: True)
     teachers.chain_teachers(FakeDataset(), cfg, teacher_specs(cfg, space))
     assert [c[1]["num_gpus"] for c in calls] == [1.0, 1, 1.0]
+
+
+def test_cheaper_mc_options_reach_the_stage_and_its_cache_key(tmp_path, tiny_models):
+    from muki_ray.teachers import teacher_fingerprint
+
+    cfg, space = _cfg(tmp_path, tiny_models, n=4, mc={"samples": 8, "dropout": 0.3, "layers": 1, "adaptive": True,
+                                                      "adaptive_tolerance": 0.5, "adaptive_round": 2})
+    spec = teacher_specs(cfg, space)[0]
+    assert (spec.layers, spec.adaptive) == (1, (0.5, 2))
+    stage = TeacherStage(spec)
+    out = stage.predict(["market stock vote", "election", "a b c d", "minister"])
+    assert 4 * 2 <= stage.passes < 4 * 8  # some rows stopped before K = 8
+    assert np.allclose([p.sum() for p in out["mc_probs"]], 1.0, atol=1e-5)
+    (tmp_path / "b").mkdir()
+    exact = teacher_specs(_cfg(tmp_path / "b", tiny_models, n=4, mc={"samples": 8, "dropout": 0.3})[0], space)[0]
+    assert teacher_fingerprint(spec, "pool") != teacher_fingerprint(exact, "pool")
+
+
+def test_mc_layers_deeper_than_the_model_is_a_config_error(tmp_path, tiny_models):
+    from muki_ray.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"teachers\[0\].mc.layers: 9 but the model has \d+ layers"):
+        _cfg(tmp_path, tiny_models, n=4, mc={"samples": 2, "layers": 9})
