@@ -195,6 +195,7 @@ def train_loop_per_worker(config: dict) -> None:
         # 4. One epoch: every rank takes exactly steps_per_epoch micro-batches (ZeRO needs lockstep).
         engine.train()
         t0, seen, losses = time.time(), 0, []
+        t_steady, seen_steady = None, 0  # from the end of the first step: start-up excluded
         batches = train_shard.iter_batches(batch_size=micro, batch_format="numpy", drop_last=True,
                                            local_shuffle_buffer_size=max(4 * micro, 256),
                                            local_shuffle_seed=hyper["seed"] + epoch)
@@ -215,6 +216,8 @@ def train_loop_per_worker(config: dict) -> None:
             engine.step()
             global_step += 1
             seen += len(batch["input_ids"])
+            if t_steady is None:
+                t_steady, seen_steady = time.time(), seen
             losses.append(loss.item())
             if rank == 0 and (global_step % 10 == 0 or step == job.steps_per_epoch - 1):
                 rate = seen * world / max(time.time() - t0, 1e-9)
@@ -227,8 +230,12 @@ def train_loop_per_worker(config: dict) -> None:
         train_s = time.time() - t0
         # 5. Dev evaluation (every rank evaluates its shard; counts are summed).
         dev = evaluate_shard(engine, dev_shard, job, device, bf16)
+        steady_s = t0 + train_s - (t_steady or t0)
         metrics = {"epoch": epoch, "global_step": global_step, "train_loss": float(np.mean(losses or [0.0])),
-                   "epoch_time_s": round(time.time() - t0, 2), "examples_per_s": round(seen * world / max(train_s, 1e-9), 2), "peak_rss_mb": _peak_rss_mb(), **dev}
+                   "epoch_time_s": round(time.time() - t0, 2),
+                   "examples_per_s": round(seen * world / max(train_s, 1e-9), 2),
+                   "examples_per_s_steady": round((seen - seen_steady) * world / max(steady_s, 1e-9), 2),
+                   "peak_rss_mb": _peak_rss_mb(), **dev}
         if rank == 0:
             log.info("epoch %d done: %s", epoch, json.dumps(metrics))
             _append_log(job.log_path, {"event": "epoch", **metrics})

@@ -92,7 +92,6 @@ class TeacherStage:
         self.dtype = autocast_dtype(s.precision, self.device)
         self.batches = 0
         self.passes = 0  # sampled forward rows (B·K without adaptive stopping)
-        torch.set_grad_enabled(False)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         texts = [str(t) for t in batch["text"]]
