@@ -19,6 +19,7 @@ import json
 import shutil
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -90,7 +91,7 @@ def calibration(run_dir: Path, cfg, space, dataset: str, args) -> list[dict]:
     texts, gold = test.column("text").to_pylist(), np.array(test.column("label").to_pylist())
     out = []
     for spec in teacher_specs(cfg, space):
-        stage = TeacherStage(spec)
+        stage = TeacherStage(replace(spec, samples=1))  # calibration needs the deterministic probs only
         probs = np.concatenate([np.stack(stage.predict(texts[i:i + 64])["probs"]) for i in range(0, len(texts), 64)])
         own = np.isin(gold, spec.labels)
         conf, pred = probs.max(1), np.array(spec.labels)[probs.argmax(1)]
@@ -121,8 +122,6 @@ def selection_by_k(run_dir: Path, cfg, space, args) -> dict:
     for k in (4, 8, 16):
         scores, probs = [], []
         for spec in teacher_specs(cfg, space):
-            from dataclasses import replace
-
             stage = TeacherStage(replace(spec, samples=k))
             res = [stage.predict(texts[i:i + 32]) for i in range(0, len(texts), 32)]
             scores.append(np.concatenate([r["mc_score"] for r in res]))
