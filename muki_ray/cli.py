@@ -31,11 +31,16 @@ def label_space(cfg: RunConfig) -> LabelSpace:
 
 def connected(args) -> tuple[RunConfig, LabelSpace]:
     """Load and validate the config, build the label space, then join or start Ray."""
+    import ray
+
     from muki_ray.cluster import connect
+    from muki_ray.preflight import check_inputs, check_resources
 
     cfg = load_config(args.config, args.set)
     space = label_space(cfg)
+    check_inputs(cfg, space)
     connect(cfg.ray)
+    check_resources(cfg, ray.cluster_resources())
     return cfg, space
 
 
@@ -253,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     from muki_ray.cluster import ClusterError
     from muki_ray.data import DataError
     from muki_ray.hf_folder import ModelLoadError
+    from muki_ray.preflight import OutputError
 
     try:
         return args.fn(args)
@@ -260,9 +266,12 @@ def main(argv: list[str] | None = None) -> int:
         for line in e.errors:
             print(f"error: {line}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except (DataError, UsageError, ModelLoadError, ClusterError, FileNotFoundError) as e:
+    except (DataError, UsageError, ModelLoadError, ClusterError, OutputError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except OSError as e:  # mid-run: a full disk, a vanished mount; name the path, skip the traceback
+        print(f"error: {e.filename or 'I/O'}: {e.strerror or e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -21,6 +21,9 @@ def connect(ray_cfg) -> None:
     address = ray_cfg.address or os.environ.get("RAY_ADDRESS")
     quiet = dict(log_to_driver=True, configure_logging=False)
     if address:
+        from muki_ray.preflight import check_address
+
+        check_address(address)
         try:
             ray.init(address=address, **quiet)
         except (ConnectionError, RuntimeError, ValueError) as e:

@@ -263,6 +263,9 @@ class RayConfig(Strict):
         True, description="Start the dashboard with the embedded Ray (on 127.0.0.1); Ray Train's "
         "placement-group cleaner needs its state API."
     )
+    autoscaling: bool = Field(
+        False, description="The cluster adds nodes on demand: skip the start-up check that GPUs asked for exist."
+    )
 
 
 class RunConfig(Strict):
@@ -477,6 +480,7 @@ def semantic_errors(cfg: RunConfig, check_files: bool = True) -> list[str]:
                 f"teachers[{i}].labels: a teacher needs at least 2 labels (its normalized MC score "
                 f"1 - H/log|Y| is undefined for 1), got {len(t.labels)}"
             )
+            continue
         if prepared or not check_files or t.model is None:
             continue
         try:

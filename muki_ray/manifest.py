@@ -54,21 +54,27 @@ def write_json_atomic(path: Path, data: Any) -> None:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
         os.replace(tmp, path)
     except OSError as e:
-        raise OSError(f"cannot write {path}: {e.strerror or e}") from None
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from None  # name the file, not its .tmp
 
 
 def begin_stage(stage_dir: Path) -> Path:
-    """Create RUN_DIR/<stage>/ and drop its manifest, so an interrupted run is recognized as partial."""
+    """Start RUN_DIR/<stage>/ empty: whatever an interrupted or outdated run left there is removed,
+    so no partial file is ever read, and the missing manifest marks the stage as incomplete."""
     stage_dir = Path(stage_dir)
-    stage_dir.mkdir(parents=True, exist_ok=True)
-    (stage_dir / MANIFEST).unlink(missing_ok=True)
+    if stage_dir.is_symlink():
+        stage_dir.unlink()  # a stage shared from another run directory is never written through
+    elif stage_dir.exists():
+        shutil.rmtree(stage_dir)
+    stage_dir.mkdir(parents=True)
     return stage_dir
 
 
 @contextlib.contextmanager
 def stage_output(stage_dir: Path, name: str) -> Iterator[Path]:
     """Yield a temporary folder; on success it replaces RUN_DIR/<stage>/<name>."""
-    stage_dir = begin_stage(stage_dir)
+    stage_dir = Path(stage_dir)
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    (stage_dir / MANIFEST).unlink(missing_ok=True)
     final = stage_dir / name
     tmp = stage_dir / f".{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)

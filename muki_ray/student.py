@@ -178,6 +178,7 @@ def train_loop_per_worker(config: dict) -> None:
             start_epoch, global_step = client["epoch"] + 1, client["global_step"]
         if rank == 0:
             log.info("resumed from checkpoint at epoch %d, global step %d", start_epoch, global_step)
+            _append_log(job.log_path, {"event": "resumed", "epoch": start_epoch, "global_step": global_step})
 
     loss_fn = {
         "weighted_kl": WeightedKLLoss(),

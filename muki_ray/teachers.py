@@ -28,6 +28,7 @@ import numpy as np
 
 from muki_ray.mc_dropout import AdaptiveK, mc_predict
 
+FAULT_ENV = "MUKI_FAULT_TEACHER"
 log = logging.getLogger("muki_ray.teachers")
 
 COLUMNS = ("logits", "probs", "entropy", "mc_probs", "mc_uncertainty", "mc_score")
@@ -149,12 +150,24 @@ def _as_column(a: np.ndarray) -> np.ndarray:
 
 
 def _maybe_fail(name: str, batches: int) -> None:
-    """Test-only fault hook: MUKI_FAULT_TEACHER=NAME:N kills this actor after N batches."""
-    fault = os.environ.get("MUKI_FAULT_TEACHER")
-    if fault:
-        target, n = fault.rsplit(":", 1)
-        if target == name and batches >= int(n):
-            os._exit(1)
+    """Test-only fault hook: MUKI_FAULT_TEACHER=NAME:N[:MARKER] kills this actor after N batches
+    (only once when MARKER is given: the first death creates that file)."""
+    fault = os.environ.get(FAULT_ENV)
+    if not fault:
+        return
+    target, n, *marker = fault.split(":", 2)
+    if target != name or batches < int(n):
+        return
+    if marker:
+        if os.path.exists(marker[0]):
+            return
+        open(marker[0], "w").close()
+    os._exit(1)
+
+
+def _fault_hook_env() -> dict:
+    """Actors do not inherit the driver's environment: hand them the test-only fault hook."""
+    return {"runtime_env": {"env_vars": {FAULT_ENV: os.environ[FAULT_ENV]}}} if FAULT_ENV in os.environ else {}
 
 
 class CachedTeacher:
@@ -248,5 +261,5 @@ def chain_teachers(ds, cfg, specs: list[TeacherSpec], cached: Optional[dict[str,
             continue
         ds = ds.map_batches(stage_class(spec.name), fn_constructor_kwargs={"spec": spec},
                             batch_size=t.batch_size, batch_format="numpy",
-                            **stage_options(t.resources, gpu_default))
+                            **stage_options(t.resources, gpu_default), **_fault_hook_env())
     return ds

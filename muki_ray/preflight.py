@@ -1,0 +1,133 @@
+"""Check every input before any work: data, model folders, the output directory, the cluster.
+
+A bad input fails here, in seconds, with one line naming the field, file or row, before Ray
+starts and before anything is written, instead of hours later in the middle of a stage.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import uuid
+from pathlib import Path
+from urllib.parse import urlparse
+
+from muki_ray.cluster import ClusterError
+from muki_ray.config import RunConfig, resolve_model_path, teacher_model_path
+from muki_ray.labels import LabelSpace
+
+MIN_FREE_BYTES = 1024**3  # a student checkpoint (weights + optimizer state) plus predictions
+
+
+class OutputError(Exception):
+    """The output directory cannot take the run's files."""
+
+
+def check_inputs(cfg: RunConfig, space: LabelSpace) -> None:
+    """Read every data source and check every model folder; raise DataError / ModelLoadError."""
+    check_data(cfg, space)
+    check_models(cfg)
+    check_output_dir(Path(cfg.output_dir))
+
+
+def check_data(cfg: RunConfig, space: LabelSpace) -> None:
+    from muki_ray.data import check_labels, read_source
+
+    sources = [("data.pool", cfg.data.pool, cfg.data.pool_gold_labels), ("data.dev", cfg.data.dev, True),
+               ("data.test", cfg.data.test, True)]
+    if cfg.prepare is not None:
+        sources += [("prepare.data", cfg.prepare.data, True), ("prepare.test", cfg.prepare.test, True)]
+    for where, src, labeled in sources:
+        if src is None:
+            continue
+        table = read_source(src, on_bad_row=cfg.data.on_bad_row, seed=cfg.data.seed, require_label=labeled)
+        if labeled:
+            check_labels(table, space.names, where)
+
+
+def check_models(cfg: RunConfig) -> None:
+    """Every model folder: config.json, weights in an allowed format, a loadable tokenizer, readable weights."""
+    folders = [(f"teachers[{i}].model", teacher_model_path(cfg, t), t.allow_pickle, t.trust_remote_code)
+               for i, t in enumerate(cfg.teachers) if t.model is not None]
+    s = cfg.student
+    folders.append(("student.model", resolve_model_path(s.model), s.allow_pickle, s.trust_remote_code))
+    if cfg.prepare is not None:
+        folders.append(("prepare.model", resolve_model_path(cfg.prepare.model), False, False))
+    for where, folder, allow_pickle, remote in folders:
+        check_model_folder(where, Path(folder), allow_pickle, remote)
+
+
+def check_model_folder(where: str, folder: Path, allow_pickle: bool, trust_remote_code: bool) -> None:
+    from muki_ray.hf_folder import ModelLoadError, check_folder, load_tokenizer, weight_format
+
+    try:
+        check_folder(folder, allow_pickle)
+        load_tokenizer(folder, trust_remote_code=trust_remote_code)
+        if weight_format(folder) == "safetensors":
+            _read_safetensors_headers(folder)
+    except ModelLoadError as e:
+        raise ModelLoadError(f"{where}: {e}") from None
+
+
+def _read_safetensors_headers(folder: Path) -> None:
+    """Open each weights file's header (cheap: no tensor is read)."""
+    from safetensors import safe_open
+
+    from muki_ray.hf_folder import ModelLoadError
+
+    for f in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="pt") as h:
+                h.keys()
+        except Exception as e:  # safetensors raises its own error types for corrupt headers
+            raise ModelLoadError(f"{f}: weights failed to load: {str(e).splitlines()[0]}") from None
+
+
+def check_output_dir(path: Path, min_free: int = MIN_FREE_BYTES) -> None:
+    """The output directory (or its nearest existing parent) is writable and has room; nothing is left behind."""
+    probe_dir = path
+    while not probe_dir.exists():
+        probe_dir = probe_dir.parent
+    if not probe_dir.is_dir():
+        raise OutputError(f"output_dir: {probe_dir} is not a directory")
+    probe = probe_dir / f".muki-write-test-{uuid.uuid4().hex}"
+    try:
+        probe.write_bytes(b"x")
+    except OSError as e:
+        raise OutputError(f"output_dir: cannot write to {probe_dir} ({e.strerror})") from None
+    finally:
+        probe.unlink(missing_ok=True)
+    free = shutil.disk_usage(probe_dir).free
+    if free < min_free:
+        raise OutputError(f"output_dir: only {free / 1024**2:.0f} MiB free on {probe_dir}; a run needs at least "
+                          f"{min_free / 1024**3:.1f} GiB")
+
+
+def check_address(address: str, timeout_s: float = 5.0) -> None:
+    """Fail fast when nothing listens at a Ray address (ray.init would otherwise retry for minutes)."""
+    if address in ("auto", "local") or not address:
+        return
+    url = urlparse(address if "://" in address else f"gcs://{address}")
+    host, port = url.hostname, url.port
+    if not host or not port:
+        raise ClusterError(f"ray.address: {address!r} is not host:port or ray://host:port")
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+    except OSError as e:
+        raise ClusterError(f"ray.address: no Ray cluster at {address} ({e.strerror or e})") from None
+
+
+def check_resources(cfg: RunConfig, total: dict) -> None:
+    """Refuse GPU requests a cluster without GPUs can never meet (Ray would wait forever)."""
+    if total.get("GPU", 0) > 0 or cfg.ray.autoscaling:
+        return
+    asks = [(f"teachers[{i}].resources.num_gpus", t.resources.num_gpus) for i, t in enumerate(cfg.teachers)
+            if t.resources.num_gpus]
+    if cfg.student.use_gpu:
+        asks.append(("student.use_gpu", cfg.student.num_workers))
+    if cfg.prepare is not None and cfg.prepare.use_gpu:
+        asks.append(("prepare.use_gpu", cfg.prepare.num_workers))
+    if asks:
+        where, n = asks[0]
+        raise ClusterError(f"{where}: asks for {n:g} GPU(s) but the Ray cluster has none; set it to 0/false, or "
+                           f"run on a cluster with GPU nodes (ray.autoscaling: true if they are added on demand)")

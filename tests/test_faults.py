@@ -1,0 +1,122 @@
+"""Faults: a dying teacher actor, a dying training worker, a SIGKILLed run, a full or unwritable disk,
+and secrets that must never reach the run directory."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pyarrow.parquet as pq
+import pytest
+
+from muki_ray.cli import main
+from muki_ray.manifest import read_manifest
+from tests.test_run import run_config  # noqa: F401  (fixture)
+from tests.test_student import SPACE, prepare, train_log
+from tests.test_teachers import _cfg
+
+
+def test_teacher_actor_dies_mid_stream(tmp_path, tiny_models, ray_session, monkeypatch):
+    from muki_ray.pipeline import predict_stage
+
+    cfg, space = _cfg(tmp_path, tiny_models, n=96, replicas=1, batch_size=8)
+    marker = tmp_path / "news-died"
+    monkeypatch.setenv("MUKI_FAULT_TEACHER", f"news:3:{marker}")  # exit after the 3rd batch, once
+    info = predict_stage(cfg, space, tmp_path / "run")
+    assert marker.exists()  # the actor really died
+    ids = pq.read_table(tmp_path / "run" / "predictions" / "data").column("id").to_pylist()
+    assert sorted(ids) == sorted(f"doc{i}" for i in range(96)) and len(ids) == len(set(ids)) == info["rows"]
+
+
+def test_training_worker_dies_mid_epoch_and_the_run_resumes(tmp_path, ray_session, monkeypatch):
+    from muki_ray.pipeline import train_stage
+
+    cfg, run = prepare(tmp_path, zero=0, workers=1, epochs=2, max_failures=1)
+    per_epoch = 64 // 8
+    marker = tmp_path / "worker-died"
+    monkeypatch.setenv("MUKI_FAULT_TRAIN_STEP", f"{per_epoch + 3}:{marker}")  # mid-way through epoch 1
+    train_stage(cfg, SPACE, run)  # FailureConfig restarts the worker group from the epoch-0 checkpoint
+    assert marker.exists()
+    log = train_log(run)
+    assert [r for r in log if r.get("event") == "resumed"] == [{"event": "resumed", "epoch": 1,
+                                                                 "global_step": per_epoch, "time": pytest.approx(
+                                                                     time.time(), abs=600)}]
+    epochs = [r for r in log if r.get("event") == "epoch"]
+    assert [e["epoch"] for e in epochs] == [0, 1] and epochs[-1]["global_step"] == 2 * per_epoch
+    assert (run / "student" / "config.json").exists()
+
+
+def _cli(*args, env=None, **kw):
+    return subprocess.Popen([sys.executable, "-m", "muki_ray.cli", *args], env=env, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def test_sigkill_mid_stage_then_rerun_resumes_and_leaks_no_secret(run_config, tmp_path):  # noqa: F811
+    cfg, run = run_config
+    secrets = {"RAY_AUTH_TOKEN": "tok-3f9a7c1d-secret", "AWS_SECRET_ACCESS_KEY": "aws-8b2e4f6a-secret",
+               "HF_TOKEN": "hf_5d1c9e7b-secret"}
+    env = {**os.environ, **secrets}
+    env.pop("RAY_ADDRESS", None)
+    first = _cli("run", str(cfg), env=env)
+    deadline = time.time() + 300
+    while read_manifest(run / "targets") is None or not (run / "train").exists():
+        assert first.poll() is None, first.stdout.read()
+        assert time.time() < deadline, "the run never reached the train stage"
+        time.sleep(0.5)
+    time.sleep(3)  # well inside the train stage
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    assert read_manifest(run / "train") is None  # interrupted: no manifest, so never read as complete
+    (run / "train" / "partial-junk.bin").write_bytes(b"half a file")
+
+    second = _cli("run", str(cfg), env=env)
+    out, _ = second.communicate(timeout=600)
+    assert second.returncode == 0, out
+    for stage in ("prepare", "predictions", "targets"):
+        assert any(line.split()[:2] == [stage, "skipped"] for line in out.splitlines()), out
+    assert any(line.split()[:2] == ["train", "ran"] for line in out.splitlines()), out
+    assert not (run / "train" / "partial-junk.bin").exists()  # the stage was rebuilt, not patched
+    assert json.loads((run / "metrics.json").read_text())["test_accuracy"] >= 0
+    # No secret from the environment reaches any file of the run directory.
+    for path in run.rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            for value in secrets.values():
+                assert value.encode() not in data, f"{path} holds a secret"
+
+
+def test_full_disk_is_refused_before_any_work(run_config, monkeypatch, capsys):  # noqa: F811
+    import shutil
+
+    cfg, run = run_config
+    real = shutil.disk_usage
+    monkeypatch.setattr("muki_ray.preflight.shutil.disk_usage",
+                        lambda p: real(p)._replace(free=50 * 1024**2))
+    assert main(["run", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "error: output_dir: only 50 MiB free on" in err and "Traceback" not in err
+    assert not run.exists()
+
+
+def test_write_error_mid_run_names_the_path(run_config, ray_session, monkeypatch, capsys):  # noqa: F811
+    from muki_ray.manifest import write_json_atomic
+
+    cfg, run = run_config
+    target = run / "prepare" / "blocked" / "manifest.json"
+
+    def stage_that_hits_a_write_error(cfg_, space, run_dir):
+        (run / "prepare").mkdir(parents=True)
+        (run / "prepare" / "blocked").write_text("a file where a folder should be")
+        write_json_atomic(target, {"rows": 1})  # a real write that fails like a full or broken disk
+
+    monkeypatch.setitem(__import__("muki_ray.pipeline").pipeline.STAGE_FUNCTIONS, "prepare",
+                        stage_that_hits_a_write_error)
+    assert main(["run", str(cfg)]) == 1
+    err = capsys.readouterr().err
+    assert f"error: {target}: Not a directory" in err
+    assert "Traceback" not in err
