@@ -125,11 +125,15 @@ def test_real_job_submission_with_token_auth(tmp_path, tiny_models):
         assert start.returncode == 0, start.stderr
         address = f"http://127.0.0.1:{dash}"
         cfg = tiny_job_config(tmp_path, tiny_models)
-        submit = subprocess.run(
-            [BIN / "ray", "job", "submit", "--address", address, "--working-dir", str(REPO),
-             "--runtime-env", str(REPO / "cluster" / "runtime_env.yaml"), "--",
-             "python", "jobs/integrate.py", "--config", str(cfg)],
-            env=env, capture_output=True, text=True, timeout=900)
+        for _ in range(30):  # the head's job agent comes up a little after `ray start` returns
+            submit = subprocess.run(
+                [BIN / "ray", "job", "submit", "--address", address, "--working-dir", str(REPO),
+                 "--runtime-env", str(REPO / "cluster" / "runtime_env.yaml"), "--",
+                 "python", "jobs/integrate.py", "--config", str(cfg)],
+                env=env, capture_output=True, text=True, timeout=900)
+            if "No available agent" not in submit.stderr:
+                break
+            time.sleep(2)
         assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
         assert "succeeded" in submit.stdout.lower()  # "Job ... succeeded"
         run = tmp_path / "run"
