@@ -117,6 +117,10 @@ def test_real_job_submission_with_token_auth(tmp_path, tiny_models):
     port, dash = free_port(), free_port()
     start = subprocess.run(
         [BIN / "ray", "start", "--head", f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+         # Every port free, not Ray's defaults: another Ray on this machine (a benchmark, a demo)
+         # already holds 52365 and friends, and its agent would then fail to start.
+         f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+         f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
          "--num-cpus=2", "--object-store-memory=200000000", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
         env=env, capture_output=True, text=True, timeout=180)
     if start.returncode != 0 and "Permission" in start.stderr:
@@ -125,7 +129,7 @@ def test_real_job_submission_with_token_auth(tmp_path, tiny_models):
         assert start.returncode == 0, start.stderr
         address = f"http://127.0.0.1:{dash}"
         cfg = tiny_job_config(tmp_path, tiny_models)
-        for _ in range(30):  # the head's job agent comes up a little after `ray start` returns
+        for _ in range(10):  # the head's job agent comes up a little after `ray start` returns
             submit = subprocess.run(
                 [BIN / "ray", "job", "submit", "--address", address, "--working-dir", str(REPO),
                  "--runtime-env", str(REPO / "cluster" / "runtime_env.yaml"), "--",
