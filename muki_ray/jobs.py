@@ -48,6 +48,14 @@ def job_main(command: str, argv: list[str]) -> int:
         return EXIT_BAD_INPUT
     # Inside a job RAY_ADDRESS points at the cluster; "auto" finds a local head otherwise. Never a new Ray.
     address = os.environ.get("RAY_ADDRESS") or cfg.ray.address or "auto"
+    from muki_ray.cluster import ClusterError
+    from muki_ray.preflight import check_address
+
+    try:
+        check_address(address)  # ray.init would retry for minutes at a dead address
+    except ClusterError as e:
+        print(f"error: {e}", file=os.sys.stderr)
+        return EXIT_BAD_INPUT
     try:
         ray.init(address=address, log_to_driver=True, configure_logging=False)
     except (ConnectionError, RuntimeError) as e:
