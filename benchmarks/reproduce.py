@@ -41,8 +41,13 @@ METHODS = {
     # Variants of MUKI soft + re-weighting (run last; --variant-seeds may give them fewer seeds).
     "muki_soft+reweight_raw": {"strategy": "muki_soft", "reweight": True, "reweight_normalize": False},
     "muki_soft+reweight+mc_mean": {"strategy": "muki_soft", "reweight": True, "target_probs": "mc_mean"},
+    # The cheaper MC estimates (issue #10): their own prediction pass, then MUKI soft + re-weighting.
+    "muki_soft+reweight@mc_layers1": {"strategy": "muki_soft", "reweight": True, "reweight_normalize": True},
+    "muki_soft+reweight@adaptive": {"strategy": "muki_soft", "reweight": True, "reweight_normalize": True},
 }
-VARIANTS = ("muki_soft+reweight_raw", "muki_soft+reweight+mc_mean")
+# method -> teacher `mc` overrides; these methods get their own predictions stage (prepare is shared).
+TEACHER_MC = {"muki_soft+reweight@mc_layers1": {"layers": 1}, "muki_soft+reweight@adaptive": {"adaptive": True}}
+VARIANTS = ("muki_soft+reweight_raw", "muki_soft+reweight+mc_mean", *TEACHER_MC)
 BASELINES = ("vanilla_kd", "uhc", "entropy_hard", "entropy_soft")
 NG_FAMILIES = {
     "comp": lambda lab: lab.startswith("comp."),
@@ -202,7 +207,7 @@ def main() -> None:
         for seed in range(seeds):
             run_dir = work / f"{method}-seed{seed}"
             run_dir.mkdir(parents=True, exist_ok=True)
-            for stage in ("prepare", "predictions"):  # reuse, never recompute
+            for stage in ("prepare",) if method in TEACHER_MC else ("prepare", "predictions"):  # reuse
                 link = run_dir / stage
                 if not link.exists():
                     link.symlink_to(shared / stage, target_is_directory=True)
@@ -210,10 +215,13 @@ def main() -> None:
             mraw["output_dir"] = str(run_dir)
             mraw["integration"] = METHODS[method]
             mraw["student"]["seed"] = seed
+            for t in mraw["teachers"]:
+                t["mc"].update(TEACHER_MC.get(method, {}))
             mcfg = parse_config(mraw)
             run(mcfg, space, run_dir)
             # The method's own compute, from the stage manifests (also right when a rerun skipped them).
-            times.append(sum(read_manifest(run_dir / s)["wall_time_s"] for s in ("targets", "train", "evaluate")))
+            own = ("predictions",) if method in TEACHER_MC else ()
+            times.append(sum(read_manifest(run_dir / s)["wall_time_s"] for s in (*own, "targets", "train", "evaluate")))
             metrics = json.loads((run_dir / "metrics.json").read_text())
             accs.append(metrics["test_accuracy"])
             per_teacher.append(metrics["test_accuracy_per_teacher"])
@@ -225,6 +233,9 @@ def main() -> None:
                      "selection_acc_mc": sups["mc"]["selection_accuracy"],
                      "selection_acc_entropy": sups["entropy"]["selection_accuracy"],
                      "wall_s_per_seed": float(np.mean(times))})
+        if method in TEACHER_MC:  # compute saved against the exact shared pass
+            rows[-1]["predictions_s"] = read_manifest(work / f"{method}-seed0" / "predictions")["wall_time_s"]
+            rows[-1]["exact_predictions_s"] = read_manifest(shared / "predictions")["wall_time_s"]
         print(f"{method}: {np.mean(accs):.4f} ± {np.std(accs):.4f}", flush=True)
         headline = write_results(args, work, space, rows, calib, k_sel, teachers, shared_time)  # partial, so far
     print(headline)
@@ -269,6 +280,10 @@ def write_results(args, work: Path, space, rows: list[dict], calib: list[dict], 
         r = rows[0]
         md += ["", f"Hard teacher selection on the pool: MC-Dropout {r['selection_acc_mc']:.4f}, plain entropy "
                f"{r['selection_acc_entropy']:.4f} (same predictions for every method)."]
+    for r in rows:
+        if "predictions_s" in r:
+            md.append(f"- `{r['method']}`: its own teacher pass took {r['predictions_s']:.0f} s against "
+                      f"{r['exact_predictions_s']:.0f} s for exact K={args.samples} MC (included in its s per seed).")
     md += ["", "Teachers (calibration on the test split):", "",
            "| teacher | own-part acc | ECE own | mean max-prob own | mean max-prob outside | over-confident |",
            "|---|---|---|---|---|---|"]

@@ -135,6 +135,69 @@ def ray_seconds(spec, texts: list[str], actors: int, batch: int = 16) -> float:
     return secs
 
 
+ABLATIONS = {  # name -> which optimization is switched off (all others on)
+    "all on": {},
+    "K passes sequential": {"batched": False},
+    "no length sort (pad per batch)": {"pad": "unsorted"},
+    "pad to max length": {"pad": "max_length"},
+    "no_grad instead of inference_mode": {"inference": False},
+    "eager attention instead of SDPA": {"attn": "eager"},
+}
+
+
+def ablation(folder: Path, texts: list[str], samples: int, batch: int = 16, reps: int = 2) -> dict:
+    """Seconds of the optimized fp32 loop with each optimization switched off on its own (best of reps)."""
+    import contextlib
+    from unittest import mock
+
+    import torch
+
+    from muki_ray.hf_folder import load_classifier, load_tokenizer
+    from muki_ray.mc_dropout import mc_predict
+
+    tok = load_tokenizer(folder)
+    models = {impl: load_classifier(folder, attn_implementation=impl).eval() for impl in ("sdpa", "eager")}
+
+    def run(pad="sorted", batched=True, inference=True, attn="sdpa") -> float:
+        enc = tok(texts, truncation=True, max_length=128)
+        lengths = [len(x) for x in enc["input_ids"]]
+        order = np.argsort(lengths, kind="stable")[::-1] if pad == "sorted" else np.arange(len(texts))
+        # mc_predict enters torch.inference_mode() at call time, so patching the name swaps the mode.
+        mode = contextlib.nullcontext() if inference else mock.patch("torch.inference_mode", torch.no_grad)
+        t0 = time.perf_counter()
+        with mode:
+            for i in range(0, len(texts), batch):
+                idx = order[i:i + batch]
+                feats = {k: [enc[k][j] for j in idx] for k in enc.keys()}
+                padded = dict(tok.pad(feats, return_tensors="pt", padding="max_length" if pad == "max_length"
+                                      else "longest", max_length=128))
+                width = padded["input_ids"].shape[1]
+                # One chunk of B rows per chunk = the K samples run one after another.
+                mc_predict(models[attn], padded, samples=samples,
+                           max_batch_tokens=1 << 30 if batched else len(idx) * width)
+        return time.perf_counter() - t0
+
+    run()  # warm-up
+    secs = {name: float("inf") for name in ABLATIONS}
+    for _ in range(reps):  # interleaved, so drift on a shared machine hits every variant alike
+        for name, off in ABLATIONS.items():
+            secs[name] = min(secs[name], run(**off))
+    return {name: {"seconds": s, "slowdown": s / secs["all on"]} for name, s in secs.items()}
+
+
+def profile_top_ops(spec, texts: list[str], rows: int = 12) -> str:
+    """torch.profiler table of the optimized stage's top ops by self CPU time (where the time goes)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from muki_ray.teachers import TeacherStage
+
+    stage = TeacherStage(spec)
+    stage.predict(texts[:2])
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        stage.predict(texts)
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+
+
 def selection(stages_out: list[dict]) -> np.ndarray:
     """(B,) index of the teacher with the highest MC score."""
     return np.stack([o["mc_score"] for o in stages_out], 1).argmax(1)
@@ -181,6 +244,7 @@ def main() -> None:
     ap.add_argument("--n-bf16", type=int, default=12, help="texts for bf16 (slow on CPUs without bf16 matmul)")
     ap.add_argument("--n-agree", type=int, default=200, help="BBC pool texts for the agreement runs")
     ap.add_argument("--n-student", type=int, default=256)
+    ap.add_argument("--n-ablate", type=int, default=32, help="BBC texts per variant of the one-at-a-time ablation")
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--teachers", default="runs/reproduce/bbc_news/shared/prepare",
                     help="fine-tuned BBC teachers (t1, t2) from benchmarks/reproduce.py, for the agreement runs")
@@ -231,6 +295,9 @@ def main() -> None:
         t["gflops_bf16"] = flops * (k + 1) / bf16_s / 1e9
         t["roofline_fraction_bf16"] = t["gflops_bf16"] / t["peak_gflops_bf16"]
         t["naive_eps"], t["optimized_eps"] = bbc["naive_eps"], bbc["optimized_eps"]
+        t["ablation"] = {name: ablation(folder, data[name][:args.n_ablate], k)
+                         for name in ("bbc_news", "bbc_first_sentence")}
+        res["profile_fp32"] = profile_top_ops(spec, data["bbc_news"][:16])
         t["roofline_fraction_fp32"] = bbc["roofline_fraction_fp32"]
 
         ray.init(num_cpus=2, include_dashboard=False, object_store_memory=256 * 1024**2, log_to_driver=False)
@@ -309,6 +376,14 @@ def write(res: dict) -> None:
            f"in-process optimized {t['optimized_eps']:.2f} ex/s.",
            f"Student: plain loop {s['plain_eps']:.2f} ex/s, Ray Train + DeepSpeed ZeRO-0 {s['ray_deepspeed_eps']:.2f} "
            f"ex/s steady state ({s['ray_deepspeed_eps_with_first_step']:.2f} counting the first step)."]
+    md += ["", "Each optimization switched off on its own (fp32, best of 2 interleaved runs; slowdown > 1 means "
+           "the optimization helps):", "", "| variant | " + " | ".join(f"{d} s | {d} slowdown" for d in t["ablation"])
+           + " |", "|---" * (1 + 2 * len(t["ablation"])) + "|"]
+    for name in ABLATIONS:
+        md.append(f"| {name} | " + " | ".join(f"{a[name]['seconds']:.1f} | {a[name]['slowdown']:.2f}"
+                                              for a in t["ablation"].values()) + " |")
+    md += ["", "Where the time goes (torch.profiler, optimized stage, fp32, 16 BBC texts):", "", "```",
+           res["profile_fp32"].rstrip(), "```"]
     if "cheaper_estimates" in res:
         md += ["", "| estimate | teacher-stage s | speedup | passes saved | same teacher as exact | selection acc "
                "| supervision acc |", "|---|---|---|---|---|---|---|"]
