@@ -77,7 +77,8 @@ def main() -> None:
         pid = worker_pid()
         time.sleep(20)  # past start-up: model load, deepspeed.initialize, the first step
         raw = Path(tmp) / "stacks.txt"
-        subprocess.run(["py-spy", "record", "--pid", str(pid), "--duration", str(args.seconds), "--rate", "50",
+        spy = Path(sys.executable).with_name("py-spy")  # installed beside python by ray[default]
+        subprocess.run([str(spy if spy.exists() else "py-spy"), "record", "--pid", str(pid), "--duration", str(args.seconds), "--rate", "50",
                         "--format", "raw", "--output", str(raw), "--nonblocking"], check=True,
                        capture_output=True)
         shares = attribute(raw.read_text())
