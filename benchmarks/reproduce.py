@@ -41,12 +41,11 @@ METHODS = {
     # Variants of MUKI soft + re-weighting (run last; --variant-seeds may give them fewer seeds).
     "muki_soft+reweight_raw": {"strategy": "muki_soft", "reweight": True, "reweight_normalize": False},
     "muki_soft+reweight+mc_mean": {"strategy": "muki_soft", "reweight": True, "target_probs": "mc_mean"},
-    # The cheaper MC estimates (issue #10): their own prediction pass, then MUKI soft + re-weighting.
-    "muki_soft+reweight@mc_layers1": {"strategy": "muki_soft", "reweight": True, "reweight_normalize": True},
-    "muki_soft+reweight@adaptive": {"strategy": "muki_soft", "reweight": True, "reweight_normalize": True},
 }
+# The cheaper MC estimates (issue #10): MUKI soft + re-weighting on their own prediction pass.
 # method -> teacher `mc` overrides; these methods get their own predictions stage (prepare is shared).
 TEACHER_MC = {"muki_soft+reweight@mc_layers1": {"layers": 1}, "muki_soft+reweight@adaptive": {"adaptive": True}}
+METHODS.update({m: METHODS["muki_soft+reweight"] for m in TEACHER_MC})
 VARIANTS = ("muki_soft+reweight_raw", "muki_soft+reweight+mc_mean", *TEACHER_MC)
 BASELINES = ("vanilla_kd", "uhc", "entropy_hard", "entropy_soft")
 NG_FAMILIES = {
