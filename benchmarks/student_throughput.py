@@ -62,7 +62,8 @@ def ray_run(model_path: str, texts, targets, run_dir: Path, *, workers: int, zer
     from muki_ray.student import TrainJob, deepspeed_config, fit, steps_per_epoch, tokenize
 
     hyper = TrainHyper(epochs=1, batch_size=batch, zero_stage=zero, num_workers=workers,
-                       precision="bf16" if bf16 else "fp32", warmup_ratio=0.1)
+                       precision="bf16" if bf16 else "fp32", warmup_ratio=0.1,
+                       resources_per_worker={"CPU": 2 / workers - 0.25})
     per_epoch = steps_per_epoch(len(texts), workers, batch)
     table = pa.table({"text": texts, "target": [list(t) for t in targets[:len(texts)]], "weight": [1.0] * len(texts)})
     dev = pa.table({"text": texts[:16], "gold": [0] * 16})
@@ -73,7 +74,8 @@ def ray_run(model_path: str, texts, targets, run_dir: Path, *, workers: int, zer
     result = fit(job, tokenize(to_ray_dataset(table), model_path, 128).materialize(),
                  tokenize(to_ray_dataset(dev), model_path, 128).materialize(),
                  run_dir=run_dir, name=f"bench-{workers}-{zero}-{int(bf16)}", num_rows=len(texts),
-                 scaling={"num_workers": workers, "use_gpu": False, "resources_per_worker": {"CPU": 2 / workers - 0.25}},
+                 scaling={"num_workers": workers, "use_gpu": False,
+                          "resources_per_worker": dict(hyper.resources_per_worker)},
                  max_failures=0)
     return result["last_metrics"]
 

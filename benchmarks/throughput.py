@@ -4,8 +4,8 @@ MiniLM-L6, K=16, max length 128, real BBC and 20 Newsgroups text (plus a short-t
 first sentence of each BBC article). Measures:
 
 - naive: a Hugging Face loop padded to max length, K sequential passes, fp32, dropout via train();
-- optimized: the teacher stage in-process (length-sorted dynamic padding, one batched B*K forward,
-  inference_mode, SDPA attention), fp32 and bf16 autocast;
+- optimized: the teacher stage in-process (length-sorted dynamic padding, the K samples batched up to
+  the device's `mc.max_batch_tokens` budget, inference_mode, SDPA attention), fp32 and bf16 autocast;
 - the Ray Data stage with 1 and with 2 actors (each actor gets its share of the cores);
 - the roofline: achieved GFLOP/s (FLOPs counted per real token) against the peak matmul GFLOP/s
   measured in this run, fp32 and bf16;
@@ -137,7 +137,8 @@ def ray_seconds(spec, texts: list[str], actors: int, batch: int = 16) -> float:
 
 ABLATIONS = {  # name -> which optimization is switched off (all others on)
     "all on": {},
-    "K passes sequential": {"batched": False},
+    "one B*K forward (the GPU default budget)": {"chunk": "one"},
+    "K passes sequential (B rows per forward)": {"chunk": "rows"},
     "no length sort (pad per batch)": {"pad": "unsorted"},
     "pad to max length": {"pad": "max_length"},
     "no_grad instead of inference_mode": {"inference": False},
@@ -158,7 +159,9 @@ def ablation(folder: Path, texts: list[str], samples: int, batch: int = 16, reps
     tok = load_tokenizer(folder)
     models = {impl: load_classifier(folder, attn_implementation=impl).eval() for impl in ("sdpa", "eager")}
 
-    def run(pad="sorted", batched=True, inference=True, attn="sdpa") -> float:
+    from muki_ray.hardware import mc_batch_tokens
+
+    def run(pad="sorted", chunk="device", inference=True, attn="sdpa") -> float:
         enc = tok(texts, truncation=True, max_length=128)
         lengths = [len(x) for x in enc["input_ids"]]
         order = np.argsort(lengths, kind="stable")[::-1] if pad == "sorted" else np.arange(len(texts))
@@ -172,9 +175,11 @@ def ablation(folder: Path, texts: list[str], samples: int, batch: int = 16, reps
                 padded = dict(tok.pad(feats, return_tensors="pt", padding="max_length" if pad == "max_length"
                                       else "longest", max_length=128))
                 width = padded["input_ids"].shape[1]
-                # One chunk of B rows per chunk = the K samples run one after another.
-                mc_predict(models[attn], padded, samples=samples,
-                           max_batch_tokens=1 << 30 if batched else len(idx) * width)
+                # device: the stage's default budget on CPU (about one row's K samples per forward);
+                # one: all B*K rows in one forward; rows: B rows per forward, the K samples in sequence.
+                budget = {"device": mc_batch_tokens(torch.device("cpu")), "one": 1 << 30,
+                          "rows": len(idx) * width}[chunk]
+                mc_predict(models[attn], padded, samples=samples, max_batch_tokens=budget)
         return time.perf_counter() - t0
 
     run()  # warm-up
@@ -247,7 +252,9 @@ def main() -> None:
     ap.add_argument("--n-bf16", type=int, default=12, help="texts for bf16 (slow on CPUs without bf16 matmul)")
     ap.add_argument("--n-agree", type=int, default=200, help="BBC pool texts for the agreement runs")
     ap.add_argument("--n-student", type=int, default=256)
-    ap.add_argument("--only", choices=["cheaper"], help="rerun only the cheaper-estimate agreement runs")
+    ap.add_argument("--only", choices=["cheaper", "speed"],
+                    help="rerun only the cheaper-estimate agreement runs, or only the speed runs (teacher and "
+                    "student), into the last full run's results")
     ap.add_argument("--n-ablate", type=int, default=32, help="BBC texts per variant of the one-at-a-time ablation")
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--teachers", default="runs/reproduce/bbc_news/shared/prepare",
@@ -258,11 +265,16 @@ def main() -> None:
 
     threads = torch.get_num_threads()
     k = args.samples
-    if args.only == "cheaper":  # rerun the agreement part alone, into the last full run's results
+    if args.only:  # rerun one part alone, into the last full run's results
         import json
 
         res = json.loads((RESULTS / "throughput.json").read_text())
-        cheaper(args, res, k, threads)
+        if args.only == "cheaper":
+            cheaper(args, res, k, threads)
+        else:
+            res["threads"] = threads
+            teacher_speed(args, res, k, threads)
+            student_speed(args, res)
         write(res)
         return
     res: dict = {"samples": k, "max_length": 128, "threads": threads, "teacher": {}, "student": {}, "datasets": {}}

@@ -12,6 +12,7 @@ from typing import Optional
 
 import numpy as np
 
+from muki_ray.data import list_column
 from muki_ray.integrate import integrate, normalize_weights, selection_quality
 from muki_ray.labels import LabelSpace
 from muki_ray.teachers import column
@@ -22,13 +23,6 @@ def _stack(col: np.ndarray) -> np.ndarray:
     if col.dtype == object:
         return np.stack([np.asarray(x, dtype=np.float64) for x in col]) if len(col) else np.zeros((0, 0))
     return np.asarray(col, dtype=np.float64)
-
-
-def _as_list_column(a: np.ndarray) -> np.ndarray:
-    out = np.empty(len(a), dtype=object)
-    for i, row in enumerate(a.astype(np.float32)):
-        out[i] = row
-    return out
 
 
 def teacher_arrays(batch: dict, space: LabelSpace) -> dict[str, list[np.ndarray]]:
@@ -55,16 +49,17 @@ class Combiner:
     def __call__(self, batch: dict) -> dict:
         arrays = teacher_arrays(batch, self.space)
         gold = self.space.encode(batch["label"]) if "label" in batch else None
+        select = _stack(batch["select_scores"]) if "select_scores" in batch else None
         out = integrate(self.strategy, **arrays, positions=list(self.space.positions),
                         num_union=len(self.space), temperature=self.temperature,
                         kd_temperature=self.kd_temperature, reweight=self.reweight,
-                        target_probs=self.target_probs, gold=gold)
+                        target_probs=self.target_probs, gold=gold, select_scores=select)
         result = {
             "id": batch["id"], "text": batch["text"],
-            "target": _as_list_column(out.targets),
+            "target": list_column(out.targets),
             "weight": out.weights.astype(np.float32),
             "teacher": np.array([self.space.teachers[i] for i in out.teacher], dtype=object),
-            "scores": _as_list_column(out.scores),
+            "scores": list_column(out.scores),
         }
         if self.strategy == "uhc":
             for name in self.space.teachers:
@@ -77,6 +72,36 @@ class Combiner:
 def scale_weights(batch: dict, mean: float) -> dict:
     batch["weight"] = normalize_weights(np.asarray(batch["weight"], dtype=np.float64), mean).astype(np.float32)
     return batch
+
+
+def add_prototype_scores(preds_ds, space: LabelSpace, integration, embed_spec, options: dict):
+    """predictions Dataset -> the same rows plus `select_scores` (N,) from label prototypes.
+
+    The embedding pass is a Ray Data actor stage (`options`: map_batches resources). The prototypes
+    need the whole pool, so the k-means runs on the driver: B x (D + a few) floats in memory.
+    """
+    import pyarrow as pa
+    import ray.data
+
+    from muki_ray.embedding import EmbeddingStage
+    from muki_ray.integrate import strategy_scores
+    from muki_ray.prototypes import prototype_scores
+    from muki_ray.teachers import stage_class
+
+    cfg = integration.prototypes
+    embedded = preds_ds.map_batches(stage_class("embed", EmbeddingStage), fn_constructor_kwargs={"spec": embed_spec},
+                                    batch_size=cfg.batch_size, batch_format="numpy", **options)
+    table = pa.concat_tables(list(embedded.iter_batches(batch_format="pyarrow", batch_size=None)))
+    batch = {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names}
+    arrays = teacher_arrays(batch, space)
+    dists = arrays["mc_probs"] if integration.target_probs == "mc_mean" else arrays["probs"]
+    scores = prototype_scores(_stack(batch["embedding"]), strategy_scores(integration.strategy, arrays["probs"],
+                                                                          arrays["mc_score"]),
+                              dists, list(space.positions), len(space), tau=cfg.tau, kappa=cfg.kappa,
+                              iterations=cfg.iterations)
+    table = table.drop(["embedding"]).append_column(
+        "select_scores", pa.array([row for row in scores.astype(np.float32)], type=pa.list_(pa.float32())))
+    return ray.data.from_arrow(table)
 
 
 def combine(preds_ds, space: LabelSpace, integration):

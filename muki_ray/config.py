@@ -18,6 +18,8 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from muki_ray.integrate import SCORE_STRATEGIES
+
 STRATEGIES = (
     "muki_soft",
     "muki_hard",
@@ -100,8 +102,9 @@ class MCConfig(Strict):
         None, description="Dropout p in the MC passes; default: the model's own (hidden dropout)."
     )
     seed: int = Field(0, description="Seed of the dropout masks (reproducible p̄).")
-    max_batch_tokens: int = Field(
-        65536, ge=1, description="Memory budget of one forward: at most this many (row x sample x token) per chunk."
+    max_batch_tokens: Optional[int] = Field(
+        None, ge=1, description="At most this many (row x sample x token) per forward. Default by the actor's "
+        "device: 2048 on CPU (about one row's K samples per forward, faster there), 65536 on GPU."
     )
     layers: Optional[int] = Field(
         None, ge=1, description="Cheaper estimate: run the lower layers once and sample dropout only in the top N "
@@ -170,6 +173,21 @@ class Teacher(Strict):
 
 
 # -------------------------------------------------------------- integration
+class PrototypesConfig(Strict):
+    model: Optional[str] = Field(
+        None, description="Encoder for the text embeddings (mean-pooled last hidden state): a local Hugging Face "
+        "folder or `builtin:minilm-l6`. Default: `student.model`."
+    )
+    tau: float = Field(1.0, gt=0, description="τ of the seed weights softmax(z/τ) over teachers' standardized scores.")
+    kappa: float = Field(0.05, gt=0, description="κ of the label posterior softmax(cos/κ) that scores each teacher.")
+    iterations: int = Field(20, ge=0, description="Spherical k-means rounds refining the label prototypes.")
+    batch_size: int = Field(64, ge=1, description="Texts per embedding batch.")
+    max_length: int = Field(128, ge=2, description="Tokenizer truncation length of the embedding pass.")
+    resources: TeacherResources = Field(
+        default_factory=TeacherResources, description="Actors of the embedding pass (same fields as a teacher's)."
+    )
+
+
 class IntegrationConfig(Strict):
     strategy: Literal[STRATEGIES] = Field("muki_soft", description="How teachers become one target: " + ", ".join(STRATEGIES) + ".")  # type: ignore[valid-type]
     temperature: float = Field(0.2, description="τ of the soft teacher weights softmax(s/τ).")
@@ -178,6 +196,10 @@ class IntegrationConfig(Strict):
     reweight_normalize: bool = Field(True, description="Scale margin weights to mean 1 over the pool.")
     target_probs: Literal["deterministic", "mc_mean"] = Field(
         "deterministic", description="Teacher distribution in the target: deterministic softmax or MC mean p̄."
+    )
+    prototypes: Optional[PrototypesConfig] = Field(
+        None, description="Beyond the paper: re-select each text's teacher by label prototypes in an embedding "
+        "space (`muki_ray/prototypes.py`); the strategy's scores seed them. Off (null) by default."
     )
 
     @field_validator("temperature", "kd_temperature")
@@ -504,15 +526,19 @@ def semantic_errors(cfg: RunConfig, check_files: bool = True) -> list[str]:
         if t.mc.layers is not None and depth is not None and t.mc.layers > depth:
             errors.append(f"teachers[{i}].mc.layers: {t.mc.layers} but the model has {depth} layers")
 
+    if cfg.integration.prototypes is not None and cfg.integration.strategy not in SCORE_STRATEGIES:
+        errors.append(f"integration.prototypes: applies to the score-based strategies "
+                      f"({', '.join(SCORE_STRATEGIES)}), not {cfg.integration.strategy!r}")
     if cfg.integration.strategy in GOLD_STRATEGIES and not cfg.data.pool_gold_labels:
         errors.append(
             f"integration.strategy: {cfg.integration.strategy!r} needs gold labels on the pool "
             f"(set data.pool_gold_labels: true)"
         )
     if check_files:
+        protos = cfg.integration.prototypes
         for where, model in [("student.model", cfg.student.model)] + (
             [("prepare.model", cfg.prepare.model)] if cfg.prepare else []
-        ):
+        ) + ([("integration.prototypes.model", protos.model)] if protos and protos.model else []):
             try:
                 read_hf_config(resolve_model_path(model))
             except ValueError as e:

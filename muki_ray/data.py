@@ -350,3 +350,13 @@ def to_ray_dataset(table: pa.Table, rows_per_block: int = 1024):
 
     blocks = [table.slice(i, rows_per_block) for i in range(0, max(table.num_rows, 1), rows_per_block)]
     return ray.data.from_arrow(blocks)
+
+
+def list_column(a: np.ndarray) -> np.ndarray:
+    """(B, C) -> object array of (C,) float32 arrays, which Arrow stores as list<float>; (B,) -> float32."""
+    if a.ndim == 1:
+        return a.astype(np.float32)
+    col = np.empty(len(a), dtype=object)
+    for i, row in enumerate(a.astype(np.float32)):
+        col[i] = row
+    return col

@@ -47,12 +47,22 @@ def load_classifier(folder, *, trust_remote_code: bool = False, allow_pickle: bo
     """AutoModelForSequenceClassification from a local folder, safetensors unless allow_pickle."""
     from transformers import AutoModelForSequenceClassification
 
+    return _load(AutoModelForSequenceClassification, folder, trust_remote_code, allow_pickle, **kwargs)
+
+
+def load_encoder(folder, *, trust_remote_code: bool = False, allow_pickle: bool = False):
+    """AutoModel (the encoder without a head) from a local folder, safetensors unless allow_pickle."""
+    from transformers import AutoModel
+
+    return _load(AutoModel, folder, trust_remote_code, allow_pickle)
+
+
+def _load(auto_class, folder, trust_remote_code: bool, allow_pickle: bool, **kwargs):
     folder = Path(folder)
     check_folder(folder, allow_pickle)
     try:
-        return AutoModelForSequenceClassification.from_pretrained(
-            folder, trust_remote_code=trust_remote_code, use_safetensors=not allow_pickle or None,
-            local_files_only=True, **kwargs)
+        return auto_class.from_pretrained(folder, trust_remote_code=trust_remote_code,
+                                          use_safetensors=not allow_pickle or None, local_files_only=True, **kwargs)
     except Exception as e:  # transformers raises many types; the user needs the folder and the reason
         raise ModelLoadError(f"{folder}: weights failed to load: {_first_line(e)}") from e
 

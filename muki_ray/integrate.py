@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 MARGIN_EPS = 1e-6
-SCORE_STRATEGIES = ("muki_hard", "muki_soft", "entropy_hard", "entropy_soft")
+SCORE_STRATEGIES = ("muki_hard", "muki_soft", "entropy_hard", "entropy_soft")  # select by per-teacher scores
 
 
 @dataclass
@@ -116,19 +116,29 @@ def oracle_targets(dists: Sequence[np.ndarray], scores: np.ndarray, gold: np.nda
     return hard_targets(dists, masked, positions, num_union)
 
 
+def strategy_scores(strategy: str, probs: Sequence[np.ndarray], mc_score: Sequence[np.ndarray]) -> np.ndarray:
+    """(B, N) selection scores of `strategy`: entropy scores for entropy_*, else the MC scores."""
+    if strategy.startswith("entropy_"):
+        return np.stack([entropy_scores(np.asarray(p)) for p in probs], axis=1)
+    return np.stack([np.asarray(s, dtype=np.float64) for s in mc_score], axis=1)
+
+
 def integrate(strategy: str, *, probs, logits, mc_probs, mc_score, positions, num_union: int,
               temperature: float = 0.2, kd_temperature: float = 5.0, reweight: bool = True,
-              target_probs: str = "deterministic", gold: Optional[np.ndarray] = None) -> Integrated:
+              target_probs: str = "deterministic", gold: Optional[np.ndarray] = None,
+              select_scores: Optional[np.ndarray] = None) -> Integrated:
     """One strategy's targets for a batch. Lists are over teachers; see the module docstring.
 
     Re-weighting (margin of the strategy's own scores) applies to the score-based strategies
     (muki_*, entropy_*); the others get weight 1. `weights` are raw: normalize over the pool.
+    select_scores (B, N): replaces those strategies' scores, e.g. prototypes.prototype_scores.
     """
     dists = mc_probs if target_probs == "mc_mean" else probs
     mc = np.stack([np.asarray(s, dtype=np.float64) for s in mc_score], axis=1)
-    ent = np.stack([entropy_scores(np.asarray(p)) for p in probs], axis=1)
     b = mc.shape[0]
-    scores = ent if strategy.startswith("entropy_") else mc
+    scores = strategy_scores(strategy, probs, mc_score)
+    if select_scores is not None and strategy in SCORE_STRATEGIES:
+        scores = np.asarray(select_scores, dtype=np.float64)
     if strategy in ("muki_hard", "entropy_hard"):
         targets, teacher = hard_targets(dists, scores, positions, num_union)
     elif strategy in ("muki_soft", "entropy_soft"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 SHARED_PREFIXES = ("/mnt/cluster_storage", "/mnt/shared", "/mnt/efs", "/mnt/nfs")
@@ -44,7 +45,7 @@ def job_main(command: str, argv: list[str]) -> int:
         cfg = load_config(args.config, args.set)
     except ConfigError as e:
         for line in e.errors:
-            print(f"error: {line}", file=os.sys.stderr)
+            print(f"error: {line}", file=sys.stderr)
         return EXIT_BAD_INPUT
     # Inside a job RAY_ADDRESS points at the cluster; "auto" finds a local head otherwise. Never a new Ray.
     address = os.environ.get("RAY_ADDRESS") or cfg.ray.address or "auto"
@@ -54,12 +55,12 @@ def job_main(command: str, argv: list[str]) -> int:
     try:
         check_address(address)  # ray.init would retry for minutes at a dead address
     except ClusterError as e:
-        print(f"error: {e}", file=os.sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     try:
         ray.init(address=address, log_to_driver=True, configure_logging=False)
     except (ConnectionError, RuntimeError) as e:
-        print(f"error: ray.address: no Ray cluster at {address} ({str(e).splitlines()[0]})", file=os.sys.stderr)
+        print(f"error: ray.address: no Ray cluster at {address} ({str(e).splitlines()[0]})", file=sys.stderr)
         return EXIT_BAD_INPUT
     nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
     extra = tuple(p for p in os.environ.get("MUKI_SHARED_STORAGE", "").split(":") if p)
@@ -69,7 +70,7 @@ def job_main(command: str, argv: list[str]) -> int:
         problem = storage_problem(storage, nodes, SHARED_PREFIXES + extra)
         problem = problem and problem.replace("output_dir:", "ray.storage_path:", 1)
     if problem:
-        print(f"error: {problem}", file=os.sys.stderr)
+        print(f"error: {problem}", file=sys.stderr)
         return EXIT_BAD_INPUT
     forwarded = [command, args.config] + [f"--set={s}" for s in args.set]
     if command == "run":

@@ -10,6 +10,7 @@ hash and the same upstream outputs, so changing only `integration` reruns combin
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -64,7 +65,12 @@ def stage_keys(cfg: RunConfig, space: LabelSpace, run_dir: Path, stage: str) -> 
         return fingerprint([section, space.teacher_labels, cfg.data.pool.model_dump(), cfg.data.seed,
                             cfg.data.on_bad_row, cfg.data.pool_gold_labels]), {"models": models}
     if stage == "targets":
-        return fingerprint(cfg.integration.model_dump()), {"predictions": upstream(run_dir, "predictions")}
+        if cfg.integration.prototypes is None:  # the key of runs from before `prototypes` existed
+            return fingerprint(cfg.integration.model_dump(exclude={"prototypes"})), \
+                {"predictions": upstream(run_dir, "predictions")}
+        return fingerprint([cfg.integration.model_dump(exclude={"prototypes": {"resources"}}),
+                            folder_fingerprint(prototypes_model(cfg))]), \
+            {"predictions": upstream(run_dir, "predictions")}
     if stage == "train":
         return fingerprint([cfg.student.model_dump(), cfg.integration.strategy, cfg.integration.kd_temperature,
                             space.names, cfg.data.dev.model_dump() if cfg.data.dev else None]), \
@@ -138,7 +144,7 @@ def combine_stage(cfg: RunConfig, space: LabelSpace, run_dir: Path) -> dict:
     import pyarrow.parquet as pq
     import ray.data
 
-    from muki_ray.combiner import combine, supervision_report
+    from muki_ray.combiner import add_prototype_scores, combine, supervision_report
 
     started = time.time()
     run_dir = Path(run_dir)
@@ -148,7 +154,11 @@ def combine_stage(cfg: RunConfig, space: LabelSpace, run_dir: Path) -> dict:
         raise FileNotFoundError(f"{preds_dir}: no complete predictions (run predict-teachers first)")
     config_hash, inputs = stage_keys(cfg, space, run_dir, "targets")
     stage_dir = begin_stage(run_dir / "targets")
-    ds = combine(ray.data.read_parquet(str(preds_dir / "data")), space, cfg.integration)
+    ds = ray.data.read_parquet(str(preds_dir / "data"))
+    if cfg.integration.prototypes is not None:
+        ds = add_prototype_scores(ds, space, cfg.integration, *embedding_stage(cfg))
+        log.info("targets: teachers re-selected by label prototypes (%s)", prototypes_model(cfg))
+    ds = combine(ds, space, cfg.integration)
     with stage_output(stage_dir, "data") as tmp:
         ds.write_parquet(str(tmp))
         targets = pq.read_table(str(tmp))
@@ -164,6 +174,28 @@ def combine_stage(cfg: RunConfig, space: LabelSpace, run_dir: Path) -> dict:
     weights = targets.column("weight").to_numpy()
     return finish_stage(stage_dir, config_hash=config_hash, inputs=inputs, rows=targets.num_rows,
                         started=started, extra={"mean_weight": float(weights.mean()), "supervision": report})
+
+
+def prototypes_model(cfg: RunConfig) -> Path:
+    """The encoder of `integration.prototypes` (default: the student's base model)."""
+    from muki_ray.config import resolve_model_path
+
+    return resolve_model_path(cfg.integration.prototypes.model or cfg.student.model)
+
+
+def embedding_stage(cfg: RunConfig) -> tuple:
+    """(EmbeddingSpec, map_batches options) of the prototypes' embedding pass."""
+    from muki_ray.embedding import EmbeddingSpec
+    from muki_ray.hardware import cluster_has_gpus
+    from muki_ray.teachers import stage_options
+
+    p = cfg.integration.prototypes
+    trusted = cfg.student if p.model is None else None  # the student's own model: its load settings apply
+    spec = EmbeddingSpec(model_path=str(prototypes_model(cfg)), max_length=p.max_length,
+                         threads=p.resources.threads or max(1, math.ceil(p.resources.num_cpus)),
+                         trust_remote_code=bool(trusted and trusted.trust_remote_code),
+                         allow_pickle=bool(trusted and trusted.allow_pickle))
+    return spec, stage_options(p.resources, 1.0 if cluster_has_gpus() else 0.0)
 
 
 def labeled_table(cfg: RunConfig, source, labels, where: str):

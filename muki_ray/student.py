@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -149,6 +148,7 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import torch
 
+    from muki_ray.hardware import worker_threads
     from muki_ray.losses import SupervisedCELoss, UHCLoss, VanillaKDLoss, WeightedKLLoss
 
     job = TrainJob(**config["job"])
@@ -157,8 +157,7 @@ def train_loop_per_worker(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(hyper["seed"])
     if not hyper["use_gpu"]:
-        # Ray pins OMP_NUM_THREADS to int(CPU) (1 for fractional shares); use the configured share.
-        torch.set_num_threads(max(1, math.ceil(hyper["resources_per_worker"].get("CPU", 1))))
+        torch.set_num_threads(worker_threads())
 
     # 1. Model: the union label head.
     model = _build_model(job)
@@ -236,7 +235,7 @@ def train_loop_per_worker(config: dict) -> None:
                    "epoch_time_s": round(time.time() - t0, 2),
                    "examples_per_s": round(seen * world / max(train_s, 1e-9), 2),
                    "examples_per_s_steady": round((seen - seen_steady) * world / max(steady_s, 1e-9), 2),
-                   "peak_rss_mb": _peak_rss_mb(), **dev}
+                   "peak_rss_mb": _peak_rss_mb(), "torch_threads": torch.get_num_threads(), **dev}
         if rank == 0:
             log.info("epoch %d done: %s", epoch, json.dumps(metrics))
             _append_log(job.log_path, {"event": "epoch", **metrics})

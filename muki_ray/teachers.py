@@ -26,6 +26,7 @@ from typing import Optional
 
 import numpy as np
 
+from muki_ray.data import list_column
 from muki_ray.mc_dropout import AdaptiveK, mc_predict
 
 FAULT_ENV = "MUKI_FAULT_TEACHER"
@@ -48,7 +49,7 @@ class TeacherSpec:
     samples: int = 16
     dropout: Optional[float] = None
     seed: int = 0
-    max_batch_tokens: int = 65536
+    max_batch_tokens: Optional[int] = None  # None: by device (hardware.mc_batch_tokens)
     max_length: int = 128
     layers: Optional[int] = None            # mc.layers: sample only the top N layers
     adaptive: Optional[tuple[float, int]] = None  # mc.adaptive: (tolerance, round)
@@ -72,16 +73,11 @@ class TeacherStage:
         self.setup()
 
     def setup(self) -> None:
-        import torch
-
-        from muki_ray.hardware import autocast_dtype, pick_device
+        from muki_ray.hardware import actor_device, autocast_dtype, mc_batch_tokens
         from muki_ray.hf_folder import load_classifier, load_tokenizer
 
         s = self.spec
-        self.device = pick_device()
-        if self.device.type == "cpu":
-            # Ray pins OMP_NUM_THREADS to 1 for fractional-CPU actors; use what was configured.
-            torch.set_num_threads(s.threads)
+        self.device = actor_device(s.threads)
         self.tokenizer = load_tokenizer(s.model_path, trust_remote_code=s.trust_remote_code)
         model = load_classifier(s.model_path, trust_remote_code=s.trust_remote_code, allow_pickle=s.allow_pickle)
         head = model.config.num_labels
@@ -91,6 +87,7 @@ class TeacherStage:
             )
         self.model = model.to(self.device).eval()
         self.dtype = autocast_dtype(s.precision, self.device)
+        self.max_batch_tokens = s.max_batch_tokens or mc_batch_tokens(self.device)
         self.batches = 0
         self.passes = 0  # sampled forward rows (B·K without adaptive stopping)
 
@@ -118,14 +115,14 @@ class TeacherStage:
         while start < len(order):
             # Longest row first, so the micro-batch width is lengths[order[start]].
             width = int(lengths[order[start]])
-            rows = max(1, s.max_batch_tokens // max(1, width * s.samples))
+            rows = max(1, self.max_batch_tokens // max(1, width * s.samples))
             idx = order[start : start + rows]
             parts.append(self._forward({k: [enc[k][i] for i in idx] for k in enc.keys()}))
             start += rows
         merged = {f: np.concatenate([p[f] for p in parts]) for f in COLUMNS}
         inverse = np.empty_like(order)
         inverse[order] = np.arange(len(order))
-        return {f: _as_column(merged[f][inverse]) for f in COLUMNS}
+        return {f: list_column(merged[f][inverse]) for f in COLUMNS}
 
     def _forward(self, features: dict[str, list]) -> dict[str, np.ndarray]:
         s = self.spec
@@ -133,20 +130,10 @@ class TeacherStage:
         batch = {k: v.to(self.device) for k, v in padded.items()}
         adaptive = AdaptiveK(tolerance=s.adaptive[0], round=s.adaptive[1]) if s.adaptive else None
         out = mc_predict(self.model, batch, samples=s.samples, dropout=s.dropout, seed=s.seed,
-                         max_batch_tokens=s.max_batch_tokens, autocast_dtype=self.dtype, layers=s.layers,
+                         max_batch_tokens=self.max_batch_tokens, autocast_dtype=self.dtype, layers=s.layers,
                          adaptive=adaptive)
         self.passes += int(out.samples_used.sum())
         return {f: getattr(out, f).float().cpu().numpy() for f in COLUMNS}
-
-
-def _as_column(a: np.ndarray) -> np.ndarray:
-    """(B, C) -> object array of (C,) float32 arrays, which Arrow stores as list<float>."""
-    if a.ndim == 1:
-        return a.astype(np.float32)
-    col = np.empty(len(a), dtype=object)
-    for i, row in enumerate(a.astype(np.float32)):
-        col[i] = row
-    return col
 
 
 def _maybe_fail(name: str, batches: int) -> None:
@@ -192,7 +179,7 @@ class CachedTeacher:
             raise RuntimeError(f"teacher {self.name!r}: cached predictions lack pool id {e.args[0]!r}") from None
         for f, values in self.columns.items():
             picked = values[idx]
-            batch[column(self.name, f)] = _as_column(np.stack(picked)) if picked.dtype == object else picked
+            batch[column(self.name, f)] = list_column(np.stack(picked)) if picked.dtype == object else picked
         return batch
 
 

@@ -35,3 +35,24 @@ def test_cpu_precisions():
 def test_backend():
     assert hardware.collective_backend(True) == "nccl"
     assert hardware.collective_backend(False) == "gloo"
+
+
+def test_mc_batch_tokens_by_device():
+    # CPU: about one 128-token row's 16 samples per forward; GPU: one large B*K forward.
+    assert hardware.mc_batch_tokens(torch.device("cpu")) == 2048
+    assert hardware.mc_batch_tokens(torch.device("cuda", 0)) == 65536
+
+
+def test_worker_threads_follow_the_cpus_ray_assigned(monkeypatch):
+    import ray
+
+    class Context:
+        def __init__(self, cpus):
+            self.cpus = cpus
+
+        def get_assigned_resources(self):
+            return {"CPU": self.cpus} if self.cpus is not None else {}
+
+    for cpus, threads in [(1.75, 2), (0.5, 1), (4.0, 4), (None, 1)]:
+        monkeypatch.setattr(ray, "get_runtime_context", lambda c=cpus: Context(c))
+        assert hardware.worker_threads() == threads

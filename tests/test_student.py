@@ -110,8 +110,11 @@ def test_zero_weight_rows_leave_the_model_unchanged(tmp_path, ray_session):
 
     from muki_ray.pipeline import train_stage
 
-    cfg, run = prepare(tmp_path, zero=0, workers=1, epochs=1, weights=np.zeros(64), weight_decay=0.0)
+    cfg, run = prepare(tmp_path, zero=0, workers=1, epochs=1, weights=np.zeros(64), weight_decay=0.0,
+                       resources_per_worker={"CPU": 1.5})
     train_stage(cfg, SPACE, run)
+    # The worker uses the CPUs Ray assigned it (1.5 -> 2 threads), not Ray's OMP_NUM_THREADS=1.
+    assert [r["torch_threads"] for r in train_log(run) if r.get("event") == "epoch"] == [2]
     from safetensors.torch import load_file
 
     before = load_file(str(tmp_path / "student" / "model.safetensors"))

@@ -86,6 +86,21 @@ def test_stage_output_is_a_plain_callable_with_teacher_columns(tiny_models):
         np.testing.assert_allclose(out["news__logits"][i], alone["logits"][0], atol=1e-5)
 
 
+def test_forward_budget_defaults_by_device_and_bounds_each_forward(tiny_models, monkeypatch):
+    from dataclasses import replace
+
+    from muki_ray import mc_dropout
+
+    spec = TeacherSpec(name="news", model_path=str(tiny_models["news"]), labels=("business", "politics"), samples=4)
+    assert TeacherStage(spec).max_batch_tokens == 2048  # CPU default (hardware.mc_batch_tokens)
+    stage = TeacherStage(replace(spec, max_batch_tokens=64))
+    sizes = []
+    real = mc_dropout._logits
+    monkeypatch.setattr(mc_dropout, "_logits", lambda m, b, d: sizes.append(b["input_ids"].numel()) or real(m, b, d))
+    stage.predict(["market stock vote election minister"] * 3 + ["a"])
+    assert max(sizes) <= 64 and len(sizes) > 2  # every forward, deterministic or sampled, within the budget
+
+
 def test_head_size_mismatch_names_the_teacher(tiny_models):
     spec = TeacherSpec(name="arts", model_path=str(tiny_models["arts"]), labels=("a", "b"))
     with pytest.raises(ValueError, match="teacher 'arts': model head has 3 outputs but 2 labels"):
