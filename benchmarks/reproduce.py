@@ -48,7 +48,10 @@ TEACHER_MC = {"muki_soft+reweight@mc_layers1": {"layers": 1}, "muki_soft+reweigh
 METHODS.update({m: METHODS["muki_soft+reweight"] for m in TEACHER_MC})
 VARIANTS = ("muki_soft+reweight_raw", "muki_soft+reweight+mc_mean", *TEACHER_MC)
 # Beyond the paper (issue #12): MUKI soft + re-weighting with each selection option on.
-BEYOND = {"muki_soft+reweight+prototypes": {"prototypes": {"resources": {"num_cpus": 0.5, "threads": 2}}}}
+BEYOND = {"muki_soft+reweight+rank": {"calibration": "rank"},
+          "muki_soft+reweight+prototypes": {"prototypes": {"resources": {"num_cpus": 0.5, "threads": 2}}},
+          "muki_soft+reweight+rank+prototypes": {"calibration": "rank",
+                                                 "prototypes": {"resources": {"num_cpus": 0.5, "threads": 2}}}}
 METHODS.update({m: {**METHODS["muki_soft+reweight"], **extra} for m, extra in BEYOND.items()})
 LOW_MARGIN = 0.3  # the share of the pool with the smallest MC top-2 margin: "low-margin texts"
 BASELINES = ("vanilla_kd", "uhc", "entropy_hard", "entropy_soft")

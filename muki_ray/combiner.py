@@ -74,32 +74,40 @@ def scale_weights(batch: dict, mean: float) -> dict:
     return batch
 
 
-def add_prototype_scores(preds_ds, space: LabelSpace, integration, embed_spec, options: dict):
-    """predictions Dataset -> the same rows plus `select_scores` (N,) from label prototypes.
+def add_select_scores(preds_ds, space: LabelSpace, integration, embedding: Optional[tuple] = None):
+    """predictions Dataset -> the same rows plus `select_scores` (N,): calibrated and/or prototype scores.
 
-    The embedding pass is a Ray Data actor stage (`options`: map_batches resources). The prototypes
-    need the whole pool, so the k-means runs on the driver: B x (D + a few) floats in memory.
+    Both need the whole pool, so the scores are computed on the driver: B x (N + D) floats in
+    memory. `embedding` (EmbeddingSpec, map_batches options) is given when `integration.prototypes`
+    is on; the embedding pass is then a Ray Data actor stage.
     """
     import pyarrow as pa
     import ray.data
 
-    from muki_ray.embedding import EmbeddingStage
-    from muki_ray.integrate import strategy_scores
-    from muki_ray.prototypes import prototype_scores
-    from muki_ray.teachers import stage_class
+    from muki_ray.integrate import calibrate, strategy_scores
 
-    cfg = integration.prototypes
-    embedded = preds_ds.map_batches(stage_class("embed", EmbeddingStage), fn_constructor_kwargs={"spec": embed_spec},
-                                    batch_size=cfg.batch_size, batch_format="numpy", **options)
-    table = pa.concat_tables(list(embedded.iter_batches(batch_format="pyarrow", batch_size=None)))
+    ds = preds_ds
+    if integration.prototypes is not None:
+        from muki_ray.embedding import EmbeddingStage
+        from muki_ray.teachers import stage_class
+
+        spec, options = embedding
+        ds = ds.map_batches(stage_class("embed", EmbeddingStage), fn_constructor_kwargs={"spec": spec},
+                            batch_size=integration.prototypes.batch_size, batch_format="numpy", **options)
+    table = pa.concat_tables(list(ds.iter_batches(batch_format="pyarrow", batch_size=None)))
     batch = {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names}
     arrays = teacher_arrays(batch, space)
-    dists = arrays["mc_probs"] if integration.target_probs == "mc_mean" else arrays["probs"]
-    scores = prototype_scores(_stack(batch["embedding"]), strategy_scores(integration.strategy, arrays["probs"],
-                                                                          arrays["mc_score"]),
-                              dists, list(space.positions), len(space), tau=cfg.tau, kappa=cfg.kappa,
-                              iterations=cfg.iterations)
-    table = table.drop(["embedding"]).append_column(
+    scores = calibrate(strategy_scores(integration.strategy, arrays["probs"], arrays["mc_score"]),
+                       integration.calibration)
+    if integration.prototypes is not None:
+        from muki_ray.prototypes import prototype_scores
+
+        cfg = integration.prototypes
+        dists = arrays["mc_probs"] if integration.target_probs == "mc_mean" else arrays["probs"]
+        scores = prototype_scores(_stack(batch["embedding"]), scores, dists, list(space.positions), len(space),
+                                  tau=cfg.tau, kappa=cfg.kappa, iterations=cfg.iterations)
+        table = table.drop(["embedding"])
+    table = table.append_column(
         "select_scores", pa.array([row for row in scores.astype(np.float32)], type=pa.list_(pa.float32())))
     return ray.data.from_arrow(table)
 

@@ -18,7 +18,7 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from muki_ray.integrate import SCORE_STRATEGIES
+from muki_ray.integrate import CALIBRATIONS, SCORE_STRATEGIES
 
 STRATEGIES = (
     "muki_soft",
@@ -135,6 +135,11 @@ class TeacherResources(Strict):
         None, ge=1, description="torch intra-op threads per CPU actor; default: ceil(num_cpus)."
     )
 
+    @property
+    def actor_threads(self) -> int:
+        """`threads`, or ceil(num_cpus) when unset."""
+        return self.threads or max(1, math.ceil(self.num_cpus))
+
 
 class Teacher(Strict):
     name: str = Field(description="Unique name; prefixes this teacher's prediction columns (`NAME__probs`).")
@@ -196,6 +201,10 @@ class IntegrationConfig(Strict):
     reweight_normalize: bool = Field(True, description="Scale margin weights to mean 1 over the pool.")
     target_probs: Literal["deterministic", "mc_mean"] = Field(
         "deterministic", description="Teacher distribution in the target: deterministic softmax or MC mean p̄."
+    )
+    calibration: Literal[CALIBRATIONS] = Field(  # type: ignore[valid-type]
+        "none", description="Beyond the paper: compare teachers on pool-calibrated scores: `zscore` (per-teacher "
+        "mean 0, std 1 over the pool), `rank` (per-teacher quantile) or `none`. Score-based strategies only."
     )
     prototypes: Optional[PrototypesConfig] = Field(
         None, description="Beyond the paper: re-select each text's teacher by label prototypes in an embedding "
@@ -526,9 +535,11 @@ def semantic_errors(cfg: RunConfig, check_files: bool = True) -> list[str]:
         if t.mc.layers is not None and depth is not None and t.mc.layers > depth:
             errors.append(f"teachers[{i}].mc.layers: {t.mc.layers} but the model has {depth} layers")
 
-    if cfg.integration.prototypes is not None and cfg.integration.strategy not in SCORE_STRATEGIES:
-        errors.append(f"integration.prototypes: applies to the score-based strategies "
-                      f"({', '.join(SCORE_STRATEGIES)}), not {cfg.integration.strategy!r}")
+    for option, on in (("calibration", cfg.integration.calibration != "none"),
+                       ("prototypes", cfg.integration.prototypes is not None)):
+        if on and cfg.integration.strategy not in SCORE_STRATEGIES:
+            errors.append(f"integration.{option}: applies to the score-based strategies "
+                          f"({', '.join(SCORE_STRATEGIES)}), not {cfg.integration.strategy!r}")
     if cfg.integration.strategy in GOLD_STRATEGIES and not cfg.data.pool_gold_labels:
         errors.append(
             f"integration.strategy: {cfg.integration.strategy!r} needs gold labels on the pool "

@@ -19,6 +19,7 @@ import numpy as np
 
 MARGIN_EPS = 1e-6
 SCORE_STRATEGIES = ("muki_hard", "muki_soft", "entropy_hard", "entropy_soft")  # select by per-teacher scores
+CALIBRATIONS = ("none", "zscore", "rank")
 
 
 @dataclass
@@ -114,6 +115,42 @@ def oracle_targets(dists: Sequence[np.ndarray], scores: np.ndarray, gold: np.nda
     masked = np.where(owns, scores, -np.inf)
     masked = np.where(owns.any(axis=1, keepdims=True), masked, scores)
     return hard_targets(dists, masked, positions, num_union)
+
+
+def standardize(scores: np.ndarray) -> np.ndarray:
+    """(B, N) -> (B, N) z-scores per teacher over the pool; a constant column becomes 0."""
+    std = scores.std(axis=0)
+    return (scores - scores.mean(axis=0)) / np.where(std > 0, std, 1.0)
+
+
+def quantile_ranks(scores: np.ndarray) -> np.ndarray:
+    """(B, N) -> (B, N) per-teacher mid-rank quantiles (rank + 0.5) / B in (0, 1); ties share their mean rank."""
+    out = np.empty(scores.shape, dtype=np.float64)
+    for t in range(scores.shape[1]):
+        _, inverse, counts = np.unique(scores[:, t], return_inverse=True, return_counts=True)
+        mean_rank = np.cumsum(counts) - counts + (counts - 1) / 2.0
+        out[:, t] = (mean_rank[inverse] + 0.5) / scores.shape[0]
+    return out
+
+
+def calibrate(scores: np.ndarray, method: str) -> np.ndarray:
+    """Pool-level map of each teacher's selection scores (B, N) -> (B, N), so teachers compare.
+
+    Beyond the paper (#12). Teachers of unequal strength and label count score on different
+    scales: in the BBC reproduction teacher t1 averages 0.89 on its own texts and t2 0.89 on texts
+    it does not own, so the raw argmax gives t2 90% of the pool (41% is t2's). Comparing each score
+    with the same teacher's scores over the pool removes that offset. `zscore`: (s - mean) / std
+    per teacher; `rank`: the per-teacher quantile (robust to skewed, saturated scores); `none`: s.
+    Needs the whole pool (B = pool size); an empty pool is returned unchanged.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    if method == "none" or scores.shape[0] == 0:
+        return scores
+    if method == "zscore":
+        return standardize(scores)
+    if method == "rank":
+        return quantile_ranks(scores)
+    raise ValueError(f"calibration must be one of {CALIBRATIONS}, got {method!r}")
 
 
 def strategy_scores(strategy: str, probs: Sequence[np.ndarray], mc_score: Sequence[np.ndarray]) -> np.ndarray:

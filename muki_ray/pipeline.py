@@ -10,7 +10,6 @@ hash and the same upstream outputs, so changing only `integration` reruns combin
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from pathlib import Path
@@ -65,12 +64,13 @@ def stage_keys(cfg: RunConfig, space: LabelSpace, run_dir: Path, stage: str) -> 
         return fingerprint([section, space.teacher_labels, cfg.data.pool.model_dump(), cfg.data.seed,
                             cfg.data.on_bad_row, cfg.data.pool_gold_labels]), {"models": models}
     if stage == "targets":
-        if cfg.integration.prototypes is None:  # the key of runs from before `prototypes` existed
-            return fingerprint(cfg.integration.model_dump(exclude={"prototypes"})), \
-                {"predictions": upstream(run_dir, "predictions")}
-        return fingerprint([cfg.integration.model_dump(exclude={"prototypes": {"resources"}}),
-                            folder_fingerprint(prototypes_model(cfg))]), \
-            {"predictions": upstream(run_dir, "predictions")}
+        inputs = {"predictions": upstream(run_dir, "predictions")}
+        # Options left off are left out of the key, so runs from before they existed stay cached.
+        new_off = {"calibration": True} if cfg.integration.calibration == "none" else {}
+        if cfg.integration.prototypes is None:
+            return fingerprint(cfg.integration.model_dump(exclude={"prototypes": True, **new_off})), inputs
+        return fingerprint([cfg.integration.model_dump(exclude={"prototypes": {"resources"}, **new_off}),
+                            folder_fingerprint(prototypes_model(cfg))]), inputs
     if stage == "train":
         return fingerprint([cfg.student.model_dump(), cfg.integration.strategy, cfg.integration.kd_temperature,
                             space.names, cfg.data.dev.model_dump() if cfg.data.dev else None]), \
@@ -144,7 +144,7 @@ def combine_stage(cfg: RunConfig, space: LabelSpace, run_dir: Path) -> dict:
     import pyarrow.parquet as pq
     import ray.data
 
-    from muki_ray.combiner import add_prototype_scores, combine, supervision_report
+    from muki_ray.combiner import add_select_scores, combine, supervision_report
 
     started = time.time()
     run_dir = Path(run_dir)
@@ -155,9 +155,11 @@ def combine_stage(cfg: RunConfig, space: LabelSpace, run_dir: Path) -> dict:
     config_hash, inputs = stage_keys(cfg, space, run_dir, "targets")
     stage_dir = begin_stage(run_dir / "targets")
     ds = ray.data.read_parquet(str(preds_dir / "data"))
-    if cfg.integration.prototypes is not None:
-        ds = add_prototype_scores(ds, space, cfg.integration, *embedding_stage(cfg))
-        log.info("targets: teachers re-selected by label prototypes (%s)", prototypes_model(cfg))
+    if cfg.integration.calibration != "none" or cfg.integration.prototypes is not None:
+        protos = cfg.integration.prototypes is not None
+        ds = add_select_scores(ds, space, cfg.integration, embedding_stage(cfg) if protos else None)
+        log.info("targets: teachers selected by %s scores%s", cfg.integration.calibration,
+                 f", then label prototypes ({prototypes_model(cfg)})" if protos else "")
     ds = combine(ds, space, cfg.integration)
     with stage_output(stage_dir, "data") as tmp:
         ds.write_parquet(str(tmp))
@@ -192,7 +194,7 @@ def embedding_stage(cfg: RunConfig) -> tuple:
     p = cfg.integration.prototypes
     trusted = cfg.student if p.model is None else None  # the student's own model: its load settings apply
     spec = EmbeddingSpec(model_path=str(prototypes_model(cfg)), max_length=p.max_length,
-                         threads=p.resources.threads or max(1, math.ceil(p.resources.num_cpus)),
+                         threads=p.resources.actor_threads,
                          trust_remote_code=bool(trusted and trusted.trust_remote_code),
                          allow_pickle=bool(trusted and trusted.allow_pickle))
     return spec, stage_options(p.resources, 1.0 if cluster_has_gpus() else 0.0)

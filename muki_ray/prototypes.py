@@ -21,11 +21,7 @@ from typing import Sequence
 
 import numpy as np
 
-
-def standardize(scores: np.ndarray) -> np.ndarray:
-    """(B, N) -> (B, N) z-scores per teacher over the pool; a constant column becomes 0."""
-    std = scores.std(axis=0)
-    return (scores - scores.mean(axis=0)) / np.where(std > 0, std, 1.0)
+from muki_ray.integrate import standardize
 
 
 def _softmax(a: np.ndarray) -> np.ndarray:

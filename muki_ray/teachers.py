@@ -19,7 +19,6 @@ model (see `CachedTeacher`), so the chain's output has the same columns either w
 from __future__ import annotations
 
 import logging
-import math
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -220,7 +219,7 @@ def teacher_specs(cfg, space) -> list[TeacherSpec]:
                     max_batch_tokens=t.mc.max_batch_tokens, max_length=t.max_length, precision=t.precision,
                     layers=t.mc.layers,
                     adaptive=(t.mc.adaptive_tolerance, t.mc.adaptive_round) if t.mc.adaptive else None,
-                    threads=t.resources.threads or max(1, math.ceil(t.resources.num_cpus)),
+                    threads=t.resources.actor_threads,
                     trust_remote_code=t.trust_remote_code, allow_pickle=t.allow_pickle)
         for t, labels in zip(cfg.teachers, space.teacher_labels)
     ]

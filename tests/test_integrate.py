@@ -159,3 +159,33 @@ def test_selection_quality_hand_example():
     q = selection_quality(np.stack(S, axis=1), [P1, P2], POS, 5, np.array([2, -1]))
     assert q["rows"] == 1 and q["selection_accuracy"] == 0.0
     assert q["mean_margin_wrong"] == pytest.approx(0.5 + 1e-6)
+
+
+def test_quantile_ranks_share_ties():
+    from muki_ray.integrate import quantile_ranks
+
+    r = quantile_ranks(np.array([[0.5, 1.0], [0.1, 2.0], [0.5, 3.0], [0.9, 4.0]]))
+    # column 0 sorted: 0.1 | 0.5 0.5 (ranks 1, 2 -> 1.5) | 0.9; quantile = (rank + 0.5) / 4
+    np.testing.assert_allclose(r[:, 0], [0.5, 0.125, 0.5, 0.875])
+    np.testing.assert_allclose(r[:, 1], [0.125, 0.375, 0.625, 0.875])
+
+
+@pytest.mark.parametrize("method", ["zscore", "rank"])
+def test_calibration_removes_a_teachers_offset(method):
+    from muki_ray.integrate import calibrate
+
+    # Rows 0-1 belong to teacher A, rows 2-3 to B; B scores 0.1 higher everywhere, so raw argmax picks B.
+    s = np.array([[0.88, 0.89], [0.89, 0.90], [0.80, 0.99], [0.79, 0.98]])
+    assert s.argmax(1).tolist() == [1, 1, 1, 1]
+    assert calibrate(s, method).argmax(1).tolist() == [0, 0, 1, 1]
+
+
+def test_calibration_none_empty_and_unknown():
+    from muki_ray.integrate import calibrate
+
+    s = np.array([[0.2, 0.4]])
+    np.testing.assert_array_equal(calibrate(s, "none"), s)
+    assert calibrate(np.zeros((0, 3)), "rank").shape == (0, 3)
+    np.testing.assert_array_equal(calibrate(np.array([[0.3, 0.3], [0.3, 0.3]]), "zscore"), np.zeros((2, 2)))
+    with pytest.raises(ValueError, match="calibration must be one of"):
+        calibrate(s, "platt")

@@ -89,3 +89,32 @@ def test_combiner_stage_with_prototypes(tmp_path, ray_session, tiny_models):
         assert abs(sum(r["target"]) - 1.0) < 1e-5
     report = json.loads((tmp_path / "supervision.json").read_text())
     assert 0.0 <= report["selection_accuracy"] <= 1.0 and "mc" in report
+
+
+def test_calibration_needs_a_score_based_strategy(tmp_path):
+    from muki_ray.config import ConfigError
+
+    from tests.test_combiner import make_cfg
+
+    with pytest.raises(ConfigError, match=r"integration.calibration: applies to the score-based strategies"):
+        make_cfg(tmp_path, strategy="uhc", calibration="rank")
+
+
+def test_combiner_stage_with_rank_calibration(tmp_path, ray_session):
+    import pyarrow.parquet as pq
+
+    from muki_ray.pipeline import combine_stage, stage_keys
+    from tests.test_combiner import SPACE, fake_predictions, make_cfg
+
+    fake_predictions(tmp_path)
+    plain = make_cfg(tmp_path, strategy="muki_hard", reweight=False)
+    cfg = make_cfg(tmp_path, strategy="muki_hard", reweight=False, calibration="rank")
+    assert stage_keys(cfg, SPACE, tmp_path, "targets")[0] != stage_keys(plain, SPACE, tmp_path, "targets")[0]
+    combine_stage(cfg, SPACE, tmp_path)
+    rows = {r["id"]: r for r in pq.read_table(tmp_path / "targets" / "data").to_pylist()}
+    # zeta's MC scores [0.9, 0.1, 0.7, 0.5] and alpha's [0.2, 0.8, 0.1, 0.5] as pool quantiles (rank + 0.5) / 4
+    expected = {"r0": [0.875, 0.375], "r1": [0.125, 0.875], "r2": [0.625, 0.125], "r3": [0.375, 0.625]}
+    for rid, scores in expected.items():
+        np.testing.assert_allclose(rows[rid]["scores"], scores, atol=1e-6)
+    # r3 is a raw tie (0.5, 0.5) that goes to zeta; its ranks give it to alpha.
+    assert [rows[f"r{i}"]["teacher"] for i in range(4)] == ["zeta", "alpha", "zeta", "alpha"]

@@ -77,12 +77,13 @@ def test_run_end_to_end_resume_and_classify(run_config, ray_session, capsys):
     assert all(second[s] != first[s] for s in ("targets", "train", "evaluate"))
 
     # A stage whose manifest is missing (a crash) is recomputed; its partial output is never read.
-    (run / "targets" / "manifest.json").unlink()
-    (run / "targets" / "data" / "garbage.parquet").write_text("partial")
+    # (The last stage, to keep this test short; test_faults kills a run inside the train stage.)
+    (run / "evaluate" / "manifest.json").unlink()
+    (run / "evaluate" / "garbage.json").write_text("partial")
     assert main(["run", str(cfg_path), "--set", "integration.temperature=0.5"]) == 0
     third = stage_ids(run)
-    assert third["predictions"] == second["predictions"] and third["targets"] != second["targets"]
-    assert not (run / "targets" / "data" / "garbage.parquet").exists()
+    assert third["train"] == second["train"] and third["evaluate"] != second["evaluate"]
+    assert not (run / "evaluate" / "garbage.json").exists()
 
     # --force reruns one stage (and what depends on it).
     capsys.readouterr()

@@ -1,11 +1,11 @@
-"""Teacher selection by label prototypes against MC-Dropout, on the reproduction's cached predictions.
+"""Teacher selection by each `integration` option (#12) against plain MC, on the reproduction's predictions.
 
 No student is trained: this measures selection only, on all pool texts and on the low-margin
 ones (the 30% with the smallest MC top-2 margin), through the same code the combiner runs
-(`EmbeddingStage` + `prototypes.prototype_scores`, default settings). Needs the shared stages of
-`benchmarks/reproduce.py` for each dataset. Writes results/prototypes_selection.{json,md}.
+(`integrate.calibrate`, `EmbeddingStage` + `prototypes.prototype_scores`, default settings).
+Needs the shared stages of `benchmarks/reproduce.py` for each dataset. Writes results/selection.{json,md}.
 
-    python benchmarks/prototypes_selection.py [--work runs/reproduce]
+    python benchmarks/selection.py [--work runs/reproduce]
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_results  # noqa: E402
 from reproduce import LOW_MARGIN  # noqa: E402
 
+OPTIONS = ("mc", "zscore", "rank", "prototypes", "rank+prototypes")
+
 
 def measure(shared: Path) -> dict:
     import pyarrow.parquet as pq
@@ -28,6 +30,7 @@ def measure(shared: Path) -> dict:
 
     from muki_ray.config import resolve_model_path
     from muki_ray.embedding import EmbeddingSpec, EmbeddingStage
+    from muki_ray.integrate import calibrate
     from muki_ray.prototypes import prototype_scores
 
     preds = pq.read_table(shared / "predictions" / "data").to_pydict()
@@ -40,21 +43,25 @@ def measure(shared: Path) -> dict:
         start += len(labels[n])
     owner = np.array([[g in labels[n] for n in teachers] for g in preds["label"]]).argmax(1)
     probs = [np.stack(preds[f"{n}__probs"]) for n in teachers]
-    scores = np.stack([np.asarray(preds[f"{n}__mc_score"]) for n in teachers], axis=1)
+    mc = np.stack([np.asarray(preds[f"{n}__mc_score"]) for n in teachers], axis=1)
     t0 = time.perf_counter()
     stage = EmbeddingStage(EmbeddingSpec(model_path=str(resolve_model_path("builtin:minilm-l6")), threads=2))
     texts = preds["text"]
     emb = np.concatenate([stage.embed(texts[i:i + 64]) for i in range(0, len(texts), 64)])
-    proto = prototype_scores(emb, scores, probs, positions, start)
-    seconds = time.perf_counter() - t0
-    top2 = np.sort(scores, axis=1)[:, -2:]
+    embed_seconds = time.perf_counter() - t0
+    scores = {"mc": mc, "zscore": calibrate(mc, "zscore"), "rank": calibrate(mc, "rank"),
+              "prototypes": prototype_scores(emb, mc, probs, positions, start),
+              "rank+prototypes": prototype_scores(emb, calibrate(mc, "rank"), probs, positions, start)}
+    top2 = np.sort(mc, axis=1)[:, -2:]
     margin = top2[:, 1] - top2[:, 0]
     low = margin <= np.quantile(margin, LOW_MARGIN)
-    mc_ok, proto_ok = scores.argmax(1) == owner, proto.argmax(1) == owner
-    return {"rows": len(texts), "low_margin_rows": int(low.sum()), "teachers": teachers,
-            "mc_all": float(mc_ok.mean()), "mc_low_margin": float(mc_ok[low].mean()),
-            "prototypes_all": float(proto_ok.mean()), "prototypes_low_margin": float(proto_ok[low].mean()),
-            "prototypes_seconds": seconds}
+    res = {"rows": len(texts), "low_margin_rows": int(low.sum()), "teachers": teachers,
+           "embedding_seconds": embed_seconds}
+    for name, s in scores.items():
+        ok = s.argmax(1) == owner
+        res[name] = {"all": float(ok.mean()), "low_margin": float(ok[low].mean()),
+                     "recall_per_teacher": {n: float(ok[owner == t].mean()) for t, n in enumerate(teachers)}}
+    return res
 
 
 def main() -> None:
@@ -67,13 +74,13 @@ def main() -> None:
         if (shared / "predictions" / "manifest.json").exists():
             res[dataset] = measure(shared)
             print(dataset, res[dataset], flush=True)
-    rows = [("dataset", "MC selection all", "MC low-margin", "prototypes all", "prototypes low-margin",
-             "prototype pass s")]
-    rows += [(d, f"{r['mc_all']:.3f}", f"{r['mc_low_margin']:.3f}", f"{r['prototypes_all']:.3f}",
-              f"{r['prototypes_low_margin']:.3f}", f"{r['prototypes_seconds']:.1f}") for d, r in res.items()]
-    headline = "; ".join(f"{d}: prototypes {r['prototypes_all']:.3f} vs MC {r['mc_all']:.3f} selection"
+    rows = [("dataset", "texts (low-margin)", *(f"{o} all / low" for o in OPTIONS), "embedding pass s")]
+    rows += [(d, f"{r['rows']} ({r['low_margin_rows']})",
+              *(f"{r[o]['all']:.3f} / {r[o]['low_margin']:.3f}" for o in OPTIONS),
+              f"{r['embedding_seconds']:.1f}") for d, r in res.items()]
+    headline = "; ".join(f"{d}: selection " + ", ".join(f"{o} {r[o]['all']:.3f}" for o in OPTIONS)
                          for d, r in res.items())
-    write_results("prototypes_selection", res, rows, headline)
+    write_results("selection", res, rows, headline)
     print(headline)
 
 
