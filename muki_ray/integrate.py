@@ -173,9 +173,10 @@ def integrate(strategy: str, *, probs, logits, mc_probs, mc_score, positions, nu
     dists = mc_probs if target_probs == "mc_mean" else probs
     mc = np.stack([np.asarray(s, dtype=np.float64) for s in mc_score], axis=1)
     b = mc.shape[0]
-    scores = strategy_scores(strategy, probs, mc_score)
     if select_scores is not None and strategy in SCORE_STRATEGIES:
         scores = np.asarray(select_scores, dtype=np.float64)
+    else:
+        scores = strategy_scores(strategy, probs, mc_score)
     if strategy in ("muki_hard", "entropy_hard"):
         targets, teacher = hard_targets(dists, scores, positions, num_union)
     elif strategy in ("muki_soft", "entropy_soft"):

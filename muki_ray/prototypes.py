@@ -51,8 +51,7 @@ def refine(emb: np.ndarray, resp: np.ndarray, iterations: int) -> tuple[np.ndarr
     emb (B, D) unit rows, resp (B, Y) -> (prototypes (Y, D) unit rows, assignment (B,) label index).
     A label that loses every text keeps its last prototype rather than vanishing.
     """
-    weights = resp
-    protos = _unit(weights.T @ emb)
+    protos = _unit(resp.T @ emb)
     assign = np.full(emb.shape[0], -1)
     for _ in range(iterations):
         new = (emb @ protos.T).argmax(axis=1)
