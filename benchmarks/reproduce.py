@@ -51,7 +51,11 @@ VARIANTS = ("muki_soft+reweight_raw", "muki_soft+reweight+mc_mean", *TEACHER_MC)
 BEYOND = {"muki_soft+reweight+rank": {"calibration": "rank"},
           "muki_soft+reweight+prototypes": {"prototypes": {"resources": {"num_cpus": 0.5, "threads": 2}}},
           "muki_soft+reweight+rank+prototypes": {"calibration": "rank",
-                                                 "prototypes": {"resources": {"num_cpus": 0.5, "threads": 2}}}}
+                                                 "prototypes": {"resources": {"num_cpus": 0.5, "threads": 2}}},
+          "muki_soft+reweight+refine": {"refine": {"resources": {"num_cpus": 0.5, "threads": 2}}},
+          "muki_soft+reweight+rank+prototypes+refine": {
+              "calibration": "rank", "prototypes": {"resources": {"num_cpus": 0.5, "threads": 2}},
+              "refine": {"resources": {"num_cpus": 0.5, "threads": 2}}}}
 METHODS.update({m: {**METHODS["muki_soft+reweight"], **extra} for m, extra in BEYOND.items()})
 LOW_MARGIN = 0.3  # the share of the pool with the smallest MC top-2 margin: "low-margin texts"
 BASELINES = ("vanilla_kd", "uhc", "entropy_hard", "entropy_soft")
@@ -268,6 +272,9 @@ def main() -> None:
         if method in BEYOND or method == "muki_soft+reweight":
             rows[-1].update(low_margin_selection(work / f"{method}-seed0", shared, space))
             rows[-1]["shared_predictions_s"] = read_manifest(shared / "predictions")["wall_time_s"]
+            if "refine" in METHODS[method]:  # per seed: selection on the judged texts before / after
+                rows[-1]["refine"] = [read_manifest(work / f"{method}-seed{s}" / "targets")["refine"]
+                                      for s in range(seeds)]
         if method in TEACHER_MC:  # compute saved against the exact shared pass
             rows[-1]["predictions_s"] = read_manifest(work / f"{method}-seed0" / "predictions")["wall_time_s"]
             rows[-1]["exact_predictions_s"] = read_manifest(shared / "predictions")["wall_time_s"]

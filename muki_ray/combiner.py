@@ -74,15 +74,15 @@ def scale_weights(batch: dict, mean: float) -> dict:
     return batch
 
 
-def add_select_scores(preds_ds, space: LabelSpace, integration, embedding: Optional[tuple] = None):
-    """predictions Dataset -> the same rows plus `select_scores` (N,): calibrated and/or prototype scores.
+def select_table(preds_ds, space: LabelSpace, integration, embedding: Optional[tuple] = None):
+    """predictions Dataset -> Arrow table of the same rows plus `select_scores` (N,): calibrated
+    and/or prototype scores (the strategy's own scores when both are off).
 
     Both need the whole pool, so the scores are computed on the driver: B x (N + D) floats in
     memory. `embedding` (EmbeddingSpec, map_batches options) is given when `integration.prototypes`
     is on; the embedding pass is then a Ray Data actor stage.
     """
     import pyarrow as pa
-    import ray.data
 
     from muki_ray.integrate import calibrate, strategy_scores
 
@@ -95,7 +95,7 @@ def add_select_scores(preds_ds, space: LabelSpace, integration, embedding: Optio
         ds = ds.map_batches(stage_class("embed", EmbeddingStage), fn_constructor_kwargs={"spec": spec},
                             batch_size=integration.prototypes.batch_size, batch_format="numpy", **options)
     table = pa.concat_tables(list(ds.iter_batches(batch_format="pyarrow", batch_size=None)))
-    batch = {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names}
+    batch = table_arrays(table)
     arrays = teacher_arrays(batch, space)
     scores = calibrate(strategy_scores(integration.strategy, arrays["probs"], arrays["mc_score"]),
                        integration.calibration)
@@ -107,9 +107,22 @@ def add_select_scores(preds_ds, space: LabelSpace, integration, embedding: Optio
         scores = prototype_scores(_stack(batch["embedding"]), scores, dists, list(space.positions), len(space),
                                   tau=cfg.tau, kappa=cfg.kappa, iterations=cfg.iterations)
         table = table.drop(["embedding"])
-    table = table.append_column(
+    return with_select_scores(table, scores)
+
+
+def table_arrays(table) -> dict[str, np.ndarray]:
+    """Arrow table -> {column: numpy array} (list columns as object arrays)."""
+    return {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names}
+
+
+def with_select_scores(table, scores: np.ndarray):
+    """Arrow table with its `select_scores` column set to `scores` (B, N)."""
+    import pyarrow as pa
+
+    if "select_scores" in table.column_names:
+        table = table.drop(["select_scores"])
+    return table.append_column(
         "select_scores", pa.array([row for row in scores.astype(np.float32)], type=pa.list_(pa.float32())))
-    return ray.data.from_arrow(table)
 
 
 def combine(preds_ds, space: LabelSpace, integration):
@@ -135,7 +148,7 @@ def supervision_report(preds_table, targets_table, space: LabelSpace) -> Optiona
         return None
     from muki_ray.integrate import entropy_scores
 
-    batch = {c: preds_table.column(c).to_numpy(zero_copy_only=False) for c in preds_table.column_names}
+    batch = table_arrays(preds_table)
     arrays = teacher_arrays(batch, space)
     gold = space.encode(batch["label"])
     positions, n = list(space.positions), len(space)

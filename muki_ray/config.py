@@ -193,6 +193,22 @@ class PrototypesConfig(Strict):
     )
 
 
+class RefineConfig(Strict):
+    fraction: float = Field(0.7, gt=0, lt=1, description="Share of the pool, by widest top-2 score margin, that "
+                            "the first student is trained on; it judges the rest.")
+    student_weight: float = Field(0.5, ge=0, le=1, description="β: a judged text's score is (1 - β)·softmax(s/τ) "
+                                  "+ β·(the first student's probability mass over each teacher's labels).")
+    rounds: int = Field(1, ge=1, description="Self-training rounds; each re-splits by the refined margin and "
+                        "trains a fresh first student.")
+    epochs: Optional[int] = Field(None, ge=1, description="Epochs of the first students (default `student.epochs`); "
+                                  "every other training setting is the student's.")
+    batch_size: int = Field(64, ge=1, description="Texts per batch when a first student judges the rest.")
+    resources: TeacherResources = Field(
+        default_factory=TeacherResources, description="Actors that run the first student over the rest "
+        "(same fields as a teacher's)."
+    )
+
+
 class IntegrationConfig(Strict):
     strategy: Literal[STRATEGIES] = Field("muki_soft", description="How teachers become one target: " + ", ".join(STRATEGIES) + ".")  # type: ignore[valid-type]
     temperature: float = Field(0.2, description="τ of the soft teacher weights softmax(s/τ).")
@@ -209,6 +225,11 @@ class IntegrationConfig(Strict):
     prototypes: Optional[PrototypesConfig] = Field(
         None, description="Beyond the paper: re-select each text's teacher by label prototypes in an embedding "
         "space (`muki_ray/prototypes.py`); the strategy's scores seed them. Off (null) by default."
+    )
+    refine: Optional[RefineConfig] = Field(
+        None, description="Beyond the paper: confidence-thresholded self-training (`muki_ray/refine.py`): a first "
+        "student trained on the high-margin texts re-selects the teacher of the rest. Needs `data.dev`. Off (null) "
+        "by default."
     )
 
     @field_validator("temperature", "kd_temperature")
@@ -536,10 +557,14 @@ def semantic_errors(cfg: RunConfig, check_files: bool = True) -> list[str]:
             errors.append(f"teachers[{i}].mc.layers: {t.mc.layers} but the model has {depth} layers")
 
     for option, on in (("calibration", cfg.integration.calibration != "none"),
-                       ("prototypes", cfg.integration.prototypes is not None)):
+                       ("prototypes", cfg.integration.prototypes is not None),
+                       ("refine", cfg.integration.refine is not None)):
         if on and cfg.integration.strategy not in SCORE_STRATEGIES:
             errors.append(f"integration.{option}: applies to the score-based strategies "
                           f"({', '.join(SCORE_STRATEGIES)}), not {cfg.integration.strategy!r}")
+    if cfg.integration.refine is not None and cfg.data.dev is None:
+        errors.append("integration.refine: the first student picks its best epoch on a labeled dev split; "
+                      "set data.dev")
     if cfg.integration.strategy in GOLD_STRATEGIES and not cfg.data.pool_gold_labels:
         errors.append(
             f"integration.strategy: {cfg.integration.strategy!r} needs gold labels on the pool "

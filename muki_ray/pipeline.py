@@ -66,11 +66,16 @@ def stage_keys(cfg: RunConfig, space: LabelSpace, run_dir: Path, stage: str) -> 
     if stage == "targets":
         inputs = {"predictions": upstream(run_dir, "predictions")}
         # Options left off are left out of the key, so runs from before they existed stay cached.
-        new_off = {"calibration": True} if cfg.integration.calibration == "none" else {}
-        if cfg.integration.prototypes is None:
-            return fingerprint(cfg.integration.model_dump(exclude={"prototypes": True, **new_off})), inputs
-        return fingerprint([cfg.integration.model_dump(exclude={"prototypes": {"resources"}, **new_off}),
-                            folder_fingerprint(prototypes_model(cfg))]), inputs
+        integ = cfg.integration
+        exclude = {"calibration": True} if integ.calibration == "none" else {}
+        exclude["prototypes"] = True if integ.prototypes is None else {"resources"}
+        exclude["refine"] = True if integ.refine is None else {"resources", "batch_size"}
+        key = [integ.model_dump(exclude=exclude)]
+        if integ.prototypes is not None:
+            key.append(folder_fingerprint(prototypes_model(cfg)))
+        if integ.refine is not None:  # the first students are trained like the student, on data.dev
+            key += [cfg.student.model_dump(exclude={"init_from"}), cfg.data.dev.model_dump() if cfg.data.dev else None]
+        return fingerprint(key if len(key) > 1 else key[0]), inputs
     if stage == "train":
         return fingerprint([cfg.student.model_dump(), cfg.integration.strategy, cfg.integration.kd_temperature,
                             space.names, cfg.data.dev.model_dump() if cfg.data.dev else None]), \
@@ -144,7 +149,7 @@ def combine_stage(cfg: RunConfig, space: LabelSpace, run_dir: Path) -> dict:
     import pyarrow.parquet as pq
     import ray.data
 
-    from muki_ray.combiner import add_select_scores, combine, supervision_report
+    from muki_ray.combiner import combine, select_table, supervision_report
 
     started = time.time()
     run_dir = Path(run_dir)
@@ -155,12 +160,16 @@ def combine_stage(cfg: RunConfig, space: LabelSpace, run_dir: Path) -> dict:
     config_hash, inputs = stage_keys(cfg, space, run_dir, "targets")
     stage_dir = begin_stage(run_dir / "targets")
     ds = ray.data.read_parquet(str(preds_dir / "data"))
-    if cfg.integration.calibration != "none" or cfg.integration.prototypes is not None:
-        protos = cfg.integration.prototypes is not None
-        ds = add_select_scores(ds, space, cfg.integration, embedding_stage(cfg) if protos else None)
-        log.info("targets: teachers selected by %s scores%s", cfg.integration.calibration,
+    integ, rounds = cfg.integration, []
+    if integ.calibration != "none" or integ.prototypes is not None or integ.refine is not None:
+        protos = integ.prototypes is not None
+        table = select_table(ds, space, integ, embedding_stage(cfg) if protos else None)
+        log.info("targets: teachers selected by %s scores%s", integ.calibration,
                  f", then label prototypes ({prototypes_model(cfg)})" if protos else "")
-    ds = combine(ds, space, cfg.integration)
+        if integ.refine is not None:
+            table, rounds = self_train(cfg, space, run_dir, stage_dir, table, name=fingerprint([config_hash, inputs]))
+        ds = ray.data.from_arrow(table)
+    ds = combine(ds, space, integ)
     with stage_output(stage_dir, "data") as tmp:
         ds.write_parquet(str(tmp))
         targets = pq.read_table(str(tmp))
@@ -175,7 +184,89 @@ def combine_stage(cfg: RunConfig, space: LabelSpace, run_dir: Path) -> dict:
                  report["entropy"]["selection_accuracy"])
     weights = targets.column("weight").to_numpy()
     return finish_stage(stage_dir, config_hash=config_hash, inputs=inputs, rows=targets.num_rows,
-                        started=started, extra={"mean_weight": float(weights.mean()), "supervision": report})
+                        started=started, extra={"mean_weight": float(weights.mean()), "supervision": report,
+                                                **({"refine": rounds} if rounds else {})})
+
+
+def self_train(cfg: RunConfig, space: LabelSpace, run_dir: Path, stage_dir: Path, table, name: str):
+    """`integration.refine`: a table with `select_scores` -> the same table with refined scores.
+
+    Each round trains a first student (the student's model and settings) on the high-margin rows'
+    targets, exports it to TARGETS/refine/round<r>/, and runs it over the low-margin rest in an actor
+    stage; `refine.refine_scores` mixes its teacher masses into those rows' scores.
+    Returns (table, per-round stats); the stats' selection accuracies need pool gold labels.
+    """
+    import numpy as np
+    import pyarrow as pa
+    import ray.data
+
+    from muki_ray.combiner import Combiner, table_arrays, teacher_arrays, with_select_scores
+    from muki_ray.config import resolve_model_path
+    from muki_ray.hardware import cluster_has_gpus
+    from muki_ray.integrate import normalize_weights, selection_quality
+    from muki_ray.refine import high_margin, refine_scores, teacher_mass
+    from muki_ray.student import LOSS_FOR_STRATEGY, tokenize
+    from muki_ray.teachers import TeacherSpec, TeacherStage, column, stage_class, stage_options
+
+    integ, r_cfg, s = cfg.integration, cfg.integration.refine, cfg.student
+    hyper = s.model_copy(update={"epochs": r_cfg.epochs}) if r_cfg.epochs else s
+    model_path = str(resolve_model_path(s.model))
+    dev = labeled_table(cfg, cfg.data.dev, space.names, "data.dev")
+    combiner = Combiner(space, integ.strategy, integ.temperature, integ.kd_temperature, integ.reweight,
+                        integ.target_probs)
+    batch = table_arrays(table)
+    gold = space.encode(batch["label"]) if "label" in batch else None
+    probs = teacher_arrays(batch, space)["probs"]
+    scores = np.stack(batch["select_scores"]).astype(np.float64)
+    stats = []
+    for r in range(1, r_cfg.rounds + 1):
+        train = high_margin(scores, r_cfg.fraction)
+        judged = ~train
+        if not judged.any():
+            break
+        out = combiner({**batch, "select_scores": scores})
+        rows = np.flatnonzero(train)
+        train_ds = ray.data.from_arrow(pa.table({
+            "text": pa.array(batch["text"][rows].tolist(), type=pa.string()),
+            "target": pa.array([list(out["target"][i]) for i in rows], type=pa.list_(pa.float32())),
+            "weight": pa.array(normalize_weights(out["weight"][rows].astype(np.float64)), type=pa.float32())}))
+        first = stage_dir / "refine" / f"round{r}"
+        metrics = train_classifier(
+            hyper, model_path=model_path, labels=list(space.names), loss=LOSS_FOR_STRATEGY[integ.strategy],
+            train_ds=tokenize(train_ds, model_path, s.max_length, s.trust_remote_code), dev_table=dev,
+            rows=len(rows), run_dir=run_dir, name=f"refine{r}-{name}", out_dir=first,
+            parts={t: p.tolist() for t, p in zip(space.teachers, space.positions)},
+            trust_remote_code=s.trust_remote_code, allow_pickle=s.allow_pickle, storage_path=cfg.ray.storage_path,
+            kd_temperature=integ.kd_temperature)
+        spec = TeacherSpec(name="first_student", model_path=str(first), labels=tuple(space.names), samples=1,
+                           max_length=s.max_length, threads=r_cfg.resources.actor_threads, precision="auto")
+        ids = batch["id"][judged]
+        judge = ray.data.from_arrow(pa.table({"id": pa.array(ids.tolist(), type=pa.string()),
+                                              "text": pa.array(batch["text"][judged].tolist(), type=pa.string())}))
+        judge = judge.map_batches(stage_class("first_student"), fn_constructor_kwargs={"spec": spec},
+                                  batch_size=r_cfg.batch_size, batch_format="numpy",
+                                  **stage_options(r_cfg.resources, 1.0 if cluster_has_gpus() else 0.0))
+        by_id = {}
+        for b in judge.iter_batches(batch_format="numpy", batch_size=None):
+            by_id.update(zip(b["id"], b[column("first_student", "probs")]))
+        mass = teacher_mass(np.stack([by_id[i] for i in ids]), space.positions)
+        refined = refine_scores(scores, mass, judged, temperature=integ.temperature,
+                                student_weight=r_cfg.student_weight)
+        stat = {"round": r, "trained_rows": int(train.sum()), "judged_rows": int(judged.sum()),
+                "changed": int((refined.argmax(1) != scores.argmax(1))[judged].sum()),
+                "first_student_dev_accuracy": metrics["dev_accuracy"]}
+        if gold is not None:  # analysis only: how often the judged rows get their owning teacher
+            sub = [p[judged] for p in probs]
+            for key, sc in (("before", scores), ("after", refined)):
+                stat[f"judged_selection_accuracy_{key}"] = selection_quality(
+                    sc[judged], sub, list(space.positions), len(space), gold[judged])["selection_accuracy"]
+        log.info("refine round %d: first student on %d texts (dev acc %.3f) judged %d, %d changed teacher%s", r,
+                 stat["trained_rows"], metrics["dev_accuracy"] or float("nan"), stat["judged_rows"], stat["changed"],
+                 "" if gold is None else f"; judged selection acc {stat['judged_selection_accuracy_before']:.3f} -> "
+                 f"{stat['judged_selection_accuracy_after']:.3f}")
+        stats.append(stat)
+        scores = refined
+    return with_select_scores(table, scores), stats
 
 
 def prototypes_model(cfg: RunConfig) -> Path:

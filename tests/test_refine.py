@@ -1,0 +1,99 @@
+"""integration.refine: the self-training math on hand-worked examples, its config errors, and the stage."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from muki_ray.refine import high_margin, refine_scores, teacher_mass
+
+SCORES = np.array([[0.9, 0.2], [0.1, 0.8], [0.7, 0.1], [0.5, 0.5]])  # margins 0.7, 0.7, 0.6, 0.0
+
+
+def test_high_margin_takes_the_widest_margins_and_keeps_pool_order_on_ties():
+    assert high_margin(SCORES, 0.5).tolist() == [True, True, False, False]
+    assert high_margin(SCORES, 0.6).tolist() == [True, True, True, False]  # ceil(0.6 * 4) = 3 rows
+    assert high_margin(np.array([[0.5, 0.5], [0.5, 0.5]]), 0.5).tolist() == [True, False]
+    assert high_margin(np.zeros((0, 2)), 0.7).tolist() == []
+
+
+def test_teacher_mass_counts_a_shared_label_for_each_owner():
+    p = np.array([[0.1, 0.2, 0.3, 0.4]])
+    np.testing.assert_allclose(teacher_mass(p, [np.array([0, 1]), np.array([2, 3])]), [[0.3, 0.7]])
+    np.testing.assert_allclose(teacher_mass(p, [np.array([0, 1]), np.array([1, 2, 3])]), [[0.3, 0.9]])
+
+
+def test_refine_scores_mixes_the_student_into_judged_rows_only():
+    scores = np.array([[1.0, 0.0], [0.0, 0.0]])
+    out = refine_scores(scores, np.array([[0.1, 0.9]]), np.array([False, True]), temperature=1.0,
+                        student_weight=0.5)
+    e = math.e
+    np.testing.assert_allclose(out[0], [e / (e + 1), 1 / (e + 1)])  # softmax(s / τ), not judged
+    np.testing.assert_allclose(out[1], [0.5 * 0.5 + 0.5 * 0.1, 0.5 * 0.5 + 0.5 * 0.9])  # overruled: alpha
+    # β = 0 keeps the teachers' weighting; β = 1 is the first student alone.
+    np.testing.assert_allclose(refine_scores(scores, np.array([[0.1, 0.9]]), np.array([False, True]),
+                                             temperature=1.0, student_weight=0.0)[1], [0.5, 0.5])
+    with pytest.raises(ValueError, match=r"mass has shape \(2, 2\), expected \(1, 2\)"):
+        refine_scores(scores, np.ones((2, 2)), np.array([False, True]), temperature=1.0, student_weight=0.5)
+
+
+def test_refine_needs_a_score_strategy_and_a_dev_split(tmp_path):
+    from muki_ray.config import ConfigError
+
+    from tests.test_combiner import make_cfg
+
+    with pytest.raises(ConfigError, match=r"integration.refine: applies to the score-based strategies"):
+        make_cfg(tmp_path, strategy="vanilla_kd", refine={})
+    with pytest.raises(ConfigError, match=r"integration.refine: .* set data.dev"):
+        make_cfg(tmp_path, refine={})
+    with pytest.raises(ConfigError, match=r"integration.refine.fraction"):
+        make_cfg(tmp_path, refine={"fraction": 1.0})
+
+
+def test_combiner_stage_with_refine(tmp_path, ray_session, tiny_models):
+    import pyarrow.parquet as pq
+
+    from muki_ray.config import parse_config
+    from muki_ray.evaluate import predict_proba
+    from muki_ray.manifest import read_manifest
+    from muki_ray.pipeline import combine_stage, stage_keys
+    from muki_ray.refine import teacher_mass as mass_of
+    from tests.test_combiner import SPACE, fake_predictions
+
+    fake_predictions(tmp_path)
+    dev = tmp_path / "dev.jsonl"
+    dev.write_text("".join(json.dumps({"text": f"text {i}", "label": lab}) + "\n"
+                           for i, lab in enumerate(["sport", "tech", "business", "politics"])))
+    raw = {"output_dir": str(tmp_path),
+           "data": {"pool": {"source": str(tmp_path / "unused.jsonl")}, "dev": {"source": str(dev)},
+                    "pool_gold_labels": True},
+           "teachers": [{"name": "zeta", "model": "z", "labels": ["sport", "tech"]},
+                        {"name": "alpha", "model": "a", "labels": ["business", "politics"]}],
+           "integration": {"strategy": "muki_soft", "refine": {"fraction": 0.5, "student_weight": 1.0,
+                                                               "resources": {"num_cpus": 0.5}}},
+           "student": {"model": str(tiny_models["student"]), "epochs": 1, "batch_size": 2, "lr": 1e-3,
+                       "resources_per_worker": {"CPU": 1}}}
+    cfg = parse_config(raw, check_files=False)
+    off = parse_config({**raw, "integration": {"strategy": "muki_soft"}}, check_files=False)
+    assert stage_keys(cfg, SPACE, tmp_path, "targets")[0] != stage_keys(off, SPACE, tmp_path, "targets")[0]
+    combine_stage(cfg, SPACE, tmp_path)
+
+    rows = {r["id"]: r for r in pq.read_table(tmp_path / "targets" / "data").to_pylist()}
+    # r0, r1 (MC margins 0.7) trained the first student: they keep softmax(s / 0.2) over teachers.
+    np.testing.assert_allclose(rows["r0"]["scores"], [1 / (1 + math.exp(-3.5)), 1 / (1 + math.exp(3.5))], atol=1e-5)
+    # r2, r3 were judged; with β = 1 their scores are the first student's teacher masses.
+    first = tmp_path / "targets" / "refine" / "round1"
+    probs, names = predict_proba(first, ["text 2", "text 3"])
+    assert names == list(SPACE.names)
+    mass = mass_of(probs, SPACE.positions)
+    np.testing.assert_allclose([rows["r2"]["scores"], rows["r3"]["scores"]], mass, atol=1e-4)
+    stat, = read_manifest(tmp_path / "targets")["refine"]
+    assert (stat["round"], stat["trained_rows"], stat["judged_rows"]) == (1, 2, 2)
+    # Gold on the judged rows: r2 business (alpha; MC picks zeta), r3 tech (zeta; the tie goes to zeta).
+    assert stat["judged_selection_accuracy_before"] == 0.5
+    after = [SPACE.teachers[int(np.argmax(m))] for m in mass]
+    assert stat["judged_selection_accuracy_after"] == ((after[0] == "alpha") + (after[1] == "zeta")) / 2
+    assert [rows["r2"]["teacher"], rows["r3"]["teacher"]] == after
