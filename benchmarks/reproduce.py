@@ -52,10 +52,10 @@ BEYOND = {"muki_soft+reweight+rank": {"calibration": "rank"},
           "muki_soft+reweight+prototypes": {"prototypes": {"resources": {"num_cpus": 0.5, "threads": 2}}},
           "muki_soft+reweight+rank+prototypes": {"calibration": "rank",
                                                  "prototypes": {"resources": {"num_cpus": 0.5, "threads": 2}}},
-          "muki_soft+reweight+refine": {"refine": {"resources": {"num_cpus": 0.5, "threads": 2}}},
           "muki_soft+reweight+rank+prototypes+refine": {
               "calibration": "rank", "prototypes": {"resources": {"num_cpus": 0.5, "threads": 2}},
-              "refine": {"resources": {"num_cpus": 0.5, "threads": 2}}}}
+              "refine": {"resources": {"num_cpus": 0.5, "threads": 2}}},
+          "muki_soft+reweight+refine": {"refine": {"resources": {"num_cpus": 0.5, "threads": 2}}}}
 METHODS.update({m: {**METHODS["muki_soft+reweight"], **extra} for m, extra in BEYOND.items()})
 LOW_MARGIN = 0.3  # the share of the pool with the smallest MC top-2 margin: "low-margin texts"
 BASELINES = ("vanilla_kd", "uhc", "entropy_hard", "entropy_soft")
