@@ -72,7 +72,7 @@ def test_combiner_stage_with_refine(tmp_path, ray_session, tiny_models):
                     "pool_gold_labels": True},
            "teachers": [{"name": "zeta", "model": "z", "labels": ["sport", "tech"]},
                         {"name": "alpha", "model": "a", "labels": ["business", "politics"]}],
-           "integration": {"strategy": "muki_soft", "refine": {"fraction": 0.5, "student_weight": 1.0,
+           "integration": {"strategy": "muki_soft", "refine": {"fraction": 0.5, "student_weight": 1.0, "rounds": 2,
                                                                "resources": {"num_cpus": 0.5}}},
            "student": {"model": str(tiny_models["student"]), "epochs": 1, "batch_size": 2, "lr": 1e-3,
                        "resources_per_worker": {"CPU": 1}}}
@@ -82,18 +82,21 @@ def test_combiner_stage_with_refine(tmp_path, ray_session, tiny_models):
     combine_stage(cfg, SPACE, tmp_path)
 
     rows = {r["id"]: r for r in pq.read_table(tmp_path / "targets" / "data").to_pylist()}
-    # r0, r1 (MC margins 0.7) trained the first student: they keep softmax(s / 0.2) over teachers.
-    np.testing.assert_allclose(rows["r0"]["scores"], [1 / (1 + math.exp(-3.5)), 1 / (1 + math.exp(3.5))], atol=1e-5)
-    # r2, r3 were judged; with β = 1 their scores are the first student's teacher masses.
-    first = tmp_path / "targets" / "refine" / "round1"
-    probs, names = predict_proba(first, ["text 2", "text 3"])
-    assert names == list(SPACE.names)
-    mass = mass_of(probs, SPACE.positions)
+    # Round 1 trains on r0, r1 (MC margins 0.7) and judges r2, r3; every row becomes q = softmax(s / 0.2),
+    # and with β = 1 a judged row's scores are the first student's teacher masses. Those masses are
+    # nearly even (an untrained tiny model), so round 2 splits the same way and judges r2, r3 again.
+    stats = read_manifest(tmp_path / "targets")["refine"]
+    assert [(s["round"], s["trained_rows"], s["judged_rows"]) for s in stats] == [(1, 2, 2), (2, 2, 2)]
+    q0 = np.array([1 / (1 + math.exp(-3.5)), 1 / (1 + math.exp(3.5))])  # r0: s = (0.9, 0.2)
+    np.testing.assert_allclose(rows["r0"]["scores"], np.exp(q0 / 0.2) / np.exp(q0 / 0.2).sum(), atol=1e-5)
+    for r in (1, 2):
+        probs, names = predict_proba(tmp_path / "targets" / "refine" / f"round{r}", ["text 2", "text 3"])
+        assert names == list(SPACE.names)
+        mass = mass_of(probs, SPACE.positions)
+        if r == 1:  # gold on the judged rows: r2 business (alpha; MC picks zeta), r3 tech (zeta; tie -> zeta)
+            assert stats[0]["judged_selection_accuracy_before"] == 0.5
+            after = [SPACE.teachers[int(np.argmax(m))] for m in mass]
+            assert stats[0]["judged_selection_accuracy_after"] == ((after[0] == "alpha") + (after[1] == "zeta")) / 2
+    # The last round's masses are the final scores of r2, r3, and pick their teachers.
     np.testing.assert_allclose([rows["r2"]["scores"], rows["r3"]["scores"]], mass, atol=1e-4)
-    stat, = read_manifest(tmp_path / "targets")["refine"]
-    assert (stat["round"], stat["trained_rows"], stat["judged_rows"]) == (1, 2, 2)
-    # Gold on the judged rows: r2 business (alpha; MC picks zeta), r3 tech (zeta; the tie goes to zeta).
-    assert stat["judged_selection_accuracy_before"] == 0.5
-    after = [SPACE.teachers[int(np.argmax(m))] for m in mass]
-    assert stat["judged_selection_accuracy_after"] == ((after[0] == "alpha") + (after[1] == "zeta")) / 2
-    assert [rows["r2"]["teacher"], rows["r3"]["teacher"]] == after
+    assert [rows["r2"]["teacher"], rows["r3"]["teacher"]] == [SPACE.teachers[int(np.argmax(m))] for m in mass]
