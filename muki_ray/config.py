@@ -196,8 +196,9 @@ class PrototypesConfig(Strict):
 class RefineConfig(Strict):
     fraction: float = Field(0.7, gt=0, lt=1, description="Share of the pool, by widest top-2 score margin, that "
                             "the first student is trained on; it judges the rest.")
-    student_weight: float = Field(0.5, ge=0, le=1, description="β: a judged text's score is (1 - β)·softmax(s/τ) "
-                                  "+ β·(the first student's probability mass over each teacher's labels).")
+    student_weight: float = Field(0.5, ge=0, le=1, description="β: a judged text's teacher weights become "
+                                  "(1 - β)·softmax(s/τ) + β·(the first student's probability mass over each teacher's "
+                                  "labels).")
     rounds: int = Field(1, ge=1, description="Self-training rounds; each re-splits by the refined margin and "
                         "trains a fresh first student.")
     epochs: Optional[int] = Field(None, ge=1, description="Epochs of the first students (default `student.epochs`); "

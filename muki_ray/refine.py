@@ -22,6 +22,8 @@ import numpy as np
 
 from muki_ray.integrate import margin_weights, teacher_weights
 
+TINY = 1e-12  # floor of a teacher weight before its log
+
 
 def high_margin(scores: np.ndarray, fraction: float) -> np.ndarray:
     """(B, N) -> (B,) bool: the ceil(fraction * B) rows with the widest top-2 margin.
@@ -47,16 +49,21 @@ def teacher_mass(student_probs: np.ndarray, positions) -> np.ndarray:
 
 def refine_scores(scores: np.ndarray, mass: np.ndarray, judged: np.ndarray, *, temperature: float,
                   student_weight: float) -> np.ndarray:
-    """Refined selection scores (B, N), each row a weighting of teachers.
+    """Refined selection scores (B, N), on the scale of `scores`.
 
     scores (B, N) any selection scores; mass (J, N) the first student's `teacher_mass` on the
-    rows where `judged` (B,) bool is True, in pool order. Every row becomes q = softmax(s / τ)
-    (the soft strategies' teacher weights, comparable whatever the score's scale); judged rows
-    become (1 - β) q + β mass with β = student_weight.
+    rows where `judged` (B,) bool is True, in pool order. A judged row's teacher weights become
+    w = (1 - β) softmax(s / τ) + β mass (β = student_weight), returned as the scores τ log w, so
+    that softmax(scores / τ) = w / Σw and the top-2 margin is in the units of s. Other rows
+    are shifted by a constant, s - τ logsumexp(s / τ): the same weights, choice and margin, so
+    β = 0 changes nothing.
     """
-    q = teacher_weights(np.asarray(scores, dtype=np.float64), temperature)
+    s = np.asarray(scores, dtype=np.float64)
     judged = np.asarray(judged, dtype=bool)
-    if mass.shape != (int(judged.sum()), q.shape[1]):
-        raise ValueError(f"mass has shape {mass.shape}, expected ({int(judged.sum())}, {q.shape[1]})")
-    q[judged] = (1.0 - student_weight) * q[judged] + student_weight * mass
-    return q
+    if mass.shape != (int(judged.sum()), s.shape[1]):
+        raise ValueError(f"mass has shape {mass.shape}, expected ({int(judged.sum())}, {s.shape[1]})")
+    q = teacher_weights(s, temperature)
+    w = (1.0 - student_weight) * q[judged] + student_weight * np.asarray(mass, dtype=np.float64)
+    out = temperature * np.log(np.clip(q, TINY, None))
+    out[judged] = temperature * np.log(np.clip(w, TINY, None))  # clip: β = 1 with a zero mass
+    return out

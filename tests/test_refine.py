@@ -28,16 +28,19 @@ def test_teacher_mass_counts_a_shared_label_for_each_owner():
 
 def test_refine_scores_mixes_the_student_into_judged_rows_only():
     scores = np.array([[1.0, 0.0], [0.0, 0.0]])
-    out = refine_scores(scores, np.array([[0.1, 0.9]]), np.array([False, True]), temperature=1.0,
-                        student_weight=0.5)
-    e = math.e
-    np.testing.assert_allclose(out[0], [e / (e + 1), 1 / (e + 1)])  # softmax(s / τ), not judged
-    np.testing.assert_allclose(out[1], [0.5 * 0.5 + 0.5 * 0.1, 0.5 * 0.5 + 0.5 * 0.9])  # overruled: alpha
-    # β = 0 keeps the teachers' weighting; β = 1 is the first student alone.
-    np.testing.assert_allclose(refine_scores(scores, np.array([[0.1, 0.9]]), np.array([False, True]),
-                                             temperature=1.0, student_weight=0.0)[1], [0.5, 0.5])
+    judged = np.array([False, True])
+    out = refine_scores(scores, np.array([[0.1, 0.9]]), judged, temperature=1.0, student_weight=0.5)
+    # Not judged: τ log softmax(s / τ), the same weights and margin (1.0) as s.
+    np.testing.assert_allclose(out[0], [1 - math.log(1 + math.e), -math.log(1 + math.e)])
+    # Judged: τ log of w = 0.5 * (0.5, 0.5) + 0.5 * (0.1, 0.9) = (0.3, 0.7); the student overrules the tie.
+    np.testing.assert_allclose(out[1], np.log([0.3, 0.7]))
+    # β = 0 keeps the teachers' weights; β = 1 with a zero mass stays finite.
+    np.testing.assert_allclose(refine_scores(scores, np.array([[0.1, 0.9]]), judged, temperature=1.0,
+                                             student_weight=0.0)[1], np.log([0.5, 0.5]))
+    assert np.isfinite(refine_scores(scores, np.array([[0.0, 1.0]]), judged, temperature=0.2,
+                                     student_weight=1.0)).all()
     with pytest.raises(ValueError, match=r"mass has shape \(2, 2\), expected \(1, 2\)"):
-        refine_scores(scores, np.ones((2, 2)), np.array([False, True]), temperature=1.0, student_weight=0.5)
+        refine_scores(scores, np.ones((2, 2)), judged, temperature=1.0, student_weight=0.5)
 
 
 def test_refine_needs_a_score_strategy_and_a_dev_split(tmp_path):
@@ -82,13 +85,14 @@ def test_combiner_stage_with_refine(tmp_path, ray_session, tiny_models):
     combine_stage(cfg, SPACE, tmp_path)
 
     rows = {r["id"]: r for r in pq.read_table(tmp_path / "targets" / "data").to_pylist()}
-    # Round 1 trains on r0, r1 (MC margins 0.7) and judges r2, r3; every row becomes q = softmax(s / 0.2),
-    # and with β = 1 a judged row's scores are the first student's teacher masses. Those masses are
-    # nearly even (an untrained tiny model), so round 2 splits the same way and judges r2, r3 again.
+    # Round 1 trains on r0, r1 (MC margins 0.7) and judges r2, r3. With β = 1 a judged row's scores
+    # are τ log(the first student's teacher masses); those are nearly even (a tiny model after one
+    # step), so round 2 splits the same way and judges r2, r3 again.
     stats = read_manifest(tmp_path / "targets")["refine"]
     assert [(s["round"], s["trained_rows"], s["judged_rows"]) for s in stats] == [(1, 2, 2), (2, 2, 2)]
-    q0 = np.array([1 / (1 + math.exp(-3.5)), 1 / (1 + math.exp(3.5))])  # r0: s = (0.9, 0.2)
-    np.testing.assert_allclose(rows["r0"]["scores"], np.exp(q0 / 0.2) / np.exp(q0 / 0.2).sum(), atol=1e-5)
+    # r0 (s = (0.9, 0.2)) is never judged: τ log softmax(s / τ), its weights and 0.7 margin unchanged.
+    q0 = np.array([1 / (1 + math.exp(-3.5)), 1 / (1 + math.exp(3.5))])
+    np.testing.assert_allclose(rows["r0"]["scores"], 0.2 * np.log(q0), atol=1e-5)
     for r in (1, 2):
         probs, names = predict_proba(tmp_path / "targets" / "refine" / f"round{r}", ["text 2", "text 3"])
         assert names == list(SPACE.names)
@@ -97,6 +101,6 @@ def test_combiner_stage_with_refine(tmp_path, ray_session, tiny_models):
             assert stats[0]["judged_selection_accuracy_before"] == 0.5
             after = [SPACE.teachers[int(np.argmax(m))] for m in mass]
             assert stats[0]["judged_selection_accuracy_after"] == ((after[0] == "alpha") + (after[1] == "zeta")) / 2
-    # The last round's masses are the final scores of r2, r3, and pick their teachers.
-    np.testing.assert_allclose([rows["r2"]["scores"], rows["r3"]["scores"]], mass, atol=1e-4)
+    # The last round's masses make the final scores of r2, r3 and pick their teachers.
+    np.testing.assert_allclose([rows["r2"]["scores"], rows["r3"]["scores"]], 0.2 * np.log(mass), atol=1e-4)
     assert [rows["r2"]["teacher"], rows["r3"]["teacher"]] == [SPACE.teachers[int(np.argmax(m))] for m in mass]
