@@ -339,6 +339,14 @@ def write_results(args, work: Path, space, rows: list[dict], calib: list[dict], 
             md.append(f"| {r['method']} | {r['selection_acc_all']:.4f} | {r['selection_acc_low_margin']:.4f} | "
                       f"{r['supervision_acc']:.4f} | {r['test_acc_mean']:.4f} ± {r['test_acc_std']:.4f} | "
                       f"{run_s / (base['shared_predictions_s'] + base['wall_s_per_seed']):.2f} |")
+        for r in beyond:
+            if "refine" in r:  # the last round of each seed
+                last = [seed[-1] for seed in r["refine"]]
+                md.append(f"- `{r['method']}`: the first student, trained on {last[0]['trained_rows']} texts, "
+                          f"judged {last[0]['judged_rows']}; their selection went from "
+                          f"{np.mean([x['judged_selection_accuracy_before'] for x in last]):.3f} to "
+                          f"{np.mean([x['judged_selection_accuracy_after'] for x in last]):.3f} (mean over seeds), "
+                          f"{np.mean([x['changed'] for x in last]):.1f} texts changed teacher.")
     md += ["", "Teachers (calibration on the test split):", "",
            "| teacher | own-part acc | ECE own | mean max-prob own | mean max-prob outside | over-confident |",
            "|---|---|---|---|---|---|"]
