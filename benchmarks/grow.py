@@ -33,10 +33,10 @@ ORDER = ("comp", "rec", "sci", "rest")
 def labeled_jsonl(path: Path, dataset: str, split: str, labels: list[str], limit: int) -> str:
     """The split's first `limit` texts (stratified) whose label is in `labels`, as JSONL."""
     from muki_ray.config import Source
-    from muki_ray.data import read_source
+    from common import table
 
-    table = read_source(Source(source=dataset, split=split, limit=limit))
-    rows = [r for r in table.select(["id", "text", "label"]).to_pylist() if r["label"] in labels]
+    rows = table(Source(source=dataset, split=split, limit=limit))
+    rows = [r for r in rows.select(["id", "text", "label"]).to_pylist() if r["label"] in labels]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)
 
@@ -79,7 +79,8 @@ def main() -> None:
     from muki_ray.cluster import connect
     from muki_ray.config import parse_config
     from muki_ray.manifest import is_current, read_manifest
-    from muki_ray.pipeline import predict_stage, prepare_stage, run, stage_keys
+    from muki_ray.cache import stage_keys
+    from muki_ray.pipeline import predict_stage, prepare_stage, run
 
     root = Path(args.work).resolve() / "20newsgroups"
     shared, work = root / "shared", root / "grow"

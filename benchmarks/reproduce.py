@@ -69,7 +69,7 @@ NG_FAMILIES = {
 
 def base_config(dataset: str, args) -> dict:
     from muki_ray.config import Source
-    from muki_ray.data import read_source
+    from common import table
 
     pool = {"source": dataset, "split": "train", "part": [0.5, 1.0], "limit": args.pool}
     teach = {"source": dataset, "split": "train", "part": [0.0, 0.5], "limit": args.teacher_texts}
@@ -93,7 +93,7 @@ def base_config(dataset: str, args) -> dict:
         cfg["prepare"]["split"] = "contiguous"
         cfg["teachers"] = [{"name": "t1", **teacher}, {"name": "t2", **teacher}]
     else:
-        labels = sorted(set(read_source(Source(source=dataset, split="test")).column("label").to_pylist()))
+        labels = sorted(set(table(Source(source=dataset, split="test")).column("label").to_pylist()))
         cfg["prepare"]["split"] = "explicit"
         cfg["teachers"] = [{"name": fam, "labels": [x for x in labels if keep(x)], **teacher}
                            for fam, keep in NG_FAMILIES.items()]
@@ -103,10 +103,10 @@ def base_config(dataset: str, args) -> dict:
 def calibration(run_dir: Path, cfg, space, dataset: str, args) -> list[dict]:
     """Per teacher: ECE and mean max-probability on its own test part, and mean max-prob outside it."""
     from muki_ray.config import Source
-    from muki_ray.data import read_source
+    from common import table
     from muki_ray.teachers import TeacherStage, teacher_specs
 
-    test = read_source(Source(source=dataset, split="test", limit=args.test))
+    test = table(Source(source=dataset, split="test", limit=args.test))
     texts, gold = test.column("text").to_pylist(), np.array(test.column("label").to_pylist())
     out = []
     for spec in teacher_specs(cfg, space):
@@ -131,10 +131,10 @@ def calibration(run_dir: Path, cfg, space, dataset: str, args) -> list[dict]:
 def selection_by_k(run_dir: Path, cfg, space, args) -> dict:
     """Teacher-selection accuracy with K in {4, 8, 16} on a pool subset (no student per K)."""
     from muki_ray.integrate import selection_quality
-    from muki_ray.pipeline import load_pool
+    from common import table
     from muki_ray.teachers import TeacherStage, teacher_specs
 
-    pool = load_pool(cfg, space).slice(0, args.k_rows)
+    pool = table(cfg.data.pool).slice(0, args.k_rows)
     texts = pool.column("text").to_pylist()
     gold = space.encode(pool.column("label").to_pylist())
     out = {}
@@ -223,7 +223,8 @@ def main() -> None:
     connect(cfg.ray)
     t0 = time.time()
     # Shared stages once: teachers and predictions (the first method's full run computes them).
-    from muki_ray.pipeline import predict_stage, prepare_stage, stage_keys
+    from muki_ray.cache import stage_keys
+    from muki_ray.pipeline import predict_stage, prepare_stage
     from muki_ray.manifest import is_current
 
     for stage, fn in (("prepare", prepare_stage), ("predictions", predict_stage)):

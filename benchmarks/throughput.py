@@ -38,9 +38,9 @@ LABELS = ("business", "entertainment", "politics")
 
 def texts_of(dataset: str, n: int, split: str = "train") -> list[str]:
     from muki_ray.config import Source
-    from muki_ray.data import read_source
+    from common import table
 
-    return read_source(Source(source=dataset, split=split, limit=n)).column("text").to_pylist()
+    return table(Source(source=dataset, split=split, limit=n)).column("text").to_pylist()
 
 
 def first_sentences(texts: list[str]) -> list[str]:
@@ -348,9 +348,9 @@ def cheaper(args, res: dict, k: int, threads: int) -> None:
     teachers = [Path(args.teachers) / n for n in ("t1", "t2")]
     if all((p / "config.json").exists() for p in teachers):
         from muki_ray.config import Source
-        from muki_ray.data import read_source
+        from common import table
 
-        pool = read_source(Source(source="bbc_news", split="train", part=(0.5, 1.0), limit=args.n_agree))
+        pool = table(Source(source="bbc_news", split="train", part=(0.5, 1.0), limit=args.n_agree))
         labels = [list(AutoConfig.from_pretrained(p).id2label.values()) for p in teachers]
         cheap = cheaper_estimates(teachers, labels, pool.column("text").to_pylist(), pool.column("label").to_pylist(),
                                   k, threads)

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
+from pathlib import Path
 from typing import Callable
 
 from muki_ray.config import ConfigError, RunConfig, load_config, teacher_labels, teacher_model_path
@@ -21,25 +21,35 @@ def label_space(cfg: RunConfig) -> LabelSpace:
     """The union label space of a validated config (reads the prepare data's labels if needed)."""
     prepare_labels = None
     if cfg.prepare is not None and cfg.prepare.split == "contiguous":
-        from muki_ray.data import read_source
+        from muki_ray.data import BUILTIN_DATASETS, builtin_part, scan_source
 
-        table = read_source(cfg.prepare.data, on_bad_row=cfg.data.on_bad_row, seed=cfg.data.seed, require_label=True)
-        prepare_labels = sorted(set(table.column("label").to_pylist()))
+        src = cfg.prepare.data
+        if src.source in BUILTIN_DATASETS:  # a bounded built-in: its labels are read here
+            labels = builtin_part(src.source, src.split, src.part, src.limit, cfg.data.seed).column("label").to_pylist()
+        else:  # a user's file is scanned by Ray Data
+            from muki_ray.cluster import connect
+
+            connect(cfg.ray)
+            labels = scan_source(src, on_bad_row=cfg.data.on_bad_row, seed=cfg.data.seed, require_label=True).labels
+        prepare_labels = sorted(set(labels))
     lists = teacher_labels(cfg, prepare_labels)
     return LabelSpace.from_teachers({t.name: labels for t, labels in zip(cfg.teachers, lists)})
 
 
 def connected(args) -> tuple[RunConfig, LabelSpace]:
-    """Load and validate the config, build the label space, then join or start Ray."""
+    """Load and validate the config, check models and the output directory, join or start Ray,
+    then check every labeled source (Ray Data scans) and the cluster's resources."""
     import ray
 
     from muki_ray.cluster import connect
-    from muki_ray.preflight import check_inputs, check_resources
+    from muki_ray.preflight import check_data, check_models, check_output_dir, check_resources
 
     cfg = load_config(args.config, args.set)
-    space = label_space(cfg)
-    check_inputs(cfg, space)
+    check_models(cfg)
+    check_output_dir(Path(cfg.output_dir))
     connect(cfg.ray)
+    space = label_space(cfg)
+    check_data(cfg, space)
     check_resources(cfg, ray.cluster_resources())
     return cfg, space
 
@@ -63,8 +73,6 @@ def cmd_validate(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from pathlib import Path
-
     from muki_ray.pipeline import predict_stage
 
     cfg, space = connected(args)
@@ -75,8 +83,6 @@ def cmd_predict(args) -> int:
 
 
 def cmd_combine(args) -> int:
-    from pathlib import Path
-
     from muki_ray.pipeline import combine_stage
 
     cfg, space = connected(args)
@@ -92,8 +98,6 @@ def cmd_combine(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from pathlib import Path
-
     from muki_ray.pipeline import evaluate_stage, train_stage
 
     cfg, space = connected(args)
@@ -106,8 +110,6 @@ def cmd_train(args) -> int:
 
 
 def cmd_prepare(args) -> int:
-    from pathlib import Path
-
     from muki_ray.pipeline import prepare_stage
 
     if load_config(args.config, args.set).prepare is None:
@@ -121,9 +123,8 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from pathlib import Path
-
-    from muki_ray.pipeline import STAGES, run
+    from muki_ray.cache import STAGES
+    from muki_ray.pipeline import run
 
     bad = [f for f in args.force if f not in STAGES]
     if bad:
@@ -145,7 +146,6 @@ def cmd_run(args) -> int:
 
 def cmd_classify(args) -> int:
     import json
-    from pathlib import Path
 
     from muki_ray.evaluate import predict_proba
     from muki_ray.hf_folder import check_folder
@@ -175,7 +175,7 @@ def cmd_classify(args) -> int:
 
 
 def cmd_diff(args) -> int:
-    from muki_ray.pipeline import plan_changes
+    from muki_ray.cache import plan_changes
 
     a = load_config(args.config_a, check_files=False)
     b = load_config(args.config_b, args.set)
@@ -193,7 +193,6 @@ def cmd_datasets(args) -> int:
 
 def cmd_schema(args) -> int:
     import re
-    from pathlib import Path
 
     from muki_ray.config import schema_markdown
 
@@ -253,15 +252,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from muki_ray.console import configure
+
+    configure(args.verbose)
     from muki_ray.cluster import ClusterError
     from muki_ray.data import DataError
     from muki_ray.hf_folder import ModelLoadError
     from muki_ray.preflight import OutputError
+    from muki_ray.schedule import TeacherFailed
 
     try:
         return args.fn(args)
+    except TeacherFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except ConfigError as e:
         for line in e.errors:
             print(f"error: {line}", file=sys.stderr)

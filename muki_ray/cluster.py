@@ -16,14 +16,15 @@ def connect(ray_cfg) -> None:
     """ray.init once per process. Inside a Ray job (RAY_ADDRESS set) always join that cluster."""
     import ray
 
+    from muki_ray.preflight import check_address
+
+    address = ray_cfg.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        check_address(address)  # a dead address is an error even when this process already runs a Ray
     if ray.is_initialized():
         return
-    address = ray_cfg.address or os.environ.get("RAY_ADDRESS")
     quiet = dict(log_to_driver=True, configure_logging=False)
     if address:
-        from muki_ray.preflight import check_address
-
-        check_address(address)
         try:
             ray.init(address=address, **quiet)
         except (ConnectionError, RuntimeError, ValueError) as e:

@@ -1,6 +1,14 @@
-"""The combiner stage: teachers' prediction columns -> one uncertainty-weighted target per text.
+"""The combiner: teachers' prediction columns -> one uncertainty-weighted target per text, streamed.
 
-A plain callable applied with task-based `map_batches`; all the math is in integrate.py.
+`Combiner` is a plain batch callable (task-based `map_batches`); all the math is in integrate.py,
+prototypes.py and refine.py. The targets stage streams RUN_DIR/predictions and never holds it:
+
+1. only with `calibration`, `prototypes` or `refine`: selection scores (`select_scores`), from
+   pool-wide statistics folded over per-block partials (moments, quantile sketches, prototype
+   sums); refine's rounds are in refine_stage.py;
+2. a fold for the pool mean of the raw margin weights and the supervision counters;
+3. the targets, with weights scaled by that mean.
+
 Output columns: id, text, target list[float] (|Y|, label-space order), weight, teacher (name),
 scores list[float] (N), plus NAME__probs per teacher for `uhc` and `gold` for `supervised`.
 """
@@ -12,10 +20,14 @@ from typing import Optional
 
 import numpy as np
 
-from muki_ray.data import list_column
-from muki_ray.integrate import integrate, normalize_weights, selection_quality
+from muki_ray.data import fold, io_map, list_column
+from muki_ray.embedding import EmbeddingStage
+from muki_ray.integrate import (Calibration, entropy_scores, integrate, normalize_weights, quality_from_counts,
+                                selection_counts, strategy_scores)
 from muki_ray.labels import LabelSpace
-from muki_ray.teachers import column
+from muki_ray.prototypes import _unit, assign_pass, kmeans, seed_responsibilities, teacher_scores
+from muki_ray.stats import add
+from muki_ray.teachers import column, stage_class
 
 
 def _stack(col: np.ndarray) -> np.ndarray:
@@ -37,7 +49,7 @@ def teacher_arrays(batch: dict, space: LabelSpace) -> dict[str, list[np.ndarray]
 
 @dataclass(frozen=True)
 class Combiner:
-    """Ray Data batch function: predictions batch -> targets batch (raw margin weights)."""
+    """Ray Data batch function: predictions batch -> targets batch; `counts` -> its fold partial."""
 
     space: LabelSpace
     strategy: str
@@ -46,7 +58,11 @@ class Combiner:
     reweight: bool
     target_probs: str
 
-    def __call__(self, batch: dict) -> dict:
+    @classmethod
+    def of(cls, space: LabelSpace, integ) -> "Combiner":
+        return cls(space, integ.strategy, integ.temperature, integ.kd_temperature, integ.reweight, integ.target_probs)
+
+    def integrated(self, batch: dict):
         arrays = teacher_arrays(batch, self.space)
         gold = self.space.encode(batch["label"]) if "label" in batch else None
         select = _stack(batch["select_scores"]) if "select_scores" in batch else None
@@ -54,10 +70,16 @@ class Combiner:
                         num_union=len(self.space), temperature=self.temperature,
                         kd_temperature=self.kd_temperature, reweight=self.reweight,
                         target_probs=self.target_probs, gold=gold, select_scores=select)
+        return out, arrays, gold
+
+    def __call__(self, batch: dict, mean: Optional[float] = None) -> dict:
+        """Targets of a batch; `mean` (the pool's mean raw weight) scales the weights to mean 1."""
+        out, _, gold = self.integrated(batch)
+        weights = out.weights if mean is None else normalize_weights(out.weights, mean)
         result = {
             "id": batch["id"], "text": batch["text"],
             "target": list_column(out.targets),
-            "weight": out.weights.astype(np.float32),
+            "weight": weights.astype(np.float32),
             "teacher": np.array([self.space.teachers[i] for i in out.teacher], dtype=object),
             "scores": list_column(out.scores),
         }
@@ -68,104 +90,101 @@ class Combiner:
             result["gold"] = gold
         return result
 
-
-def scale_weights(batch: dict, mean: float) -> dict:
-    batch["weight"] = normalize_weights(np.asarray(batch["weight"], dtype=np.float64), mean).astype(np.float32)
-    return batch
-
-
-def select_table(preds_ds, space: LabelSpace, integration, embedding: Optional[tuple] = None):
-    """predictions Dataset -> Arrow table of the same rows plus `select_scores` (N,): calibrated
-    and/or prototype scores (the strategy's own scores when both are off).
-
-    Both need the whole pool, so the scores are computed on the driver: B x (N + D) floats in
-    memory. `embedding` (EmbeddingSpec, map_batches options) is given when `integration.prototypes`
-    is on; the embedding pass is then a Ray Data actor stage.
-    """
-    import pyarrow as pa
-
-    from muki_ray.integrate import calibrate, strategy_scores
-
-    ds = preds_ds
-    if integration.prototypes is not None:
-        from muki_ray.embedding import EmbeddingStage
-        from muki_ray.teachers import stage_class
-
-        spec, options = embedding
-        ds = ds.map_batches(stage_class("embed", EmbeddingStage), fn_constructor_kwargs={"spec": spec},
-                            batch_size=integration.prototypes.batch_size, batch_format="numpy", **options)
-    table = pa.concat_tables(list(ds.iter_batches(batch_format="pyarrow", batch_size=None)))
-    batch = table_arrays(table)
-    arrays = teacher_arrays(batch, space)
-    scores = calibrate(strategy_scores(integration.strategy, arrays["probs"], arrays["mc_score"]),
-                       integration.calibration)
-    if integration.prototypes is not None:
-        from muki_ray.prototypes import prototype_scores
-
-        cfg = integration.prototypes
-        dists = arrays["mc_probs"] if integration.target_probs == "mc_mean" else arrays["probs"]
-        scores = prototype_scores(_stack(batch["embedding"]), scores, dists, list(space.positions), len(space),
-                                  tau=cfg.tau, kappa=cfg.kappa, iterations=cfg.iterations)
-        table = table.drop(["embedding"])
-    return with_select_scores(table, scores)
+    def counts(self, batch: dict) -> dict:
+        """Fold partial: the raw weights' sum and, with gold labels, the supervision counters."""
+        out, arrays, _ = self.integrated(batch)
+        c = {"rows": len(out.weights), "weight": float(out.weights.sum())}
+        if "label" in batch:
+            gold = self.space.encode(batch["label"])
+            known = gold >= 0
+            owns = self.space.owner_mask()[:, np.clip(gold, 0, None)].T
+            pos, n = list(self.space.positions), len(self.space)
+            c.update(known=int(known.sum()),
+                     target_ok=int(((out.targets.argmax(1) == gold) & known).sum()),
+                     selected_ok=int((owns[np.arange(len(gold)), out.teacher] & known).sum()),
+                     mc=selection_counts(np.stack(arrays["mc_score"], axis=1), arrays["probs"], pos, n, gold),
+                     entropy=selection_counts(np.stack([entropy_scores(p) for p in arrays["probs"]], axis=1),
+                                              arrays["probs"], pos, n, gold))
+        return c
 
 
-def table_arrays(table) -> dict[str, np.ndarray]:
-    """Arrow table -> {column: numpy array} (list columns as object arrays)."""
-    return {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names}
-
-
-def with_select_scores(table, scores: np.ndarray):
-    """Arrow table with its `select_scores` column set to `scores` (B, N)."""
-    import pyarrow as pa
-
-    if "select_scores" in table.column_names:
-        table = table.drop(["select_scores"])
-    return table.append_column(
-        "select_scores", pa.array([row for row in scores.astype(np.float32)], type=pa.list_(pa.float32())))
-
-
-def combine(preds_ds, space: LabelSpace, integration):
-    """predictions Dataset -> targets Dataset; margins normalized to mean 1 over the whole pool."""
-    ds = preds_ds.map_batches(
-        Combiner(space, integration.strategy, integration.temperature, integration.kd_temperature,
-                 integration.reweight, integration.target_probs),
-        batch_format="numpy", batch_size=1024)
-    if integration.reweight and integration.reweight_normalize:
-        ds = ds.materialize()  # the pool mean needs every row before any weight is final
-        mean = ds.mean("weight")
-        ds = ds.map_batches(scale_weights, fn_kwargs={"mean": mean}, batch_format="numpy", batch_size=1024)
-    return ds
-
-
-def supervision_report(preds_table, targets_table, space: LabelSpace) -> Optional[dict]:
+def supervision(counts: dict) -> Optional[dict]:
     """Analysis only (gold labels never reach training here): how good are the targets?
 
-    Reports the run's own targets and teacher choice, plus hard selection by MC scores and by
-    plain-entropy scores side by side, so every run shows whether MC beats entropy on its data.
+    The run's own targets and teacher choice, plus hard selection by MC scores and by plain
+    entropy side by side, so every run shows whether MC beats entropy on its data.
     """
-    if "label" not in preds_table.column_names:
+    if "known" not in counts or not counts["known"]:
         return None
-    from muki_ray.integrate import entropy_scores
+    k = counts["known"]
+    return {"rows": k, "target_accuracy": counts["target_ok"] / k, "selection_accuracy": counts["selected_ok"] / k,
+            "mc": quality_from_counts(counts["mc"]), "entropy": quality_from_counts(counts["entropy"])}
 
-    batch = table_arrays(preds_table)
-    arrays = teacher_arrays(batch, space)
-    gold = space.encode(batch["label"])
-    positions, n = list(space.positions), len(space)
-    mc = np.stack(arrays["mc_score"], axis=1)
-    ent = np.stack([entropy_scores(p) for p in arrays["probs"]], axis=1)
 
-    by_id = {i: k for k, i in enumerate(targets_table.column("id").to_pylist())}
-    order = np.array([by_id[i] for i in batch["id"]])
-    targets = _stack(targets_table.column("target").to_numpy(zero_copy_only=False))[order]
-    chosen = np.array([space.teachers.index(t) for t in targets_table.column("teacher").to_pylist()])[order]
-    owns = space.owner_mask()[:, np.clip(gold, 0, None)].T  # (B, N)
-    known = gold >= 0
-    selected_ok = owns[np.arange(len(gold)), chosen]
-    return {
-        "rows": int(known.sum()),
-        "target_accuracy": float((targets.argmax(1) == gold)[known].mean()),
-        "selection_accuracy": float(selected_ok[known].mean()),
-        "mc": selection_quality(mc, arrays["probs"], positions, n, gold),
-        "entropy": selection_quality(ent, arrays["probs"], positions, n, gold),
-    }
+# ------------------------------------------------------------------ selection scores
+@dataclass(frozen=True)
+class SelectScores:
+    """Ray Data batch function: add `select_scores` (B, N), the strategy's scores calibrated."""
+
+    space: LabelSpace
+    strategy: str
+    calibration: Calibration
+
+    def scores(self, batch: dict) -> np.ndarray:
+        arrays = teacher_arrays(batch, self.space)
+        return strategy_scores(self.strategy, arrays["probs"], arrays["mc_score"])
+
+    def __call__(self, batch: dict) -> dict:
+        batch["select_scores"] = list_column(self.calibration.apply(self.scores(batch)))
+        return batch
+
+
+def select_scores(preds_ds, space: LabelSpace, integration, embedding: Optional[tuple] = None):
+    """predictions Dataset -> the same rows plus `select_scores` (N,): calibrated and/or prototype
+    scores (the strategy's own scores when both are off). Lazy, except the prototypes' embeddings,
+    which are materialized once in the object store for their k-means folds.
+
+    `embedding` (EmbeddingSpec, map_batches options) is given when `integration.prototypes` is on.
+    """
+    none = Calibration.fit("none", np.zeros((0, len(space.teachers))))
+    cal = none
+    if integration.calibration != "none":  # one fold for the per-teacher moments and sketches
+        raw = SelectScores(space, integration.strategy, none)
+        cal = fold(preds_ds, lambda b: Calibration.fit(integration.calibration, raw.scores(b)),
+                   lambda a, b: a.merge(b))
+    ds = preds_ds.map_batches(SelectScores(space, integration.strategy, cal), batch_format="numpy", **io_map())
+    if integration.prototypes is None:
+        return ds
+    spec, options = embedding
+    emb = ds.map_batches(stage_class("embed", EmbeddingStage), fn_constructor_kwargs={"spec": spec},
+                         batch_size=integration.prototypes.batch_size, batch_format="numpy", **options).materialize()
+    protos = fit_prototypes(emb, space, integration.prototypes, integration.target_probs)
+    p = integration.prototypes
+
+    def rescore(batch: dict) -> dict:
+        batch["select_scores"] = list_column(teacher_scores(_unit(_stack(batch["embedding"])), protos,
+                                                            list(space.positions), p.kappa))
+        del batch["embedding"]
+        return batch
+
+    return emb.map_batches(rescore, batch_format="numpy", **io_map())
+
+
+def fit_prototypes(emb_ds, space: LabelSpace, p, target_probs: str) -> np.ndarray:
+    """Label prototypes (Y, D) by folds over a materialized dataset with `embedding` and
+    `select_scores` columns: the streaming form of `prototypes.prototype_scores` (same steps)."""
+    positions, n_union = list(space.positions), len(space)
+
+    def dists(batch):
+        arrays = teacher_arrays(batch, space)
+        return arrays["mc_probs"] if target_probs == "mc_mean" else arrays["probs"]
+
+    z = fold(emb_ds, lambda b: Calibration.fit("zscore", _stack(b["select_scores"])), lambda a, b: a.merge(b))
+    seeds = fold(emb_ds, lambda b: seed_responsibilities(z.apply(_stack(b["select_scores"])), dists(b), positions,
+                                                         n_union, p.tau).T @ _unit(_stack(b["embedding"])),
+                 add, ordered=True)
+
+    def one_pass(protos, prev):
+        return fold(emb_ds, lambda b: assign_pass(_unit(_stack(b["embedding"])), protos, prev), add, ordered=True)
+
+    return kmeans(one_pass, _unit(seeds), p.iterations)

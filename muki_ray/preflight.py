@@ -23,26 +23,20 @@ class OutputError(Exception):
     """The output directory cannot take the run's files."""
 
 
-def check_inputs(cfg: RunConfig, space: LabelSpace) -> None:
-    """Read every data source and check every model folder; raise DataError / ModelLoadError."""
-    check_data(cfg, space)
-    check_models(cfg)
-    check_output_dir(Path(cfg.output_dir))
-
-
 def check_data(cfg: RunConfig, space: LabelSpace) -> None:
-    from muki_ray.data import check_labels, read_source
+    """Scan every labeled source with Ray Data (every row checked, labels in the union); raise DataError.
 
-    sources = [("data.pool", cfg.data.pool, cfg.data.pool_gold_labels), ("data.dev", cfg.data.dev, True),
-               ("data.test", cfg.data.test, True)]
+    The pool is checked by its own stage, the first one to run.
+    """
+    from muki_ray.data import check_labels, scan_source
+
+    sources = [("data.dev", cfg.data.dev), ("data.test", cfg.data.test)]
     if cfg.prepare is not None:
-        sources += [("prepare.data", cfg.prepare.data, True), ("prepare.test", cfg.prepare.test, True)]
-    for where, src, labeled in sources:
-        if src is None:
-            continue
-        table = read_source(src, on_bad_row=cfg.data.on_bad_row, seed=cfg.data.seed, require_label=labeled)
-        if labeled:
-            check_labels(table, space.names, where)
+        sources += [("prepare.data", cfg.prepare.data), ("prepare.test", cfg.prepare.test)]
+    for where, src in sources:
+        if src is not None:
+            info = scan_source(src, on_bad_row=cfg.data.on_bad_row, seed=cfg.data.seed, require_label=True)
+            check_labels(info, space.names, where)
 
 
 def check_models(cfg: RunConfig) -> None:

@@ -17,7 +17,7 @@ No gold label is read. Shapes: B texts, D embedding dims, N teachers, Y union la
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
@@ -37,31 +37,52 @@ def _unit(a: np.ndarray) -> np.ndarray:
 
 def seed_responsibilities(z: np.ndarray, dists: Sequence[np.ndarray], positions, num_union: int,
                           tau: float) -> np.ndarray:
-    """z (B, N), dists[t] (B, C_t) -> (B, Y) label weights softmax_t(z / tau) * p_t(y); rows sum to 1."""
+    """z (B, N), dists[t] (B, C_t) -> (B, Y) label weights softmax_t(z / tau) * p_t(y); rows sum to 1.
+
+    A label owned by several teachers collects the weight of each of them.
+    """
     w = _softmax(z / tau)
     out = np.zeros((z.shape[0], num_union))
     for t, (p, pos) in enumerate(zip(dists, positions)):
-        out[:, pos] = w[:, [t]] * np.asarray(p)
+        out[:, pos] += w[:, [t]] * np.asarray(p)
     return out
 
 
-def refine(emb: np.ndarray, resp: np.ndarray, iterations: int) -> tuple[np.ndarray, np.ndarray]:
-    """Spherical k-means from seeded responsibilities.
+def assign_pass(emb: np.ndarray, protos: np.ndarray, prev: Optional[np.ndarray]) -> tuple:
+    """One k-means pass over a block: emb (B, D) unit rows, protos (Y, D).
 
-    emb (B, D) unit rows, resp (B, Y) -> (prototypes (Y, D) unit rows, assignment (B,) label index).
-    A label that loses every text keeps its last prototype rather than vanishing.
+    Returns (sums (Y, D) of the rows assigned to each label, counts (Y,), changed: rows whose
+    label differs from their label under `prev` (0 when prev is None)). Sums add up over blocks.
     """
-    protos = _unit(resp.T @ emb)
-    assign = np.full(emb.shape[0], -1)
+    assign = (emb @ protos.T).argmax(axis=1)
+    sums = np.zeros_like(protos)
+    np.add.at(sums, assign, emb)
+    counts = np.bincount(assign, minlength=protos.shape[0])
+    changed = 0 if prev is None else int((assign != (emb @ prev.T).argmax(axis=1)).sum())
+    return sums, counts, changed
+
+
+def kmeans(run_pass: Callable, protos: np.ndarray, iterations: int) -> np.ndarray:
+    """Spherical k-means from initial prototypes (Y, D); each label keeps its identity.
+
+    run_pass(protos, prev) -> `assign_pass`'s (sums, counts, changed) over the whole pool, in
+    memory or as a streaming fold. Stops when no row changes label. A label that loses every
+    text keeps its last prototype rather than vanishing.
+    """
+    prev = None
     for _ in range(iterations):
-        new = (emb @ protos.T).argmax(axis=1)
-        if np.array_equal(new, assign):
+        sums, counts, changed = run_pass(protos, prev)
+        if prev is not None and changed == 0:
             break
-        assign = new
-        sums = np.eye(protos.shape[0])[assign].T @ emb
-        has = np.bincount(assign, minlength=protos.shape[0]) > 0
-        protos = np.where(has[:, None], _unit(sums), protos)
-    return protos, assign
+        prev, protos = protos, np.where((counts > 0)[:, None], _unit(sums), protos)
+    return protos
+
+
+def refine(emb: np.ndarray, resp: np.ndarray, iterations: int) -> tuple[np.ndarray, np.ndarray]:
+    """Spherical k-means in memory: emb (B, D) unit rows, resp (B, Y) seeds -> (prototypes (Y, D),
+    assignment (B,) label index)."""
+    protos = kmeans(lambda p, prev: assign_pass(emb, p, prev), _unit(resp.T @ emb), iterations)
+    return protos, (emb @ protos.T).argmax(axis=1)
 
 
 def teacher_scores(emb: np.ndarray, protos: np.ndarray, positions, kappa: float) -> np.ndarray:

@@ -6,8 +6,9 @@ a student fine-tuned on those texts learns which union labels the *text* looks l
 different kind of evidence from any one teacher's confidence. On the low-margin rest it is a
 second opinion; where it and the teachers' scores disagree, their mixture decides.
 
-One round: split the pool by the top-2 margin of the current scores, train a first student on the
-high-margin `fraction`, let it judge the low-margin rest only, and mix. The first student never
+One round: split the pool by the top-2 margin of the current scores (at the margin that a quantile
+sketch of the pool's margins puts `fraction` of the texts above), train a first student on the
+high-margin part, let it judge the low-margin rest only, and mix. The first student never
 judges a text it was trained on, so no cross-fitting is needed; a later round re-splits by the
 refined margin and trains a fresh first student on the new high-margin part.
 
@@ -21,21 +22,22 @@ import math
 import numpy as np
 
 from muki_ray.integrate import margin_weights, teacher_weights
+from muki_ray.stats import Sketch
 
 TINY = 1e-12  # floor of a teacher weight before its log
 
 
-def high_margin(scores: np.ndarray, fraction: float) -> np.ndarray:
-    """(B, N) -> (B,) bool: the ceil(fraction * B) rows with the widest top-2 margin.
+def margin_cut(margins: Sketch, fraction: float) -> float:
+    """The margin m* such that the ceil(fraction * n) texts of widest margin have m >= m*.
 
-    Equal margins keep pool order (the earlier row is taken), so the split is deterministic.
+    margins: a sketch of the pool's top-2 margins (n values). Texts tied at m* all train.
     """
-    b = scores.shape[0]
-    take = min(b, math.ceil(fraction * b))
-    order = np.argsort(-margin_weights(scores), kind="stable")
-    mask = np.zeros(b, dtype=bool)
-    mask[order[:take]] = True
-    return mask
+    return margins.value_at_top(min(margins.n, math.ceil(fraction * margins.n)))
+
+
+def high_margin(scores: np.ndarray, cut: float) -> np.ndarray:
+    """(B, N) -> (B,) bool: the rows whose top-2 margin reaches `cut` (they train the first student)."""
+    return margin_weights(scores) >= cut
 
 
 def teacher_mass(student_probs: np.ndarray, positions) -> np.ndarray:

@@ -6,9 +6,17 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import ray.data
 
+from muki_ray.combiner import teacher_arrays
+from muki_ray.data import io_read
+from muki_ray.integrate import entropy_scores
 from muki_ray.labels import LabelSpace
 from muki_ray.manifest import read_manifest
+from muki_ray.teachers import column
+
+FIGURE_ROWS = 20_000  # the uncertainty figure is drawn from a seeded sample of at most this many texts
 
 
 def _fmt(x) -> str:
@@ -22,13 +30,10 @@ def uncertainty_figure(preds_table, space: LabelSpace, out: Path) -> dict:
     teacher is "wrong". Returns the histogram inputs' summary (means, and the share of rows where
     the correct teacher is the least uncertain).
     """
-    import matplotlib
+    import matplotlib  # lazily: matplotlib costs a second at start-up
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from muki_ray.combiner import teacher_arrays
-    from muki_ray.integrate import entropy_scores
 
     batch = {c: preds_table.column(c).to_numpy(zero_copy_only=False) for c in preds_table.column_names}
     arrays = teacher_arrays(batch, space)
@@ -60,14 +65,21 @@ def uncertainty_figure(preds_table, space: LabelSpace, out: Path) -> dict:
     return summary
 
 
+def predictions_sample(preds_dir: Path, rows: int, space: LabelSpace) -> pa.Table:
+    """At most FIGURE_ROWS rows of the predictions (label and the columns the figure reads), seeded."""
+    cols = ["label"] + [column(t, f) for t in space.teachers for f in ("logits", "probs", "mc_probs", "mc_score")]
+    ds = ray.data.read_parquet(str(preds_dir), columns=cols, **io_read())
+    if rows > FIGURE_ROWS:
+        ds = ds.random_sample(FIGURE_ROWS / rows, seed=0)
+    return pa.concat_tables(list(ds.iter_batches(batch_format="pyarrow", batch_size=None)))
+
+
 def write_report(cfg, space: LabelSpace, run_dir: Path) -> dict:
     """Markdown summary of every stage; returns a manifest-like dict with the results table."""
-    import pyarrow.parquet as pq
-
     started = time.time()
     run_dir = Path(run_dir)
-    m = {s: read_manifest(run_dir / s) for s in ("prepare", "predictions", "targets", "train", "evaluate")}
-    lines = [f"# muki-ray run report", "", f"Run directory: `{run_dir}`", ""]
+    m = {s: read_manifest(run_dir / s) for s in ("pool", "prepare", "predictions", "targets", "train", "evaluate")}
+    lines = ["# muki-ray run report", "", f"Run directory: `{run_dir}`", ""]
 
     lines += ["## Teachers", "", "| teacher | labels | own-part test accuracy |", "|---|---|---|"]
     prepared = (m["prepare"] or {}).get("teachers", {})
@@ -91,8 +103,8 @@ def write_report(cfg, space: LabelSpace, run_dir: Path) -> dict:
             lines.append(f"| hard selection, {'MC-Dropout' if k == 'mc' else 'plain entropy'} | "
                          f"{_fmt(q['target_accuracy'])} | {_fmt(q['selection_accuracy'])} | "
                          f"{_fmt(q['mean_margin_correct'])} | {_fmt(q['mean_margin_wrong'])} |")
-        preds = pq.read_table(run_dir / "predictions" / "data")
-        if "label" in preds.column_names:
+        if cfg.data.pool_gold_labels:
+            preds = predictions_sample(run_dir / "predictions" / "data", m["predictions"]["rows"], space)
             figure = uncertainty_figure(preds, space, run_dir / "uncertainty.png")
             lines += ["", "![uncertainty](uncertainty.png)", "",
                       "Share of texts where the correct teacher is the least uncertain: "

@@ -328,7 +328,6 @@ def _maybe_fail(global_step: int, spec: Optional[str]) -> None:
 def fit(job: TrainJob, train_ds, dev_ds, *, run_dir: Path, name: str, num_rows: int, scaling: dict,
         max_failures: int, storage_path: Optional[str] = None) -> dict:
     """Run the TorchTrainer; returns the best checkpoint path and its metrics."""
-    import ray.train
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -445,3 +444,59 @@ def warm_start_state(init_from: str, model_path: str, new_labels: list[str], see
     torch.save(state, tmp)
     tmp.replace(out_file)
     return out_file
+
+
+# ----------------------------------------------------------------- one fit, end to end
+def with_gold(ds, names):
+    """{..., label} -> {..., gold}: the label's index in `names` (-1 when absent)."""
+    import pyarrow as pa
+
+    from muki_ray.data import io_map  # data imports Ray Data, which the training workers need not load
+
+    index = {n: i for i, n in enumerate(names)}
+
+    def encode(batch: "pa.Table") -> "pa.Table":
+        gold = [index.get(x, -1) for x in batch.column("label").to_pylist()]
+        return batch.append_column("gold", pa.array(gold, type=pa.int64())).drop(["label"])
+
+    return ds.map_batches(encode, batch_format="pyarrow", **io_map())
+
+
+def train_classifier(hyper, *, model_path: str, labels: list[str], loss: str, train_ds, dev_ds, rows: int,
+                     run_dir: Path, name: str, out_dir: Path, parts: dict, trust_remote_code=False,
+                     allow_pickle=False, storage_path=None, **job_extra) -> dict:
+    """Ray Train + DeepSpeed fit of a classifier over `labels`, exported to `out_dir` (HF folder).
+
+    Shared by the student (KD losses), the refine first students and the prepared teachers
+    (cross-entropy on gold labels). dev_ds: a labeled Ray Dataset {text, label}.
+    """
+    per_epoch = steps_per_epoch(rows, hyper.num_workers, hyper.batch_size)
+    total_opt_steps = -(-per_epoch // hyper.grad_accum) * hyper.epochs
+    bf16 = hyper.precision == "bf16" or (hyper.precision == "auto" and hyper.use_gpu)
+    user_ds = json.loads(Path(hyper.deepspeed_config).read_text()) if hyper.deepspeed_config else None
+    job = TrainJob(
+        model_path=model_path, labels=list(labels), loss=loss, hyper=hyper.model_dump(),
+        ds_config=deepspeed_config(hyper, use_gpu=hyper.use_gpu, bf16=bf16, total_steps=total_opt_steps,
+                                   user=user_ds),
+        steps_per_epoch=per_epoch, log_path=str(Path(run_dir) / "train_log.jsonl"), part_labels=parts,
+        trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
+        fault_step=os.environ.get("MUKI_FAULT_TRAIN_STEP"), **job_extra)
+    dev = tokenize(with_gold(dev_ds, labels).select_columns(["text", "gold"]), model_path, hyper.max_length,
+                   trust_remote_code)
+    log.info("train %s: %d rows, %d workers x batch %d, %d steps/epoch, %d epochs, ZeRO-%d, loss %s", name,
+             rows, hyper.num_workers, hyper.batch_size, per_epoch, hyper.epochs, hyper.zero_stage, loss)
+    # Tokenize once, before training: a streamed map would re-run every epoch and compete with the
+    # training workers for CPU.
+    train_ds, dev = train_ds.materialize(), dev.materialize()
+    t0 = time.time()
+    result = fit(job, train_ds, dev, run_dir=Path(run_dir), name=name, num_rows=rows,
+                 scaling={"num_workers": hyper.num_workers, "use_gpu": hyper.use_gpu,
+                          "resources_per_worker": dict(hyper.resources_per_worker)},
+                 max_failures=hyper.max_failures, storage_path=storage_path)
+    train_time = time.time() - t0
+    export(job, consolidate(result["checkpoint"], hyper.zero_stage), out_dir)  # tmp + rename
+    m = result["metrics"]
+    return {"dev_accuracy": m.get("dev_accuracy"),
+            "dev_accuracy_per_teacher": {p: m.get(f"dev_accuracy/{p}") for p in parts},
+            "best_epoch": m.get("epoch"), "global_step": result["last_metrics"].get("global_step"),
+            "train_time_s": round(train_time, 2)}

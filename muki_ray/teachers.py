@@ -1,7 +1,8 @@
 """The teacher stage: every teacher's MC-Dropout predictions, streamed through Ray Data.
 
-One actor pool per teacher, chained with `map_batches` (never `zip`: zip materializes its
-inputs and does not keep block order). Each stage appends that teacher's columns:
+Each teacher is its own pipeline: the pool rows its cache lacks -> `map_batches(<teacher>)` on
+its own actor pool -> a new part of its cache (`cache.TeacherCache`). `schedule.run_within` runs
+the pipelines side by side within the cluster's free resources. Each pipeline writes:
 
     NAME__logits          list[float] (C,)  deterministic logits, dropout off
     NAME__probs           list[float] (C,)  softmax(logits)
@@ -10,23 +11,31 @@ inputs and does not keep block order). Each stage appends that teacher's columns
     NAME__mc_uncertainty  float             H(p̄), nats
     NAME__mc_score        float             s = 1 - H(p̄) / log C, in [0, 1]
 
-Why one cache per teacher: adding a teacher to the config must cost one teacher's work. Each
-teacher's columns are therefore also stored alone, keyed by `id` under a fingerprint of its model,
-labels and MC settings; a reused teacher enters the chain as a cheap lookup stage instead of a
-model (see `CachedTeacher`), so the chain's output has the same columns either way.
+Why one cache per teacher: adding a teacher to the config must cost one teacher's work, and a
+teacher that fails must not lose the others' work. The predictions stage then joins the caches
+bucket by bucket (`pool.join_bucket`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
+import pyarrow.parquet as pq
+import ray
+import torch
+import ray.data
 
-from muki_ray.data import list_column
+from muki_ray.cache import TeacherCache
+from muki_ray.data import hash64, io_map, io_write, list_column
+from muki_ray.manifest import write_json_atomic
 from muki_ray.mc_dropout import AdaptiveK, mc_predict
+from muki_ray.pool import missing_rows, over_buckets
 
 FAULT_ENV = "MUKI_FAULT_TEACHER"
 log = logging.getLogger("muki_ray.teachers")
@@ -89,24 +98,36 @@ class TeacherStage:
         self.max_batch_tokens = s.max_batch_tokens or mc_batch_tokens(self.device)
         self.batches = 0
         self.passes = 0  # sampled forward rows (B·K without adaptive stopping)
+        self.node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         texts = [str(t) for t in batch["text"]]
-        out = self.predict(texts)
+        out = self.predict(texts, ids=[str(i) for i in batch["id"]])
         for field in COLUMNS:
             batch[column(self.spec.name, field)] = out[field]
+        batch["node"] = np.full(len(texts), self.node, dtype=object)  # where each row was computed
+        del batch["text"]  # the pool keeps the text; caches and the stream carry only predictions
         self.batches += 1
         _maybe_fail(self.spec.name, self.batches)
         return batch
 
-    def predict(self, texts: list[str]) -> dict[str, np.ndarray]:
+    def predict(self, texts: list[str], ids: Optional[list[str]] = None) -> dict[str, np.ndarray]:
         """(B,) texts -> per-field arrays, rows in input order.
+
+        Each row's dropout masks are seeded from (mc.seed, this teacher, its id; its text when no
+        ids are given), so its p̄ does not depend on the rows it shares a batch with.
 
         Rows are sorted by token length and packed into micro-batches padded only to their own
         longest row, so no FLOPs go to pad tokens beyond the micro-batch maximum.
         """
         s = self.spec
+        if not texts:  # an empty batch (an anti-join can leave a bucket with nothing to compute)
+            c = len(s.labels)
+            return {f: list_column(np.zeros((0, c) if f in ("logits", "probs", "mc_probs") else 0, np.float32))
+                    for f in COLUMNS}
         enc = self.tokenizer(texts, truncation=True, max_length=s.max_length, padding=False)
+        seeds = hash64([f"{s.name}\0{k}" for k in (ids if ids is not None else texts)],
+                       salt=f"mc:{s.seed}:").view(np.int64)
         lengths = np.array([len(ids) for ids in enc["input_ids"]])
         order = np.argsort(-lengths, kind="stable")
         parts: list[dict[str, np.ndarray]] = []
@@ -116,34 +137,36 @@ class TeacherStage:
             width = int(lengths[order[start]])
             rows = max(1, self.max_batch_tokens // max(1, width * s.samples))
             idx = order[start : start + rows]
-            parts.append(self._forward({k: [enc[k][i] for i in idx] for k in enc.keys()}))
+            parts.append(self._forward({k: [enc[k][i] for i in idx] for k in enc.keys()}, seeds[idx]))
             start += rows
         merged = {f: np.concatenate([p[f] for p in parts]) for f in COLUMNS}
         inverse = np.empty_like(order)
         inverse[order] = np.arange(len(order))
         return {f: list_column(merged[f][inverse]) for f in COLUMNS}
 
-    def _forward(self, features: dict[str, list]) -> dict[str, np.ndarray]:
+    def _forward(self, features: dict[str, list], seeds: np.ndarray) -> dict[str, np.ndarray]:
         s = self.spec
         padded = self.tokenizer.pad(features, return_tensors="pt")
         batch = {k: v.to(self.device) for k, v in padded.items()}
         adaptive = AdaptiveK(tolerance=s.adaptive[0], round=s.adaptive[1]) if s.adaptive else None
         out = mc_predict(self.model, batch, samples=s.samples, dropout=s.dropout, seed=s.seed,
                          max_batch_tokens=self.max_batch_tokens, autocast_dtype=self.dtype, layers=s.layers,
-                         adaptive=adaptive)
+                         adaptive=adaptive, row_seeds=torch.from_numpy(seeds))
         self.passes += int(out.samples_used.sum())
         return {f: getattr(out, f).float().cpu().numpy() for f in COLUMNS}
 
 
 def _maybe_fail(name: str, batches: int) -> None:
     """Test-only fault hook: MUKI_FAULT_TEACHER=NAME:N[:MARKER] kills this actor after N batches
-    (only once when MARKER is given: the first death creates that file)."""
+    (only once when MARKER is given: the first death creates that file); NAME:N:raise raises."""
     fault = os.environ.get(FAULT_ENV)
     if not fault:
         return
     target, n, *marker = fault.split(":", 2)
     if target != name or batches < int(n):
         return
+    if marker == ["raise"]:
+        raise RuntimeError(f"injected fault on batch {batches}")
     if marker:
         if os.path.exists(marker[0]):
             return
@@ -156,54 +179,24 @@ def _fault_hook_env() -> dict:
     return {"runtime_env": {"env_vars": {FAULT_ENV: os.environ[FAULT_ENV]}}} if FAULT_ENV in os.environ else {}
 
 
-class CachedTeacher:
-    """Ray Data callable class: append a reused teacher's columns from its cache, joined by `id`.
-
-    Stands in the chain where the model would, so the chain's output has the same columns
-    whether a teacher was computed now or reused.
-    """
-
-    def __init__(self, name: str, cache_dir: str):
-        import pyarrow.parquet as pq
-
-        self.name = name
-        table = pq.read_table(cache_dir)
-        self.row = {rid: i for i, rid in enumerate(table.column("id").to_pylist())}
-        self.columns = {f: table.column(column(name, f)).to_numpy(zero_copy_only=False) for f in COLUMNS}
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        try:
-            idx = np.array([self.row[rid] for rid in batch["id"]], dtype=np.int64)
-        except KeyError as e:
-            raise RuntimeError(f"teacher {self.name!r}: cached predictions lack pool id {e.args[0]!r}") from None
-        for f, values in self.columns.items():
-            picked = values[idx]
-            batch[column(self.name, f)] = list_column(np.stack(picked)) if picked.dtype == object else picked
-        return batch
-
-
-def teacher_fingerprint(spec: TeacherSpec, pool_fingerprint: str) -> str:
-    """What a teacher's predictions depend on: model content, labels, MC settings, length, pool."""
-    from muki_ray.manifest import fingerprint, folder_fingerprint
-
-    settings = {k: v for k, v in spec.__dict__.items() if k not in ("name", "model_path", "threads")}
-    return fingerprint([folder_fingerprint(spec.model_path), settings, pool_fingerprint])
-
-
 def stage_class(name: str, base: type = TeacherStage) -> type:
     """A subclass named after the teacher: Ray Data labels a stage with its class name."""
     return type(name, (base,), {"__module__": base.__module__, "__qualname__": name})
 
 
-def stage_options(resources, num_gpus_default: float) -> dict:
-    """map_batches options for one teacher's actor pool, from its `resources` config."""
-    import ray.data
-
+def actor_resources(resources, num_gpus_default: float) -> dict[str, float]:
+    """Ray resources of one actor of a stage, from its `resources` config."""
     num_gpus = resources.num_gpus if resources.num_gpus is not None else num_gpus_default
+    return {"CPU": resources.num_cpus, "GPU": num_gpus, **resources.custom}
+
+
+def stage_options(resources, num_gpus_default: float, actors: Optional[int] = None) -> dict:
+    """map_batches options for one actor pool (1 to `actors` or `replicas` actors), from its `resources`."""
+    per = actor_resources(resources, num_gpus_default)
     return {
-        "compute": ray.data.ActorPoolStrategy(size=resources.replicas),
-        "num_cpus": resources.num_cpus,
-        "num_gpus": num_gpus,
+        "compute": ray.data.ActorPoolStrategy(min_size=1, max_size=actors or resources.replicas),
+        "num_cpus": per["CPU"], "num_gpus": per["GPU"],
+        **({"resources": dict(resources.custom)} if resources.custom else {}),
         # No max_restarts/max_task_retries here: Ray Data's actor pools already default both to
         # -1, so a lost actor is restarted and its batch retried and the stream completes.
     }
@@ -225,27 +218,40 @@ def teacher_specs(cfg, space) -> list[TeacherSpec]:
     ]
 
 
-def chain_teachers(ds, cfg, specs: list[TeacherSpec], cached: Optional[dict[str, str]] = None):
-    """pool dataset {id, text} -> the same rows plus every teacher's columns, one actor pool each.
+def cache_columns(name: str) -> list[str]:
+    """A teacher cache's prediction columns (besides id, text_hash, node and bucket)."""
+    return [column(name, f) for f in COLUMNS]
 
-    `cached` maps teacher name -> cache folder: that teacher is joined from its cache instead.
+
+def predict_teacher(spec: TeacherSpec, teacher, cache: TeacherCache, pool_root: Path, pool_fp: str,
+                    buckets: int, actors: int, gpu_default: float) -> dict:
+    """One teacher's pipeline: compute the pool rows its cache lacks into a new cache part.
+
+    Returns {"computed": rows, "busy_s": seconds}. Nothing is computed when the cache already
+    covers this pool. The part is complete only once its manifest is written, so a crash leaves
+    nothing that a rerun would read.
     """
-    import ray.data
-
-    from muki_ray.hardware import cluster_has_gpus
-
-    cached = cached or {}
-    gpu_default = 1.0 if cluster_has_gpus() else 0.0
-    by_name = {t.name: t for t in cfg.teachers}
-    for spec in specs:
-        t = by_name[spec.name]
-        if spec.name in cached:
-            ds = ds.map_batches(stage_class(f"{spec.name}_cached", CachedTeacher),
-                                fn_constructor_kwargs={"name": spec.name, "cache_dir": cached[spec.name]},
-                                batch_size=t.batch_size, batch_format="numpy", num_cpus=0.1,
-                                compute=ray.data.ActorPoolStrategy(size=1))
-            continue
-        ds = ds.map_batches(stage_class(spec.name), fn_constructor_kwargs={"spec": spec},
-                            batch_size=t.batch_size, batch_format="numpy",
-                            **stage_options(t.resources, gpu_default), **_fault_hook_env())
-    return ds
+    t0 = time.time()
+    if cache.covers(pool_fp):
+        return {"computed": 0, "busy_s": 0.0}
+    # The rows no part holds yet (all of them on a first run), one bucket per task. Every task
+    # of this pipeline but the actors' asks for no CPU (schedule.py says why).
+    rows = over_buckets(missing_rows, buckets, io_map(), pool_root=str(pool_root), parts=cache.parts())
+    options = stage_options(teacher.resources, gpu_default, actors)
+    per = actor_resources(teacher.resources, gpu_default)
+    # Cap this pipeline to its grant, so pools of teachers running side by side never compete.
+    rows.context.execution_options.resource_limits = ray.data.ExecutionResources(
+        cpu=per["CPU"] * actors, gpu=per["GPU"] * actors)
+    out = rows.map_batches(stage_class(spec.name), fn_constructor_kwargs={"spec": spec}, batch_size=teacher.batch_size,
+                           batch_format="numpy", **options, **_fault_hook_env())
+    part = cache.new_part()
+    # Rows arrive in blocks of one bucket (the pool's files, or one anti-join task per bucket), so
+    # the bucketed write makes about one file per input block, with no repartition (whose tasks
+    # would need a CPU that the actors hold).
+    out.write_parquet(str(part / "data"), partition_cols=["bucket"], **io_write())
+    computed = sum(pq.ParquetFile(f).metadata.num_rows for f in (part / "data").rglob("*.parquet")) \
+        if (part / "data").exists() else 0
+    write_json_atomic(part / "manifest.json", {"rows": computed, "pool": pool_fp,
+                                               "wall_time_s": round(time.time() - t0, 3)})
+    cache.mark_covered(pool_fp)
+    return {"computed": computed, "busy_s": round(time.time() - t0, 3)}

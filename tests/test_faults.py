@@ -3,7 +3,6 @@ and secrets that must never reach the run directory."""
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import signal
@@ -63,7 +62,7 @@ def test_sigkill_mid_stage_then_rerun_resumes_and_leaks_no_secret(run_config, tm
     env = {**os.environ, **secrets}
     env.pop("RAY_ADDRESS", None)
     first = _cli("run", str(cfg), env=env)
-    deadline = time.time() + 300
+    deadline = time.time() + 480
     while read_manifest(run / "targets") is None or not (run / "train").exists():
         assert first.poll() is None, first.stdout.read()
         assert time.time() < deadline, "the run never reached the train stage"

@@ -69,6 +69,6 @@ def test_add_a_teacher_recomputes_only_it(tmp_path, tiny_models, ray_session, ca
     assert json.loads((run / "metrics.json").read_text())["test_accuracy"] >= 0
 
     # Changing one teacher's mc.samples recomputes only that teacher.
-    assert main(["run", str(b), "--set", "teachers[0].mc.samples=3"]) == 0
+    assert main(["predict-teachers", str(b), "--set", "teachers[0].mc.samples=3"]) == 0
     m = read_manifest(run / "predictions")
     assert m["computed"] == ["news"] and m["reused"] == ["arts", "misc"]

@@ -71,7 +71,8 @@ def test_combiner_stage_with_prototypes(tmp_path, ray_session, tiny_models):
 
     import pyarrow.parquet as pq
 
-    from muki_ray.pipeline import combine_stage, stage_keys
+    from muki_ray.cache import stage_keys
+    from muki_ray.pipeline import combine_stage
     from tests.test_combiner import SPACE, fake_predictions, make_cfg
 
     fake_predictions(tmp_path)
@@ -103,7 +104,8 @@ def test_calibration_needs_a_score_based_strategy(tmp_path):
 def test_combiner_stage_with_rank_calibration(tmp_path, ray_session):
     import pyarrow.parquet as pq
 
-    from muki_ray.pipeline import combine_stage, stage_keys
+    from muki_ray.cache import stage_keys
+    from muki_ray.pipeline import combine_stage
     from tests.test_combiner import SPACE, fake_predictions, make_cfg
 
     fake_predictions(tmp_path)

@@ -8,15 +8,21 @@ import math
 import numpy as np
 import pytest
 
-from muki_ray.refine import high_margin, refine_scores, teacher_mass
+from muki_ray.integrate import margin_weights
+from muki_ray.refine import high_margin, margin_cut, refine_scores, teacher_mass
+from muki_ray.stats import Sketch
 
 SCORES = np.array([[0.9, 0.2], [0.1, 0.8], [0.7, 0.1], [0.5, 0.5]])  # margins 0.7, 0.7, 0.6, 0.0
 
 
-def test_high_margin_takes_the_widest_margins_and_keeps_pool_order_on_ties():
-    assert high_margin(SCORES, 0.5).tolist() == [True, True, False, False]
-    assert high_margin(SCORES, 0.6).tolist() == [True, True, True, False]  # ceil(0.6 * 4) = 3 rows
-    assert high_margin(np.array([[0.5, 0.5], [0.5, 0.5]]), 0.5).tolist() == [True, False]
+def split(scores, fraction):
+    return high_margin(scores, margin_cut(Sketch(margin_weights(scores)), fraction))
+
+
+def test_high_margin_takes_the_widest_margins():
+    assert split(SCORES, 0.5).tolist() == [True, True, False, False]
+    assert split(SCORES, 0.6).tolist() == [True, True, True, False]  # ceil(0.6 * 4) = 3 rows
+    assert split(np.array([[0.5, 0.5], [0.5, 0.5]]), 0.5).tolist() == [True, True]  # texts tied at the cut all train
     assert high_margin(np.zeros((0, 2)), 0.7).tolist() == []
 
 
@@ -62,7 +68,8 @@ def test_combiner_stage_with_refine(tmp_path, ray_session, tiny_models):
     from muki_ray.config import parse_config
     from muki_ray.evaluate import predict_proba
     from muki_ray.manifest import read_manifest
-    from muki_ray.pipeline import combine_stage, stage_keys
+    from muki_ray.cache import stage_keys
+    from muki_ray.pipeline import combine_stage
     from muki_ray.refine import teacher_mass as mass_of
     from tests.test_combiner import SPACE, fake_predictions
 

@@ -45,7 +45,7 @@ def stage_ids(run):
     from muki_ray.manifest import read_manifest
 
     return {s: (read_manifest(run / s) or {}).get("output_id")
-            for s in ("prepare", "predictions", "targets", "train", "evaluate")}
+            for s in ("pool", "prepare", "predictions", "targets", "train", "evaluate")}
 
 
 def test_run_end_to_end_resume_and_classify(run_config, ray_session, capsys):
@@ -67,7 +67,7 @@ def test_run_end_to_end_resume_and_classify(run_config, ray_session, capsys):
     # An identical rerun skips every stage.
     assert main(["run", str(cfg_path)]) == 0
     out = capsys.readouterr().out
-    assert out.count("skipped (up to date)") == 5
+    assert out.count("skipped (up to date)") == 6  # pool, prepare, predictions, targets, train, evaluate
     assert stage_ids(run) == first
 
     # Changing only integration.temperature reruns combine, train and evaluate, not predict.

@@ -1,4 +1,4 @@
-"""The teacher stage: Ray Data actor pools, chained, one row per pool id, heterogeneous teachers."""
+"""The teacher stage: one Ray Data pipeline and actor pool per teacher, one row per pool id, heterogeneous teachers."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 
 from muki_ray.config import parse_config
 from muki_ray.labels import LabelSpace
-from muki_ray.teachers import COLUMNS, TeacherSpec, TeacherStage, column, stage_class, teacher_specs
+from muki_ray.teachers import COLUMNS, TeacherSpec, TeacherStage, column, stage_class, stage_options, teacher_specs
 from tests.conftest import WORDS
 
 
@@ -42,16 +42,13 @@ def _cfg(tmp_path, tiny_models, n=300, replicas=2, **teacher_extra):
 
 
 def test_three_heterogeneous_teachers_one_row_per_id(tmp_path, tiny_models, ray_session):
-    from muki_ray.pipeline import predict_stage
-
     from muki_ray.cli import main
-    from muki_ray.data import to_ray_dataset
     from muki_ray.manifest import read_manifest
-    from muki_ray.pipeline import load_pool
 
     cfg, space = _cfg(tmp_path, tiny_models)
-    assert to_ray_dataset(load_pool(cfg, space), 37).num_blocks() > 1
     assert main(["predict-teachers", str(tmp_path / "cfg.yaml")]) == 0
+    pool = read_manifest(tmp_path / "run" / "pool")
+    assert sum(1 for n in pool["bucket_rows"] if n) > 8  # the pool streams as many blocks
     manifest = read_manifest(tmp_path / "run" / "predictions")
     table = pq.read_table(tmp_path / "run" / "predictions" / "data")
     ids = table.column("id").to_pylist()
@@ -112,38 +109,25 @@ def test_stage_class_named_after_teacher():
     assert cls.__name__ == "news" and issubclass(cls, TeacherStage)
 
 
-def test_resources_reach_actor_pool_options(tmp_path, tiny_models, monkeypatch):
-    """Configured num_gpus/num_cpus/replicas reach each map_batches call (no GPU needed)."""
+def test_resources_reach_actor_pool_options(tmp_path, tiny_models):
+    """Configured num_gpus/num_cpus/replicas/custom resources reach each pool's options (no GPU needed)."""
     import ray.data
-
-    from muki_ray import teachers
 
     cfg, space = _cfg(tmp_path, tiny_models, n=4, replicas=3)
     cfg.teachers[1].resources.num_gpus = 1
-    calls = []
-
-    class FakeDataset:
-        def map_batches(self, fn, **kw):
-            calls.append((fn.__name__, kw))
-            return self
-
-    monkeypatch.setattr("muki_ray.hardware.cluster_has_gpus", lambda: False)
-    teachers.chain_teachers(FakeDataset(), cfg, teacher_specs(cfg, space))
-    assert [c[0] for c in calls] == ["news", "arts", "misc"]
-    news, arts, misc = (c[1] for c in calls)
+    cfg.teachers[2].resources.custom = {"teacher_slot": 1.0}
+    news, arts, misc = (stage_options(t.resources, 0.0) for t in cfg.teachers)
     assert news["num_cpus"] == 0.25 and news["num_gpus"] == 0.0
-    assert isinstance(news["compute"], ray.data.ActorPoolStrategy) and news["compute"].min_size == 3
-    assert arts["num_gpus"] == 1 and arts["batch_size"] == 50
-    assert news["fn_constructor_kwargs"]["spec"].samples == 3
+    assert isinstance(news["compute"], ray.data.ActorPoolStrategy)
+    assert (news["compute"].min_size, news["compute"].max_size) == (1, 3)  # grows and shrinks within replicas
+    assert stage_options(cfg.teachers[0].resources, 0.0, actors=2)["compute"].max_size == 2  # the scheduler's grant
+    assert arts["num_gpus"] == 1 and misc["resources"] == {"teacher_slot": 1.0} and "resources" not in news
     # On a GPU cluster, an unset num_gpus defaults to one GPU per teacher actor.
-    calls.clear()
-    monkeypatch.setattr("muki_ray.hardware.cluster_has_gpus", lambda: True)
-    teachers.chain_teachers(FakeDataset(), cfg, teacher_specs(cfg, space))
-    assert [c[1]["num_gpus"] for c in calls] == [1.0, 1, 1.0]
+    assert [stage_options(t.resources, 1.0)["num_gpus"] for t in cfg.teachers] == [1.0, 1, 1.0]
 
 
 def test_cheaper_mc_options_reach_the_stage_and_its_cache_key(tmp_path, tiny_models):
-    from muki_ray.teachers import teacher_fingerprint
+    from muki_ray.cache import teacher_key
 
     cfg, space = _cfg(tmp_path, tiny_models, n=4, mc={"samples": 8, "dropout": 0.3, "layers": 1, "adaptive": True,
                                                       "adaptive_tolerance": 0.5, "adaptive_round": 2})
@@ -154,8 +138,9 @@ def test_cheaper_mc_options_reach_the_stage_and_its_cache_key(tmp_path, tiny_mod
     assert 4 * 2 <= stage.passes < 4 * 8  # some rows stopped before K = 8
     assert np.allclose([p.sum() for p in out["mc_probs"]], 1.0, atol=1e-5)
     (tmp_path / "b").mkdir()
-    exact = teacher_specs(_cfg(tmp_path / "b", tiny_models, n=4, mc={"samples": 8, "dropout": 0.3})[0], space)[0]
-    assert teacher_fingerprint(spec, "pool") != teacher_fingerprint(exact, "pool")
+    exact, _ = _cfg(tmp_path / "b", tiny_models, n=4, mc={"samples": 8, "dropout": 0.3})
+    assert teacher_key(cfg, space, 0) != teacher_key(exact, space, 0)
+    assert teacher_key(cfg, space, 1) == teacher_key(exact, space, 1)  # the other teachers keep their caches
 
 
 def test_mc_layers_deeper_than_the_model_is_a_config_error(tmp_path, tiny_models):
@@ -163,3 +148,22 @@ def test_mc_layers_deeper_than_the_model_is_a_config_error(tmp_path, tiny_models
 
     with pytest.raises(ConfigError, match=r"teachers\[0\].mc.layers: 9 but the model has \d+ layers"):
         _cfg(tmp_path, tiny_models, n=4, mc={"samples": 2, "layers": 9})
+
+
+def test_a_rows_mc_estimate_does_not_depend_on_its_batch(tiny_models):
+    """Masks are seeded per row (mc.seed, teacher, id): the same row in three batch compositions,
+    with other neighbours, other padding and other micro-batch splits, gets the same p̄."""
+    from dataclasses import replace
+
+    spec = TeacherSpec(name="news", model_path=str(tiny_models["news"]), labels=("business", "politics"), samples=4)
+    stage = TeacherStage(spec)
+    row = "market stock bank profit the election"
+    alone = stage.predict([row], ids=["r"])["mc_probs"][0]
+    crowd = stage.predict(["vote", row, "film music star award show " * 4], ids=["a", "r", "b"])["mc_probs"][1]
+    split = TeacherStage(replace(spec, max_batch_tokens=8)).predict(["a b", "the", row], ids=["c", "d", "r"])
+    np.testing.assert_array_equal(alone, crowd)
+    np.testing.assert_array_equal(alone, split["mc_probs"][2])
+    other = stage.predict([row, row], ids=["r", "s"])["mc_probs"]
+    assert not np.allclose(other[0], other[1])  # another id draws other masks
+    empty = stage.predict([], ids=[])
+    assert all(len(v) == 0 for v in empty.values())

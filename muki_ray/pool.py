@@ -1,0 +1,181 @@
+"""The pool, checked once and spread over hash buckets of the id; the bucket-by-bucket work on it.
+
+RUN_DIR/pool/data/bucket=B/*.parquet holds {id, text, [label], text_hash}, with B = hash(id) mod
+`data.buckets`. Every teacher cache uses the same buckets, so the work that needs all of a row's
+pieces at once is done bucket by bucket, each bucket by one task that reads only its own files:
+the pool's statistics, the rows a teacher still has to compute (an anti-join on its cache), and
+the join of the teachers' predictions. That is a partition-wise join: no stage shuffles the pool,
+no task holds more than one bucket, and the driver sees per-bucket counts only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import ray.data
+
+from muki_ray.data import DataError, hash64, io_write
+
+ROWS_PER_FILE = 100_000           # rows per written file (before the split by bucket)
+JOIN_REMOTE_ARGS = {"num_cpus": 0.5}  # a bucket task: pyarrow reads and joins of one bucket
+
+
+def bucket_of(ids, buckets: int) -> np.ndarray:
+    """(B,) ids -> (B,) int32 bucket numbers in [0, buckets)."""
+    return (hash64(ids, salt="bucket:") % np.uint64(buckets)).astype(np.int32)
+
+
+def text_hash(texts) -> np.ndarray:
+    """(B,) texts -> (B,) int64: a row's cached predictions are reused only for the same text."""
+    return hash64(texts, salt="text:").view(np.int64)
+
+
+def add_keys(batch: pa.Table, buckets: int) -> pa.Table:
+    """Ray Data batch function: {id, text, ...} -> the same plus text_hash and bucket."""
+    ids = batch.column("id").to_pylist()
+    return batch.append_column("text_hash", pa.array(text_hash(batch.column("text").to_pylist()))) \
+        .append_column("bucket", pa.array(bucket_of(ids, buckets)))
+
+
+def write_bucketed(ds, path: Path) -> None:
+    """Write a dataset with a `bucket` column as PATH/bucket=B/*.parquet, in files of about
+    ROWS_PER_FILE rows (blocks are merged first, streaming, so small blocks make no small files)."""
+    ds.repartition(target_num_rows_per_block=ROWS_PER_FILE, strict=True) \
+        .write_parquet(str(path), partition_cols=["bucket"], **io_write())
+
+
+def bucket_files(root: Path, bucket: int) -> list[str]:
+    """The parquet files of one bucket under a folder written by `write_bucketed`."""
+    d = Path(root) / f"bucket={bucket}"
+    return sorted(str(p) for p in d.glob("*.parquet")) if d.is_dir() else []
+
+
+def read_bucket(root: Path, bucket: int, columns: list[str], schema: Optional[pa.Schema] = None) -> pa.Table:
+    """One bucket of a bucketed folder as one table (empty, with `schema`, when it has no file)."""
+    files = bucket_files(root, bucket)
+    if not files:
+        return schema.empty_table() if schema is not None else pa.table({c: [] for c in columns})
+    return pa.concat_tables([pq.read_table(f, columns=columns) for f in files])
+
+
+def over_buckets(fn: Callable, buckets: int, remote_args: Optional[dict] = None, **fn_kwargs):
+    """A Ray Dataset whose rows are FN's outputs, one task call per bucket.
+
+    fn(bucket: int, **fn_kwargs) -> pa.Table. Each call reads only its bucket's files.
+    """
+    def call(batch: pa.Table) -> pa.Table:
+        return pa.concat_tables([fn(int(b), **fn_kwargs) for b in batch.column("id").to_pylist()],
+                                promote_options="default")
+
+    # from_items, not range: a read task would ask for a CPU that a teacher's actors may hold.
+    return ray.data.from_items([{"id": b} for b in range(buckets)], override_num_blocks=buckets).map_batches(
+        call, batch_format="pyarrow", batch_size=1, **(remote_args or JOIN_REMOTE_ARGS))
+
+
+# ------------------------------------------------------------- the pool stage's work
+def bucket_stats(bucket: int, root: str, labeled: bool) -> pa.Table:
+    """One pool bucket -> one row {bucket, rows, digest, duplicate, labels}.
+
+    digest: sha256 over the bucket's (id, text_hash) in id order, so the pool's fingerprint does
+    not depend on files, blocks or row order. duplicate: an id that occurs twice (ids of one
+    bucket all hash alike, so a duplicate never spans two buckets).
+    """
+    cols = ["id", "text_hash"] + (["label"] if labeled else [])
+    t = read_bucket(Path(root), bucket, cols)
+    t = t.sort_by("id") if t.num_rows else t
+    ids = t.column("id").to_pylist() if t.num_rows else []
+    dup = next((a for a, b in zip(ids, ids[1:]) if a == b), None)
+    h = hashlib.sha256()
+    for rid, th in zip(ids, t.column("text_hash").to_pylist() if t.num_rows else []):
+        h.update(rid.encode("utf-8", "surrogatepass") + b"\0" + int(th).to_bytes(8, "little", signed=True))
+    labels = {}
+    if labeled and t.num_rows:
+        counts = pc.value_counts(t.column("label")).to_pylist()
+        labels = {c["values"]: c["counts"] for c in counts}
+    return pa.table({"bucket": [bucket], "rows": [t.num_rows], "digest": [h.hexdigest()],
+                     "duplicate": pa.array([dup], pa.string()), "labels": [json.dumps(labels)]})
+
+
+def pool_summary(root: Path, buckets: int, labeled: bool, where: str) -> dict:
+    """{rows, fingerprint, labels, bucket_rows} of a written pool; DataError on a duplicate id."""
+    parts = []
+    for b in over_buckets(bucket_stats, buckets, root=str(root), labeled=labeled).iter_batches(
+            batch_format="pyarrow", batch_size=None):
+        parts += b.to_pylist()
+    parts.sort(key=lambda r: r["bucket"])
+    dup = next((r["duplicate"] for r in parts if r["duplicate"] is not None), None)
+    if dup is not None:
+        raise DataError(f"{where}: duplicate id {dup!r}")
+    labels: dict[str, int] = {}
+    for r in parts:
+        for k, v in json.loads(r["labels"]).items():
+            labels[k] = labels.get(k, 0) + v
+    digest = hashlib.sha256("".join(r["digest"] for r in parts).encode()).hexdigest()[:16]
+    return {"rows": sum(r["rows"] for r in parts), "fingerprint": digest, "labels": dict(sorted(labels.items())),
+            "bucket_rows": [r["rows"] for r in parts]}
+
+
+def missing_rows(bucket: int, pool_root: str, parts: list[str]) -> pa.Table:
+    """The rows of one pool bucket that no cache part holds (an anti-join on id and text hash)."""
+    pool = read_bucket(Path(pool_root), bucket, ["id", "text", "text_hash"])
+    cached = [read_bucket(Path(p), bucket, ["id", "text_hash"]) for p in parts]
+    cached = [c for c in cached if c.num_rows]
+    if cached and pool.num_rows:
+        pool = pool.join(pa.concat_tables(cached), keys=["id", "text_hash"], join_type="left anti")
+    return pool.append_column("bucket", pa.array(np.full(pool.num_rows, bucket, dtype=np.int32)))
+
+
+KEYS = ["id", "text_hash"]
+
+
+def first_per_key(t: pa.Table) -> pa.Table:
+    """Rows of `t` with the first occurrence of each (id, text_hash) (a row computed twice is kept once)."""
+    idx = t.select(KEYS).append_column("__i", pa.array(np.arange(t.num_rows))) \
+        .group_by(KEYS, use_threads=False).aggregate([("__i", "min")]).column("__i_min")
+    return t.take(idx)
+
+
+def match(left: pa.Table, right: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    """Row pairs (i, j) with equal (id, text_hash) keys; only key columns enter the hash join."""
+    li = left.select(KEYS).append_column("__i", pa.array(np.arange(left.num_rows)))
+    ri = right.select(KEYS).append_column("__j", pa.array(np.arange(right.num_rows)))
+    m = li.join(ri, keys=KEYS, join_type="inner", use_threads=False)
+    return m.column("__i").to_numpy(), m.column("__j").to_numpy()
+
+
+def join_bucket(bucket: int, pool_root: str, teachers: list, out_dir: str, labeled: bool) -> pa.Table:
+    """Write one bucket of the predictions: pool rows joined with every teacher's cached columns.
+
+    teachers: [(name, [cache part folders], [its column names])] in config order. Writes
+    OUT_DIR/part-BBBBB.parquet (rows in id order) and returns one row {bucket, rows, missing,
+    nodes}: `missing` names a teacher and a pool id its cache lacks (the driver raises), `nodes`
+    counts each teacher's rows by the node that computed them.
+    """
+    pool = read_bucket(Path(pool_root), bucket, ["id", "text"] + (["label"] if labeled else []) + ["text_hash"])
+    pool = pool.sort_by("id") if pool.num_rows else pool
+    out, nodes, missing = pool.drop(["text_hash"]) if pool.num_rows else pool, {}, None
+    for name, parts, columns in teachers if pool.num_rows else []:
+        tables = [t for t in (read_bucket(Path(p), bucket, KEYS + ["node"] + columns) for p in parts) if t.num_rows]
+        cached = first_per_key(pa.concat_tables(tables)) if tables else None
+        i, j = match(pool, cached) if cached is not None else (np.zeros(0, int), np.zeros(0, int))
+        if len(i) < pool.num_rows:
+            absent = np.setdiff1d(np.arange(pool.num_rows), i)[0]
+            missing = f"teacher {name!r}: its cache lacks pool id {pool.column('id')[int(absent)].as_py()!r}"
+            break
+        order = np.argsort(i)  # back to the pool's id order
+        picked = cached.take(pa.array(j[order]))
+        counts = pc.value_counts(picked.column("node")).to_pylist()
+        nodes[name] = {c["values"]: c["counts"] for c in counts}
+        for c in columns:
+            out = out.append_column(c, picked.column(c))
+    if missing is None and pool.num_rows:
+        pq.write_table(out, str(Path(out_dir) / f"part-{bucket:05d}.parquet"))
+    return pa.table({"bucket": [bucket], "rows": [pool.num_rows], "missing": pa.array([missing], pa.string()),
+                     "nodes": [json.dumps(nodes)]})

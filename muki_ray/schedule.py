@@ -1,0 +1,113 @@
+"""Running the teachers' pipelines side by side, within the cluster's free resources.
+
+Each teacher is an independent Ray Data pipeline (read -> its actor pool -> write its cache). The
+scheduler starts as many as the free resources hold, one grant of k actors each (k <= replicas),
+and starts the next teacher as one finishes. It never needs all N actor pools alive at once.
+
+Why no interleaving can hang:
+1. Pipelines are independent. A teacher's actors read only its own input and feed only its own
+   write, so no pipeline ever waits for another one's output (the chained design did: idle pools
+   of later teachers held every CPU while an earlier teacher waited for one).
+2. Inside a pipeline only the actors hold resources. Reads, checks and writes ask for no CPU
+   (`data.io_map`), so they are never queued behind actors: the read starvation of
+   ray#44687 cannot happen, and an actor always gets its input.
+3. Grants add up to at most the free resources seen at the start, and each pipeline is capped to
+   its grant (Ray Data `resource_limits`), so actor pools cannot grow into each other's share.
+   Hence every started pipeline has all its actors, makes progress, finishes, and returns its
+   grant. A waiting teacher waits only for pipelines that finish; when none of ours is running
+   it is started anyway, and Ray queues its one actor until the cluster has room.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from typing import Any, Callable
+
+log = logging.getLogger("muki_ray.schedule")
+
+
+@dataclass(frozen=True)
+class Job:
+    """One teacher's pipeline: `run(actors)` runs it with that many actors and returns its result."""
+
+    name: str
+    per_actor: dict[str, float]   # Ray resources of one actor, e.g. {"CPU": 1.0, "GPU": 1.0}
+    replicas: int
+    run: Callable[[int], Any]
+
+
+class TeacherFailed(Exception):
+    """Some teacher pipelines failed; the others finished and kept their caches."""
+
+    def __init__(self, failures: dict[str, BaseException]):
+        self.failures = failures
+        first = next(iter(failures))
+        why = str(failures[first]).strip().splitlines()
+        super().__init__(f"teacher {first!r} failed: {why[0] if why else type(failures[first]).__name__}"
+                         + (f" (and {', '.join(map(repr, list(failures)[1:]))})" if len(failures) > 1 else "")
+                         + "; the other teachers' caches are kept, a rerun computes only the missing ones")
+
+
+def actors_that_fit(job: Job, budget: dict[str, float]) -> int:
+    """How many of the job's actors (at most `replicas`) the budget holds now."""
+    k = job.replicas
+    for res, need in job.per_actor.items():
+        if need > 0:
+            k = min(k, int(math.floor(budget.get(res, 0.0) / need + 1e-9)))
+    return max(k, 0)
+
+
+def refuse_oversized(jobs: list[Job], total: dict[str, float], where: dict[str, str]) -> None:
+    """A teacher one of whose actors needs more than the whole cluster has is refused up front."""
+    from muki_ray.cluster import ClusterError
+
+    for job in jobs:
+        for res, need in job.per_actor.items():
+            if need > total.get(res, 0.0) + 1e-9:
+                raise ClusterError(f"{where[job.name]}: one actor of teacher {job.name!r} asks for {need:g} {res} but "
+                                   f"the whole cluster has {total.get(res, 0.0):g}")
+
+
+def run_within(jobs: list[Job], free: dict[str, float]) -> tuple[dict[str, Any], dict[str, dict]]:
+    """Run every job, at most what `free` holds at once; returns (results, timeline).
+
+    timeline[name] = {start, end, actors} in seconds since the call. Raises TeacherFailed, after
+    every other job has finished, when a job raised.
+    """
+    budget = {k: float(v) for k, v in free.items()}
+    pending, running = list(jobs), {}
+    results, failures, timeline = {}, {}, {}
+    t0 = time.time()
+    with ThreadPoolExecutor(max_workers=max(1, len(jobs))) as pool:
+        while pending or running:
+            for job in list(pending):
+                k = actors_that_fit(job, budget)
+                if k == 0 and not running:
+                    k = 1  # nothing of ours holds resources: Ray queues this actor until some are free
+                if k == 0:
+                    continue  # a smaller teacher may still fit
+                grant = {res: need * k for res, need in job.per_actor.items()}
+                for res, v in grant.items():
+                    budget[res] = budget.get(res, 0.0) - v
+                pending.remove(job)
+                timeline[job.name] = {"start": round(time.time() - t0, 3), "actors": k}
+                log.info("teacher %s: started with %d actor(s)", job.name, k)
+                running[pool.submit(job.run, k)] = (job, grant)
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for fut in done:
+                job, grant = running.pop(fut)
+                for res, v in grant.items():
+                    budget[res] += v
+                timeline[job.name]["end"] = round(time.time() - t0, 3)
+                try:
+                    results[job.name] = fut.result()
+                except Exception as e:  # a failing teacher ends the stage, after the others finish
+                    failures[job.name] = e
+                    log.error("teacher %s failed: %s", job.name, str(e).strip().splitlines()[0] if str(e) else e)
+    if failures:
+        raise TeacherFailed(failures)
+    return results, timeline

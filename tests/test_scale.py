@@ -1,0 +1,294 @@
+"""Scale-out: teachers scheduled within the cluster, failure isolation, growing pools, several
+nodes, `diff` agreeing with `run`, and a driver whose memory does not grow with the pool."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from muki_ray.cache import TeacherCache
+from muki_ray.config import parse_config
+from muki_ray.labels import LabelSpace
+from muki_ray.manifest import read_manifest
+from muki_ray.schedule import Job, TeacherFailed, actors_that_fit, refuse_oversized, run_within
+from tests.conftest import WORDS
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_pool(path: Path, n: int, start: int = 0, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    with open(path, "a") as f:
+        for i in range(start, start + n):
+            f.write(json.dumps({"id": f"doc{i}", "text": " ".join(rng.choice(WORDS, size=rng.integers(2, 12)))}) + "\n")
+    return path
+
+
+def teachers_cfg(tmp_path, tiny_models, names, pool, **resources):
+    raw = {"output_dir": str(tmp_path / "run"), "data": {"pool": {"source": str(pool)}, "buckets": 8},
+           "teachers": [{"name": n, "model": str(tiny_models["news"]), "batch_size": 256, "max_length": 16,
+                         "mc": {"samples": 2}, "resources": {"num_cpus": 0.5, **resources}} for n in names],
+           "student": {"model": str(tiny_models["student"])}}
+    cfg = parse_config(raw)
+    return cfg, LabelSpace.from_teachers({n: ["business", "politics"] for n in names})
+
+
+def cache_ids(cfg, space, i) -> list[str]:
+    """Every id in teacher i's cache (a test's view of the files; the engine never reads them whole)."""
+    return [rid for part in TeacherCache.of(cfg, space, i).parts()
+            for f in Path(part).rglob("*.parquet") for rid in pq.read_table(f, columns=["id"]).column("id").to_pylist()]
+
+
+# ------------------------------------------------------------------ the scheduler alone
+def test_the_scheduler_stays_within_the_budget_and_keeps_going_after_a_failure():
+    running, peak, lock = [0], [0], threading.Lock()
+
+    def work(name, fail=False):
+        def run(actors):
+            with lock:
+                running[0] += actors
+                peak[0] = max(peak[0], running[0])
+            time.sleep(0.05)
+            with lock:
+                running[0] -= actors
+            if fail:
+                raise RuntimeError("boom on batch 3")
+            return {"name": name, "actors": actors}
+        return run
+
+    jobs = [Job(f"t{i}", {"CPU": 1.0}, 1, work(f"t{i}", fail=i == 2)) for i in range(6)]
+    with pytest.raises(TeacherFailed, match=r"teacher 't2' failed: boom on batch 3") as e:
+        run_within(jobs, {"CPU": 2.0})
+    assert list(e.value.failures) == ["t2"] and peak[0] <= 2  # never more than the free CPUs
+    results, timeline = run_within([Job("big", {"CPU": 1.0}, 4, work("big")), Job("b", {"CPU": 1.0}, 1, work("b"))],
+                                   {"CPU": 3.0})
+    assert timeline["big"]["actors"] == 3 and timeline["b"]["start"] >= timeline["big"]["end"] - 1e-3
+    assert actors_that_fit(Job("g", {"CPU": 1.0, "GPU": 1.0}, 8, work("g")), {"CPU": 16.0, "GPU": 2.0}) == 2
+    # A teacher whose one actor needs more than the whole cluster is refused before any work.
+    from muki_ray.cluster import ClusterError
+
+    with pytest.raises(ClusterError, match=r"teachers\[0\].resources: one actor of teacher 'g' asks for 1 GPU but the "
+                                           r"whole cluster has 0"):
+        refuse_oversized([Job("g", {"CPU": 1.0, "GPU": 1.0}, 1, work("g"))], {"CPU": 2.0},
+                         {"g": "teachers[0].resources"})
+
+
+# ------------------------------------------------------------------ the real stage
+def test_eight_teachers_on_two_cpus_complete_with_every_id_once(tmp_path, tiny_models, ray_session):
+    """More teachers than slots (8 x 1 CPU on 2 CPUs) over a pool of many blocks: the chained
+    design hung here; independent pipelines within the free resources cannot (schedule.py)."""
+    from muki_ray.pipeline import predict_stage
+
+    pool = write_pool(tmp_path / "pool.jsonl", 5000)
+    names = [f"t{i}" for i in range(8)]
+    cfg, space = teachers_cfg(tmp_path, tiny_models, names, pool)
+    for t in cfg.teachers:
+        t.resources.num_cpus = 1.0
+    info = predict_stage(cfg, space, tmp_path / "run")
+    assert sum(1 for n in read_manifest(tmp_path / "run" / "pool")["bucket_rows"] if n) == 8  # 8 blocks at least
+    expected = sorted(f"doc{i}" for i in range(5000))
+    for i in range(8):
+        assert sorted(cache_ids(cfg, space, i)) == expected  # every id exactly once in every cache
+    sched = info["schedule"]
+    overlap = max(sum(1 for s in sched.values() if s["start"] <= t < s["end"]) for t in
+                  [s["start"] + 1e-3 for s in sched.values()])
+    assert overlap <= 2 and info["rows"] == 5000  # never more pools than CPUs
+
+
+def test_a_failing_teacher_keeps_the_others_caches_and_a_rerun_computes_only_it(
+        tmp_path, tiny_models, ray_session, monkeypatch):
+    from muki_ray.pipeline import predict_stage
+
+    pool = write_pool(tmp_path / "pool.jsonl", 800)
+    cfg, space = teachers_cfg(tmp_path, tiny_models, ["a", "b", "c"], pool)
+    for t in cfg.teachers:
+        t.batch_size = 32
+    monkeypatch.setenv("MUKI_FAULT_TEACHER", "b:3:raise")  # raise on b's 3rd batch
+    with pytest.raises(TeacherFailed, match=r"teacher 'b' failed") as e:
+        predict_stage(cfg, space, tmp_path / "run")
+    assert list(e.value.failures) == ["b"]
+    expected = sorted(f"doc{i}" for i in range(800))
+    assert sorted(cache_ids(cfg, space, 0)) == expected and sorted(cache_ids(cfg, space, 2)) == expected
+    assert cache_ids(cfg, space, 1) == []  # the failed teacher left no part a rerun would read
+    monkeypatch.delenv("MUKI_FAULT_TEACHER")
+    info = predict_stage(cfg, space, tmp_path / "run")
+    assert info["computed"] == ["b"] and info["reused"] == ["a", "c"]
+
+
+def test_a_grown_pool_computes_only_its_new_and_changed_rows(tmp_path, tiny_models, ray_session):
+    from muki_ray.pipeline import predict_stage
+
+    pool = write_pool(tmp_path / "pool.jsonl", 300)
+    cfg, space = teachers_cfg(tmp_path, tiny_models, ["a", "b"], pool)
+    first = predict_stage(cfg, space, tmp_path / "run")
+    assert first["rows_computed"] == {"a": 300, "b": 300}
+    before = {r["id"]: r["a__mc_score"] for r in pq.read_table(tmp_path / "run" / "predictions" / "data").to_pylist()}
+    write_pool(pool, 30, start=300, seed=1)  # 30 new texts
+    lines = pool.read_text().splitlines()
+    lines[5] = json.dumps({"id": "doc5", "text": "a changed text about the market"})  # one text changed
+    pool.write_text("\n".join(lines) + "\n")
+    grown = predict_stage(cfg, space, tmp_path / "run")
+    assert grown["rows"] == 330 and grown["rows_computed"] == {"a": 31, "b": 31}
+    assert grown["rows_reused"] == {"a": 299, "b": 299}
+    after = {r["id"]: r["a__mc_score"] for r in pq.read_table(tmp_path / "run" / "predictions" / "data").to_pylist()}
+    assert all(after[k] == v for k, v in before.items() if k != "doc5")  # cached rows are reused as they were
+
+
+def test_diff_and_run_agree_on_what_reruns(tmp_path, tiny_models, ray_session, monkeypatch, capsys):
+    """For a table of config changes, the stages `diff` says rerun are the stages `run` reruns.
+
+    The stages are replaced by instant fakes that write real manifests, so `run`'s own skip logic
+    (cache.stage_keys against the manifests) decides, not the test."""
+    from muki_ray import pipeline
+    from muki_ray.cache import config_key, plan_changes, stage_keys
+    from muki_ray.manifest import begin_stage, finish_stage
+
+    def fake(stage):
+        def run_stage(cfg, space, run_dir):
+            keys = stage_keys(cfg, space, run_dir, stage)
+            extra = {"fingerprint": config_key(cfg, space, "pool")} if stage == "pool" else {}
+            return finish_stage(begin_stage(Path(run_dir) / stage), config_hash=keys[0], inputs=keys[1], rows=1,
+                                started=time.time(), extra=extra)
+        return run_stage
+
+    for stage in pipeline.STAGE_FUNCTIONS:
+        monkeypatch.setitem(pipeline.STAGE_FUNCTIONS, stage, fake(stage))
+    monkeypatch.setattr(pipeline, "write_report", lambda cfg, space, run_dir: {"wall_time_s": 0.0, "results": []})
+    pool = write_pool(tmp_path / "pool.jsonl", 20)
+    dev = tmp_path / "dev.jsonl"
+    dev.write_text(json.dumps({"text": "market", "label": "business"}) + "\n")
+    base = {"output_dir": str(tmp_path / "run"), "data": {"pool": {"source": str(pool)}, "dev": {"source": str(dev)}},
+            "teachers": [{"name": "a", "model": str(tiny_models["news"]), "mc": {"samples": 2}},
+                         {"name": "b", "model": str(tiny_models["arts"]), "mc": {"samples": 2}}],
+            "integration": {"strategy": "muki_soft", "calibration": "rank", "prototypes": {"resources": {"replicas": 1}},
+                            "refine": {}},
+            "student": {"model": str(tiny_models["student"])}}
+    space = LabelSpace.from_teachers({"a": ["business", "politics"], "b": ["entertainment", "sport", "tech"]})
+    changes = [
+        ("integration.prototypes.resources.replicas", 3, set()),
+        ("student.lr", 1e-4, {"targets", "train", "evaluate"}),  # refine trains first students like the student
+        ("integration.temperature", 0.5, {"targets", "train", "evaluate"}),
+        ("teachers[0].mc.samples", 3, {"predictions", "targets", "train", "evaluate"}),
+        ("teachers[1].resources.replicas", 2, set()),
+        ("data.pool.limit", 10, {"pool", "predictions", "targets", "train", "evaluate"}),
+        ("student.epochs", 2, {"targets", "train", "evaluate"}),
+        ("integration.refine.resources.num_cpus", 0.5, set()),
+    ]
+    for key, value, expected in changes:
+        a = parse_config(json.loads(json.dumps(base)))
+        pipeline.run(a, space, tmp_path / "run")  # the base state
+        raw = json.loads(json.dumps(base))
+        node, *path = key.replace("]", "").replace("[", ".").split(".")
+        target = raw[node]
+        for p in path[:-1]:
+            target = target[int(p)] if p.isdigit() else target.setdefault(p, {})
+        target[path[-1]] = value
+        b = parse_config(raw)
+        plan = {line.split(":")[0]: line for line in plan_changes(a, space, b, space)}
+        said = {s for s, line in plan.items() if s in pipeline.STAGE_FUNCTIONS and ": rerun" in line}
+        done = pipeline.run(b, space, tmp_path / "run")
+        ran = {s for s, info in done.items() if s != "report" and not info["skipped"]}
+        assert said == ran == expected, (key, said, ran)
+
+
+# ------------------------------------------------------------------ several nodes
+MULTINODE = textwrap.dedent("""
+    import json, sys
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": 150 * 1024**2})
+    for _ in range(2):
+        cluster.add_node(num_cpus=1, resources={"teacher_slot": 1}, object_store_memory=150 * 1024**2)
+    cluster.wait_for_nodes()
+    from muki_ray.cli import main
+    code = main(["run", sys.argv[1], "--set", f"ray.address={cluster.address}"])
+    ray.init(address=cluster.address, ignore_reinit_error=True)
+    workers = [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("teacher_slot")]
+    print("RESULT " + json.dumps({"code": code, "workers": workers}))
+    ray.shutdown()
+    cluster.shutdown()
+""")
+
+
+def test_several_nodes_run_end_to_end_with_teachers_on_different_nodes(tmp_path, tiny_models, ray_session):
+    from muki_ray.cli import main
+    from tests.test_student import toy_rows
+
+    def jsonl(name, rows):
+        p = tmp_path / name
+        p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return str(p)
+
+    raw = {"data": {"pool": {"source": jsonl("pool.jsonl", toy_rows(64, 0))},
+                    "dev": {"source": jsonl("dev.jsonl", toy_rows(8, 1))},
+                    "test": {"source": jsonl("test.jsonl", toy_rows(8, 2))}, "buckets": 4},
+           "teachers": [{"name": n, "model": str(tiny_models[m]), "labels": labels, "max_length": 16,
+                         "mc": {"samples": 2}, "resources": {"num_cpus": 0.25, "custom": {"teacher_slot": 1}}}
+                        for n, m, labels in (("news", "news", ["business", "politics"]),
+                                             ("arts", "misc", ["entertainment", "sport"]))],
+           "student": {"model": str(tiny_models["student"]), "epochs": 1, "batch_size": 8, "max_length": 16,
+                       "resources_per_worker": {"CPU": 0.5}, "eval_resources": {"num_cpus": 0.25}}}
+    multi, single = tmp_path / "multi.yaml", tmp_path / "single.yaml"
+    multi.write_text(yaml.safe_dump({**raw, "output_dir": str(tmp_path / "multi")}))
+    one = json.loads(json.dumps(raw))
+    for t in one["teachers"]:
+        t["resources"]["custom"] = {}
+    single.write_text(yaml.safe_dump({**one, "output_dir": str(tmp_path / "single")}))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+    proc = subprocess.run([sys.executable, "-c", MULTINODE, str(multi)], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=900)
+    result = json.loads(next(line[7:] for line in proc.stdout.splitlines() if line.startswith("RESULT ")))
+    assert result["code"] == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    nodes = read_manifest(tmp_path / "multi" / "predictions")["nodes"]
+    news, arts = set(nodes["news"]), set(nodes["arts"])
+    assert len(news) == len(arts) == 1 and news != arts and news | arts == set(result["workers"])
+    assert (tmp_path / "multi" / "student" / "config.json").exists()
+    # The same targets on one node (predictions and targets only: the targets are what is compared).
+    assert main(["predict-teachers", str(single)]) == 0 and main(["combine", str(single)]) == 0
+    same = {r["id"]: r for r in pq.read_table(tmp_path / "single" / "targets" / "data").to_pylist()}
+    for r in pq.read_table(tmp_path / "multi" / "targets" / "data").to_pylist():
+        np.testing.assert_allclose(r["target"], same[r["id"]]["target"], atol=1e-6)
+        assert r["teacher"] == same[r["id"]]["teacher"]
+
+
+# ------------------------------------------------------------------ the driver's memory
+RSS = textwrap.dedent("""
+    import json, resource, sys
+    import ray
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=256 * 1024**2, log_to_driver=False)
+    from muki_ray.cli import main
+    assert main(["predict-teachers", sys.argv[1]]) == 0
+    assert main(["combine", sys.argv[1]]) == 0
+    print("RSS", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+""")
+
+
+def test_driver_memory_does_not_grow_with_the_pool(tmp_path, tiny_models):
+    peaks = {}
+    for n in (2000, 50000):
+        d = tmp_path / str(n)
+        d.mkdir()
+        pool = write_pool(d / "pool.jsonl", n)
+        raw = {"output_dir": str(d / "run"), "data": {"pool": {"source": str(pool)}},
+               "teachers": [{"name": t, "model": str(tiny_models["news"]), "labels": ["business", "politics"],
+                             "batch_size": 1024, "max_length": 16, "mc": {"samples": 1},
+                             "resources": {"num_cpus": 1}} for t in ("a", "b")],
+               "integration": {"calibration": "rank"}, "student": {"model": str(tiny_models["student"])}}
+        (d / "cfg.yaml").write_text(yaml.safe_dump(raw))
+        proc = subprocess.run([sys.executable, "-c", RSS, str(d / "cfg.yaml")], cwd=REPO, capture_output=True,
+                              text=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        peaks[n] = int(next(line.split()[1] for line in proc.stdout.splitlines() if line.startswith("RSS ")))
+    assert peaks[50000] - peaks[2000] < 150, peaks
