@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
+
+import ray.data  # noqa: F401  (Ray Data sets up its loggers on import; configure() adjusts them after)
 
 
 class LiveStderr(logging.StreamHandler):
@@ -43,3 +46,5 @@ def configure(verbose: bool) -> None:
     console.setLevel(logging.INFO if verbose else logging.CRITICAL)
     console.setFormatter(fmt)
     data.addHandler(console)
+    if not verbose:  # Ray Data's advice on concurrency and block counts, printed per dataset
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"ray\.data\.")

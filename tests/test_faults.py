@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pyarrow.parquet as pq
@@ -51,8 +52,20 @@ def test_training_worker_dies_mid_epoch_and_the_run_resumes(tmp_path, ray_sessio
 
 
 def _cli(*args, env=None, **kw):
-    return subprocess.Popen([sys.executable, "-m", "muki_ray.cli", *args], env=env, start_new_session=True,
+    """The CLI in its own session; its output is drained by a thread into proc.lines (a run that
+    fills an unread pipe would block on its next write)."""
+    proc = subprocess.Popen([sys.executable, "-m", "muki_ray.cli", *args], env=env, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+    proc.lines = []
+    proc.reader = threading.Thread(target=lambda: proc.lines.extend(proc.stdout), daemon=True)
+    proc.reader.start()
+    return proc
+
+
+def _output(proc, timeout=None) -> str:
+    proc.wait(timeout=timeout)
+    proc.reader.join(timeout=30)
+    return "".join(proc.lines)
 
 
 def test_sigkill_mid_stage_then_rerun_resumes_and_leaks_no_secret(run_config, tmp_path):  # noqa: F811
@@ -64,7 +77,7 @@ def test_sigkill_mid_stage_then_rerun_resumes_and_leaks_no_secret(run_config, tm
     first = _cli("run", str(cfg), env=env)
     deadline = time.time() + 480
     while read_manifest(run / "targets") is None or not (run / "train").exists():
-        assert first.poll() is None, first.stdout.read()
+        assert first.poll() is None, "".join(first.lines)
         assert time.time() < deadline, "the run never reached the train stage"
         time.sleep(0.5)
     time.sleep(3)  # well inside the train stage
@@ -74,7 +87,7 @@ def test_sigkill_mid_stage_then_rerun_resumes_and_leaks_no_secret(run_config, tm
     (run / "train" / "partial-junk.bin").write_bytes(b"half a file")
 
     second = _cli("run", str(cfg), env=env)
-    out, _ = second.communicate(timeout=600)
+    out = _output(second, timeout=600)
     assert second.returncode == 0, out
     for stage in ("prepare", "predictions", "targets"):
         assert any(line.split()[:2] == [stage, "skipped"] for line in out.splitlines()), out
