@@ -24,7 +24,7 @@ from muki_ray.data import source_signature
 from muki_ray.labels import LabelSpace
 from muki_ray.manifest import MANIFEST, fingerprint, folder_fingerprint, read_manifest, write_json_atomic
 
-CACHE_VERSION = 2  # bucketed parts keyed by (id, text_hash)
+CACHE_VERSION = 3  # 2: bucketed parts keyed by (id, text_hash); 3: float64 entropies and scores
 STAGES = ("pool", "prepare", "predictions", "targets", "train", "evaluate", "report")
 
 

@@ -11,6 +11,8 @@ import os
 import shutil
 from pathlib import Path
 
+import torch
+
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl")
 
 
@@ -65,6 +67,19 @@ def _load(auto_class, folder, trust_remote_code: bool, allow_pickle: bool, **kwa
                                           use_safetensors=not allow_pickle or None, local_files_only=True, **kwargs)
     except Exception as e:  # transformers raises many types; the user needs the folder and the reason
         raise ModelLoadError(f"{folder}: weights failed to load: {_first_line(e)}") from e
+
+
+def model_skeleton(folder, *, trust_remote_code: bool = False):
+    """The classifier's modules on the meta device: its structure (dropout p's included), no weights
+    read and no memory used, so every teacher can be checked before any work."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    try:
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code, local_files_only=True)
+        with torch.device("meta"):
+            return AutoModelForSequenceClassification.from_config(config, trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise ModelLoadError(f"{folder}: config failed to load: {_first_line(e)}") from e
 
 
 def load_tokenizer(folder, *, trust_remote_code: bool = False):

@@ -38,14 +38,19 @@ DROPOUT_TYPES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaD
 
 @dataclass
 class MCOutput:
-    """Per-row MC-Dropout results; C = the teacher's label count, all float32."""
+    """Per-row MC-Dropout results; C = the teacher's label count.
 
-    logits: torch.Tensor            # (B, C) deterministic logits
-    probs: torch.Tensor             # (B, C) softmax(logits)
-    entropy: torch.Tensor           # (B,) H(probs), nats
-    mc_probs: torch.Tensor          # (B, C) p̄ = mean_k softmax(f(x; W_k))
-    mc_uncertainty: torch.Tensor    # (B,) H(p̄), nats
-    mc_score: torch.Tensor          # (B,) s = 1 - H(p̄) / log C, in [0, 1]
+    Distributions are float32; the entropies and the score are float64, computed from
+    log-probabilities, because s = 1 - H/log C rounds to exactly 1.0 in float32 once a 2-label
+    teacher's logit gap passes about 21, and two saturated teachers would then tie.
+    """
+
+    logits: torch.Tensor            # (B, C) float32 deterministic logits
+    probs: torch.Tensor             # (B, C) float32 softmax(logits)
+    entropy: torch.Tensor           # (B,) float64 H(probs), nats
+    mc_probs: torch.Tensor          # (B, C) float32 p̄ = mean_k softmax(f(x; W_k))
+    mc_uncertainty: torch.Tensor    # (B,) float64 H(p̄), nats
+    mc_score: torch.Tensor          # (B,) float64 s = 1 - H(p̄) / log C, in [0, 1]
     sample_probs: Optional[torch.Tensor] = None  # (B, K, C) per-pass softmax, if requested
     samples_used: Optional[torch.Tensor] = None  # (B,) int64 passes run per row (< K where adaptive stopped)
 
@@ -130,10 +135,41 @@ def seeded_dropout(model: nn.Module, state: dict) -> Iterator[None]:
             del m.forward
 
 
+def sampled_dropout(model: nn.Module, batch: dict[str, torch.Tensor], p: Optional[float] = None) -> list[float]:
+    """The p of every dropout call in one sampled forward of `batch`: which dropout MC really samples
+    (attention-probability dropout, for one, follows its attention module's flag and is skipped).
+    Works on the meta device with `input_ids` alone, so a teacher is checked before its weights load."""
+    called: list[float] = []
+    hooks = [m.register_forward_hook(lambda mod, args, out: called.append(float(mod.p)))
+             for m in model.modules() if isinstance(m, DROPOUT_TYPES)]
+    seeds = torch.zeros(len(batch["input_ids"]), dtype=torch.int64, device=batch["input_ids"].device)
+    try:
+        with torch.inference_mode(), dropout_sampling(model, p), seeded_dropout(model, {"seeds": seeds}):
+            model(**batch)
+    finally:
+        for h in hooks:
+            h.remove()
+    return called
+
+
+def check_sampling(name: str, model: nn.Module, batch: dict[str, torch.Tensor], p: Optional[float]) -> None:
+    """ValueError naming teacher `name` when its K passes could not differ: no dropout with p > 0
+    runs in its forward (dropout 0, or only functional dropout), with the `mc.dropout` override p."""
+    if not any(x > 0 for x in sampled_dropout(model, batch, p)):
+        raise ValueError(f"teacher {name!r}: no dropout with p > 0 runs in its forward, so its K MC-Dropout "
+                         f"passes would be identical; set its mc.dropout (for example 0.1)")
+
+
 def entropy(p: torch.Tensor) -> torch.Tensor:
-    """H(p) = -Σ p log p over the last dim, nats; 0·log 0 = 0. (..., C) -> (...)."""
-    p = p.float()
-    return -(p * torch.log(p.clamp_min(1e-30))).sum(-1)
+    """H(p) = -Σ p log p over the last dim, nats, float64; 0·log 0 = 0. (..., C) -> (...)."""
+    p = p.double()
+    return -(p * torch.log(p.clamp_min(1e-300))).sum(-1)
+
+
+def entropy_of_log(logp: torch.Tensor) -> torch.Tensor:
+    """H(p) from log p (..., C) -> (...), float64, nats; exact where p underflows (p log p -> 0)."""
+    logp = logp.double()
+    return -(logp.exp() * logp.clamp_min(-1e300)).sum(-1)
 
 
 def normalized_score(h: torch.Tensor, num_labels: int) -> torch.Tensor:
@@ -280,10 +316,12 @@ def mc_predict(model: nn.Module, batch: dict[str, torch.Tensor], *, samples: int
                                 else contextlib.nullcontext()):
             logits = _logits(model, batch, autocast_dtype)
         c = logits.shape[-1]
-        probs = logits.softmax(-1)
+        logp = logits.double().log_softmax(-1)
 
         per_round = samples if adaptive is None else min(adaptive.round, samples)
-        total = torch.zeros(b, c, dtype=torch.float32, device=logits.device)
+        # Running sums over the passes, float64: log Σ_k p_k (for H(p̄) from log p̄), Σ p, Σ p².
+        log_total = torch.full((b, c), -math.inf, dtype=torch.float64, device=logits.device)
+        total = torch.zeros(b, c, dtype=torch.float64, device=logits.device)
         total_sq = torch.zeros_like(total)
         used = torch.zeros(b, dtype=torch.long, device=logits.device)
         active = torch.arange(b, device=logits.device)
@@ -309,10 +347,12 @@ def mc_predict(model: nn.Module, batch: dict[str, torch.Tensor], *, samples: int
                     masks["seeds"] = seeds[start:start + rows_per_chunk]
                     if hidden is not None:
                         replay["h"] = hidden[start:start + rows_per_chunk]
-                    chunks.append(_logits(model, part, autocast_dtype).softmax(-1))
-                p_round = torch.cat(chunks).view(len(active), r, c)
+                    chunks.append(_logits(model, part, autocast_dtype).double().log_softmax(-1))
+                logp_round = torch.cat(chunks).view(len(active), r, c)
+                p_round = logp_round.exp()
                 if return_samples:
-                    sample_probs = p_round
+                    sample_probs = p_round.float()
+                log_total[active] = torch.logaddexp(log_total[active], logp_round.logsumexp(1))
                 total[active] += p_round.sum(1)
                 total_sq[active] += p_round.square().sum(1)
                 used[active] += r
@@ -320,9 +360,9 @@ def mc_predict(model: nn.Module, batch: dict[str, torch.Tensor], *, samples: int
                 if adaptive is not None and k < samples:
                     width = score_halfwidth(total[active] / k, total_sq[active] / k, k, samples, adaptive.z)
                     active = active[width > adaptive.tolerance]
-        mc_probs = total / used.clamp_min(1).unsqueeze(1).to(total.dtype)
-        h_mc = entropy(mc_probs)
+        log_mc = log_total - used.clamp_min(1).unsqueeze(1).to(torch.float64).log()  # log p̄
+        h_mc = entropy_of_log(log_mc)
         return MCOutput(
-            logits=logits, probs=probs, entropy=entropy(probs), mc_probs=mc_probs, mc_uncertainty=h_mc,
-            mc_score=normalized_score(h_mc, c), sample_probs=sample_probs, samples_used=used)
+            logits=logits, probs=logp.exp().float(), entropy=entropy_of_log(logp), mc_probs=log_mc.exp().float(),
+            mc_uncertainty=h_mc, mc_score=normalized_score(h_mc, c), sample_probs=sample_probs, samples_used=used)
 

@@ -36,7 +36,7 @@ from muki_ray.manifest import begin_stage, finish_stage, fingerprint, is_current
 from muki_ray.pool import add_keys, join_bucket, over_buckets, pool_summary, write_bucketed
 from muki_ray.refine_stage import self_train
 from muki_ray.report import write_report
-from muki_ray.schedule import Job, refuse_oversized, run_within
+from muki_ray.schedule import Job, refuse_oversized, run_within, settled_free
 from muki_ray.stats import add
 from muki_ray.student import LOSS_FOR_STRATEGY, tokenize, train_classifier, warm_start_state, with_gold
 from muki_ray.teachers import actor_resources, cache_columns, column, predict_teacher, stage_options, teacher_specs
@@ -167,7 +167,10 @@ def predict_stage(cfg: RunConfig, space: LabelSpace, run_dir: Path) -> dict:
             for s, t, cache in zip(specs, cfg.teachers, caches)]
     refuse_oversized(jobs, ray.cluster_resources(), {t.name: f"teachers[{i}].resources"
                                                      for i, t in enumerate(cfg.teachers)})
-    results, timeline = run_within(jobs, ray.available_resources())
+    free = settled_free(ray.available_resources, ray.cluster_resources())
+    log.info("predict: %d teachers within %s", len(jobs),
+             ", ".join(f"{free.get(k, 0):g} {k}" for k in ("CPU", "GPU") if free.get(k)))
+    results, timeline = run_within(jobs, free)
     for s in specs:
         n = results[s.name]["computed"]
         log.info("predict: teacher %s %s", s.name, f"computed {n} rows (K={s.samples})" if n else "reused its cache")

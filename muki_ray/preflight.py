@@ -12,9 +12,14 @@ import uuid
 from pathlib import Path
 from urllib.parse import urlparse
 
+import torch
+from safetensors import safe_open
+
 from muki_ray.cluster import ClusterError
 from muki_ray.config import RunConfig, resolve_model_path, teacher_model_path
+from muki_ray.hf_folder import ModelLoadError, check_folder, load_tokenizer, model_skeleton, weight_format
 from muki_ray.labels import LabelSpace
+from muki_ray.mc_dropout import check_sampling
 
 MIN_FREE_BYTES = 1024**3  # a student checkpoint (weights + optimizer state) plus predictions
 
@@ -49,11 +54,18 @@ def check_models(cfg: RunConfig) -> None:
         folders.append(("prepare.model", resolve_model_path(cfg.prepare.model), False, False))
     for where, folder, allow_pickle, remote in folders:
         check_model_folder(where, Path(folder), allow_pickle, remote)
+    for i, t in enumerate(cfg.teachers):  # a prepared teacher has the structure of prepare.model
+        folder = teacher_model_path(cfg, t) if t.model is not None else resolve_model_path(cfg.prepare.model)
+        probe = {"input_ids": torch.ones(1, 4, dtype=torch.long, device="meta")}  # meta: no weights, no FLOPs
+        try:
+            check_sampling(t.name, model_skeleton(folder, trust_remote_code=t.trust_remote_code), probe, t.mc.dropout)
+        except ValueError as e:
+            raise ModelLoadError(f"teachers[{i}].mc: {e}") from None
+        except Exception:  # noqa: BLE001  an architecture whose forward needs real values: its actor checks it
+            pass
 
 
 def check_model_folder(where: str, folder: Path, allow_pickle: bool, trust_remote_code: bool) -> None:
-    from muki_ray.hf_folder import ModelLoadError, check_folder, load_tokenizer, weight_format
-
     try:
         check_folder(folder, allow_pickle)
         load_tokenizer(folder, trust_remote_code=trust_remote_code)
@@ -65,10 +77,6 @@ def check_model_folder(where: str, folder: Path, allow_pickle: bool, trust_remot
 
 def _read_safetensors_headers(folder: Path) -> None:
     """Open each weights file's header (cheap: no tensor is read)."""
-    from safetensors import safe_open
-
-    from muki_ray.hf_folder import ModelLoadError
-
     for f in sorted(folder.glob("*.safetensors")):
         try:
             with safe_open(str(f), framework="pt") as h:

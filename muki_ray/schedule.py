@@ -72,6 +72,35 @@ def refuse_oversized(jobs: list[Job], total: dict[str, float], where: dict[str, 
                                    f"the whole cluster has {total.get(res, 0.0):g}")
 
 
+def settled_free(read: Callable[[], dict], total: dict, timeout_s: float = 10.0, interval_s: float = 0.25,
+                 stable_s: float = 2.0) -> dict[str, float]:
+    """The free resources once work that just ended has handed its share back.
+
+    Ray's view of free resources lags: just after a stage's last tasks finish, it can still show
+    their CPUs in use, and a snapshot taken then would start half the teachers that fit (measured:
+    2 teachers on 2 CPUs ran one after the other). Polls `read` (ray.available_resources) until
+    it shows every CPU and GPU of `total` free, or the same CPUs and GPUs for `stable_s` (another
+    job holds them), or `timeout_s` passes.
+    """
+    def key(r):
+        return tuple(round(r.get(k, 0.0), 6) for k in ("CPU", "GPU"))
+
+    start = time.time()
+    last, since = read(), time.time()
+    while time.time() - start < timeout_s:
+        if all(last.get(k, 0.0) >= total.get(k, 0.0) - 1e-9 for k in ("CPU", "GPU")):
+            break
+        time.sleep(interval_s)
+        now = read()
+        if key(now) != key(last):
+            since = time.time()
+        elif time.time() - since >= stable_s:
+            last = now
+            break
+        last = now
+    return last
+
+
 def run_within(jobs: list[Job], free: dict[str, float]) -> tuple[dict[str, Any], dict[str, dict]]:
     """Run every job, at most what `free` holds at once; returns (results, timeline).
 

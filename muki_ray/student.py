@@ -354,8 +354,9 @@ def fit(job: TrainJob, train_ds, dev_ds, *, run_dir: Path, name: str, num_rows: 
 
 
 def steps_per_epoch(num_rows: int, world: int, micro: int) -> int:
-    """Micro-steps every worker can take on its equal shard, dropping the ragged tail."""
-    return max(1, (num_rows // world) // micro)
+    """Micro-steps every worker can take on its equal shard, dropping the ragged tail (0 when a
+    shard is smaller than one micro-batch: `train_classifier` shrinks the batch first)."""
+    return (num_rows // world) // micro
 
 
 def consolidate(checkpoint, zero_stage: int) -> dict:
@@ -470,6 +471,13 @@ def train_classifier(hyper, *, model_path: str, labels: list[str], loss: str, tr
     Shared by the student (KD losses), the refine first students and the prepared teachers
     (cross-entropy on gold labels). dev_ds: a labeled Ray Dataset {text, label}.
     """
+    shard = rows // hyper.num_workers
+    if shard < 1:
+        raise ValueError(f"train {name}: {rows} training rows cannot feed {hyper.num_workers} workers")
+    if shard < hyper.batch_size:  # else drop_last would leave every epoch with no step at all
+        log.info("train %s: %d rows per worker, fewer than batch_size %d: one batch of %d per epoch", name, shard,
+                 hyper.batch_size, shard)
+        hyper = hyper.model_copy(update={"batch_size": shard})
     per_epoch = steps_per_epoch(rows, hyper.num_workers, hyper.batch_size)
     total_opt_steps = -(-per_epoch // hyper.grad_accum) * hyper.epochs
     bf16 = hyper.precision == "bf16" or (hyper.precision == "auto" and hyper.use_gpu)

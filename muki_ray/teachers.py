@@ -6,10 +6,10 @@ the pipelines side by side within the cluster's free resources. Each pipeline wr
 
     NAME__logits          list[float] (C,)  deterministic logits, dropout off
     NAME__probs           list[float] (C,)  softmax(logits)
-    NAME__entropy         float             H(probs), nats
+    NAME__entropy         float64           H(probs), nats
     NAME__mc_probs        list[float] (C,)  p̄, mean of K dropout softmaxes
-    NAME__mc_uncertainty  float             H(p̄), nats
-    NAME__mc_score        float             s = 1 - H(p̄) / log C, in [0, 1]
+    NAME__mc_uncertainty  float64           H(p̄), nats
+    NAME__mc_score        float64           s = 1 - H(p̄) / log C, in [0, 1]
 
 Why one cache per teacher: adding a teacher to the config must cost one teacher's work, and a
 teacher that fails must not lose the others' work. The predictions stage then joins the caches
@@ -34,7 +34,7 @@ import ray.data
 from muki_ray.cache import TeacherCache
 from muki_ray.data import hash64, io_map, io_write, list_column
 from muki_ray.manifest import write_json_atomic
-from muki_ray.mc_dropout import AdaptiveK, mc_predict
+from muki_ray.mc_dropout import AdaptiveK, check_sampling, mc_predict
 from muki_ray.pool import missing_rows, over_buckets
 
 FAULT_ENV = "MUKI_FAULT_TEACHER"
@@ -94,6 +94,8 @@ class TeacherStage:
                 f"teacher {s.name!r}: model head has {head} outputs but {len(s.labels)} labels are configured"
             )
         self.model = model.to(self.device).eval()
+        probe = self.tokenizer(["probe"], return_tensors="pt")
+        check_sampling(s.name, self.model, {k: v.to(self.device) for k, v in probe.items()}, s.dropout)
         self.dtype = autocast_dtype(s.precision, self.device)
         self.max_batch_tokens = s.max_batch_tokens or mc_batch_tokens(self.device)
         self.batches = 0
@@ -123,8 +125,8 @@ class TeacherStage:
         s = self.spec
         if not texts:  # an empty batch (an anti-join can leave a bucket with nothing to compute)
             c = len(s.labels)
-            return {f: list_column(np.zeros((0, c) if f in ("logits", "probs", "mc_probs") else 0, np.float32))
-                    for f in COLUMNS}
+            return {f: list_column(np.zeros((0, c), np.float32) if f in ("logits", "probs", "mc_probs")
+                                   else np.zeros(0, np.float64)) for f in COLUMNS}
         enc = self.tokenizer(texts, truncation=True, max_length=s.max_length, padding=False)
         seeds = hash64([f"{s.name}\0{k}" for k in (ids if ids is not None else texts)],
                        salt=f"mc:{s.seed}:").view(np.int64)
@@ -153,7 +155,8 @@ class TeacherStage:
                          max_batch_tokens=self.max_batch_tokens, autocast_dtype=self.dtype, layers=s.layers,
                          adaptive=adaptive, row_seeds=torch.from_numpy(seeds))
         self.passes += int(out.samples_used.sum())
-        return {f: getattr(out, f).float().cpu().numpy() for f in COLUMNS}
+        # Distributions as float32; entropies and the score keep float64 (MCOutput says why).
+        return {f: getattr(out, f).cpu().numpy() for f in COLUMNS}
 
 
 def _maybe_fail(name: str, batches: int) -> None:

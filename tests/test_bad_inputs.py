@@ -68,6 +68,13 @@ def generic_labels(raw, tmp_path, tiny_models):
     raw["teachers"][0]["model"] = str(make_tiny_model(tmp_path / "generic", ["LABEL_0", "LABEL_1"]))
 
 
+def no_dropout(raw, tmp_path, tiny_models):
+    from tests.conftest import make_tiny_model
+
+    raw["teachers"][0]["model"] = str(make_tiny_model(tmp_path / "nodrop", ["business", "politics"],
+                                                      hidden_dropout=0.0))
+
+
 def no_config_json(raw, tmp_path, tiny_models):
     (tmp_path / "empty").mkdir()
     raw["teachers"][0]["model"] = str(tmp_path / "empty")
@@ -159,6 +166,8 @@ CASES = [
      "/nonexistent/model does not exist"),
     ("missing-student-folder", put("/nonexistent/student", "student", "model"), "student.model:"),
     ("no-config-json", no_config_json, "no config.json"),
+    ("no-dropout-to-sample", no_dropout, "teachers[0].mc: teacher 'news': no dropout with p > 0 runs in its "
+                                         "forward, so its K MC-Dropout passes would be identical; set its mc.dropout"),
     ("tokenizer-does-not-load", bad_tokenizer, "teachers[0].model:"),
     ("weights-do-not-load", bad_weights, "weights failed to load"),
     ("pickle-without-opt-in", pickle_weights, "holds only pickle weights; convert to safetensors or set "

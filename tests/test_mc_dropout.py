@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, BertConfig, DistilBertConfig, RobertaConfig
 
-from muki_ray.mc_dropout import (AdaptiveK, dropout_sampling, entropy, mc_predict, normalized_score, score_halfwidth,
-                                  transformer_layers)
+from muki_ray.mc_dropout import (AdaptiveK, check_sampling, dropout_sampling, entropy, mc_predict, normalized_score,
+                                  sampled_dropout, score_halfwidth, transformer_layers)
 
 
 def tiny(arch: str, p: float = 0.3, num_labels: int = 3):
@@ -45,7 +45,7 @@ def test_passes_differ_and_mean_is_mc_probs(arch):
     for k in range(1, 6):
         assert not torch.allclose(s[:, 0], s[:, k], atol=1e-6)
     torch.testing.assert_close(out.mc_probs, s.mean(1), atol=1e-6, rtol=0)
-    torch.testing.assert_close(out.mc_uncertainty, entropy(out.mc_probs))
+    torch.testing.assert_close(out.mc_uncertainty, entropy(out.mc_probs), atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(out.mc_score, 1 - out.mc_uncertainty / math.log(3))
     torch.testing.assert_close(out.probs, out.logits.softmax(-1))
 
@@ -130,6 +130,55 @@ def test_normalized_score_hand_worked():
     assert entropy(c3([0.5, 0.5])).item() == pytest.approx(math.log(2))
     with pytest.raises(ValueError, match="1 label"):
         normalized_score(torch.tensor([0.0]), 1)
+
+
+@pytest.mark.parametrize("arch", ["bert", "roberta", "distilbert"])
+def test_a_teacher_without_sampled_dropout_is_refused(arch):
+    """Hidden dropout 0 leaves only attention-probability dropout, which MC does not sample: the
+    K passes would be identical. The probe sees it on the real model and on the meta skeleton."""
+    b = batch(1)
+    silent = tiny(arch, p=0.0)
+    out = mc_predict(silent, b, samples=3, return_samples=True)
+    assert torch.equal(out.sample_probs[:, 0], out.sample_probs[:, 1])  # what the check prevents
+    with pytest.raises(ValueError, match="teacher 'silent': no dropout with p > 0 runs in its forward"):
+        check_sampling("silent", silent, b, None)
+    check_sampling("silent", silent, b, 0.1)  # mc.dropout makes the passes differ
+    check_sampling("loud", tiny(arch, p=0.1), b, None)
+    with torch.device("meta"):
+        skeleton = AutoModelForSequenceClassification.from_config(silent.config)
+    meta = {"input_ids": torch.ones(1, 4, dtype=torch.long, device="meta")}
+    assert sampled_dropout(skeleton, meta) and not any(sampled_dropout(skeleton, meta))
+    assert all(p == 0.3 for p in sampled_dropout(skeleton, meta, 0.3))
+
+
+class _Gap(torch.nn.Module):
+    """A 2-label "classifier" whose logits are (0, gap) for every row, whatever the dropout."""
+
+    def __init__(self, gap: float):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor([0.0, gap]))
+        self.drop = torch.nn.Dropout(0.1)
+
+    def forward(self, input_ids, attention_mask):
+        return type("Out", (), {"logits": self.w.expand(len(input_ids), 2)})()
+
+
+def test_scores_do_not_saturate_in_float64():
+    """Past a logit gap of about 21, 1 - H/log 2 is exactly 1.0 in float32; in float64, from
+    log-probabilities, two confident teachers keep their order."""
+    b = {"input_ids": torch.ones(1, 4, dtype=torch.long), "attention_mask": torch.ones(1, 4, dtype=torch.long)}
+    scores = {}
+    for gap in (25.0, 30.0):
+        out = mc_predict(_Gap(gap), b, samples=3, dropout=0.0)
+        assert out.mc_score.dtype == out.entropy.dtype == out.mc_uncertainty.dtype == torch.float64
+        log_q = -math.log1p(math.exp(-gap))               # log p(label 1)
+        log_p = -gap + log_q                               # log p(label 0)
+        h = -(math.exp(log_p) * log_p + math.exp(log_q) * log_q)
+        assert out.mc_uncertainty.item() == pytest.approx(h, rel=1e-9)
+        assert 1 - out.mc_score.item() == pytest.approx(h / math.log(2), rel=1e-9)
+        assert float(torch.tensor(1.0 - h / math.log(2), dtype=torch.float32)) == 1.0  # float32 would tie
+        scores[gap] = out.mc_score.item()
+    assert scores[25.0] < scores[30.0] < 1.0
 
 
 # ------------------------------------------------------------ mc.layers: sample only the top N layers

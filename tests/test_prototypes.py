@@ -36,6 +36,15 @@ def test_refine_moves_prototypes_to_the_groups():
     np.testing.assert_allclose(protos[1], np.array([0.6, 1.8]) / np.hypot(0.6, 1.8), atol=1e-6)
 
 
+def test_an_overlapping_label_collects_every_owners_weight():
+    """Teachers A {x, y} and B {y, z} share y. Equal scores: w = (0.5, 0.5). Row: A says (0.2, 0.8),
+    B says (0.6, 0.4), so x = 0.1, y = 0.4 + 0.3 = 0.7, z = 0.2; the row sums to 1."""
+    seeds = seed_responsibilities(np.zeros((1, 2)), [np.array([[0.2, 0.8]]), np.array([[0.6, 0.4]])],
+                                  [np.array([0, 1]), np.array([1, 2])], 3, tau=1.0)
+    np.testing.assert_allclose(seeds, [[0.1, 0.7, 0.2]])
+    np.testing.assert_allclose(seeds.sum(1), 1.0)
+
+
 def test_a_label_that_wins_no_text_keeps_its_prototype():
     emb = np.eye(2)
     resp = np.array([[1.0, 0.0, 0.5], [0.0, 1.0, 0.5]])  # label 2 seeded halfway: cos 0.707 < 1 everywhere

@@ -21,7 +21,7 @@ from muki_ray.cache import TeacherCache
 from muki_ray.config import parse_config
 from muki_ray.labels import LabelSpace
 from muki_ray.manifest import read_manifest
-from muki_ray.schedule import Job, TeacherFailed, actors_that_fit, refuse_oversized, run_within
+from muki_ray.schedule import Job, TeacherFailed, actors_that_fit, refuse_oversized, run_within, settled_free
 from tests.conftest import WORDS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -84,6 +84,16 @@ def test_the_scheduler_stays_within_the_budget_and_keeps_going_after_a_failure()
                          {"g": "teachers[0].resources"})
 
 
+def test_free_resources_are_read_once_finished_work_has_handed_them_back():
+    """Ray's free view lags behind work that just ended: wait until every CPU is back, or until
+    the view holds still (another job keeps some), so no teacher slot is lost to a stale read."""
+    total = {"CPU": 2.0, "memory": 1e9}
+    views = iter([{"CPU": 1.0}, {"CPU": 1.0}, {"CPU": 2.0, "memory": 5e8}])
+    assert settled_free(lambda: next(views), total, interval_s=0.0)["CPU"] == 2.0
+    busy = settled_free(lambda: {"CPU": 0.5}, total, interval_s=0.01, stable_s=0.05)  # held by another job
+    assert busy == {"CPU": 0.5}
+
+
 # ------------------------------------------------------------------ the real stage
 def test_eight_teachers_on_two_cpus_complete_with_every_id_once(tmp_path, tiny_models, ray_session):
     """More teachers than slots (8 x 1 CPU on 2 CPUs) over a pool of many blocks: the chained
@@ -103,7 +113,7 @@ def test_eight_teachers_on_two_cpus_complete_with_every_id_once(tmp_path, tiny_m
     sched = info["schedule"]
     overlap = max(sum(1 for s in sched.values() if s["start"] <= t < s["end"]) for t in
                   [s["start"] + 1e-3 for s in sched.values()])
-    assert overlap <= 2 and info["rows"] == 5000  # never more pools than CPUs
+    assert overlap == 2 and info["rows"] == 5000  # never more pools than CPUs, and every CPU used
 
 
 def test_a_failing_teacher_keeps_the_others_caches_and_a_rerun_computes_only_it(

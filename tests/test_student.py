@@ -105,16 +105,19 @@ def test_rerun_resumes_from_checkpoint(tmp_path, ray_session, monkeypatch):
     assert resumed[0]["global_step"] > per_epoch
 
 
-def test_zero_weight_rows_leave_the_model_unchanged(tmp_path, ray_session):
+def test_zero_weight_rows_leave_the_model_unchanged_and_a_pool_under_one_batch_still_steps(tmp_path, ray_session):
     import torch
 
     from muki_ray.pipeline import train_stage
 
-    cfg, run = prepare(tmp_path, zero=0, workers=1, epochs=1, weights=np.zeros(64), weight_decay=0.0,
+    # 5 rows, fewer than one batch of 8: the batch shrinks to 5, so the epoch still takes its step.
+    cfg, run = prepare(tmp_path, n=5, zero=0, workers=1, epochs=1, weights=np.zeros(5), weight_decay=0.0,
                        resources_per_worker={"CPU": 1.5})
     train_stage(cfg, SPACE, run)
+    epochs = [r for r in train_log(run) if r.get("event") == "epoch"]
+    assert [r["global_step"] for r in epochs] == [1]
     # The worker uses the CPUs Ray assigned it (1.5 -> 2 threads), not Ray's OMP_NUM_THREADS=1.
-    assert [r["torch_threads"] for r in train_log(run) if r.get("event") == "epoch"] == [2]
+    assert [r["torch_threads"] for r in epochs] == [2]
     from safetensors.torch import load_file
 
     before = load_file(str(tmp_path / "student" / "model.safetensors"))
