@@ -702,9 +702,7 @@ def to_ray_dataset(table: pa.Table, rows_per_block: int = 1024):
 
 
 def list_column(a: np.ndarray) -> np.ndarray:
-    """(B, C) -> object array of (C,) float32 arrays, which Arrow stores as list<float>; (B,) -> float32."""
-    if a.ndim == 1:
-        return a.astype(np.float32)
+    """(B, C) -> object array of (C,) float32 arrays, which Arrow stores as list<float>."""
     col = np.empty(len(a), dtype=object)
     for i, row in enumerate(a.astype(np.float32)):
         col[i] = row

@@ -85,19 +85,16 @@ def settled_free(read: Callable[[], dict], total: dict, timeout_s: float = 10.0,
     def key(r):
         return tuple(round(r.get(k, 0.0), 6) for k in ("CPU", "GPU"))
 
-    start = time.time()
-    last, since = read(), time.time()
-    while time.time() - start < timeout_s:
-        if all(last.get(k, 0.0) >= total.get(k, 0.0) - 1e-9 for k in ("CPU", "GPU")):
-            break
+    start = since = time.time()
+    last = read()
+    while time.time() - start < timeout_s and any(last.get(k, 0.0) < total.get(k, 0.0) - 1e-9 for k in ("CPU", "GPU")):
         time.sleep(interval_s)
         now = read()
         if key(now) != key(last):
             since = time.time()
-        elif time.time() - since >= stable_s:
-            last = now
-            break
         last = now
+        if time.time() - since >= stable_s:
+            break
     return last
 
 

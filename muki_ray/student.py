@@ -473,7 +473,9 @@ def train_classifier(hyper, *, model_path: str, labels: list[str], loss: str, tr
     """
     shard = rows // hyper.num_workers
     if shard < 1:
-        raise ValueError(f"train {name}: {rows} training rows cannot feed {hyper.num_workers} workers")
+        from muki_ray.data import DataError  # not at the top: the training workers need not load Ray Data
+
+        raise DataError(f"train {name}: {rows} training rows cannot feed num_workers={hyper.num_workers} workers")
     if shard < hyper.batch_size:  # else drop_last would leave every epoch with no step at all
         log.info("train %s: %d rows per worker, fewer than batch_size %d: one batch of %d per epoch", name, shard,
                  hyper.batch_size, shard)

@@ -41,6 +41,7 @@ FAULT_ENV = "MUKI_FAULT_TEACHER"
 log = logging.getLogger("muki_ray.teachers")
 
 COLUMNS = ("logits", "probs", "entropy", "mc_probs", "mc_uncertainty", "mc_score")
+LIST_FIELDS = ("logits", "probs", "mc_probs")  # (C,) float32 per row; the others are float64 scalars
 
 
 def column(teacher: str, field: str) -> str:
@@ -125,8 +126,8 @@ class TeacherStage:
         s = self.spec
         if not texts:  # an empty batch (an anti-join can leave a bucket with nothing to compute)
             c = len(s.labels)
-            return {f: list_column(np.zeros((0, c), np.float32) if f in ("logits", "probs", "mc_probs")
-                                   else np.zeros(0, np.float64)) for f in COLUMNS}
+            return {f: list_column(np.zeros((0, c), np.float32)) if f in LIST_FIELDS else np.zeros(0, np.float64)
+                    for f in COLUMNS}
         enc = self.tokenizer(texts, truncation=True, max_length=s.max_length, padding=False)
         seeds = hash64([f"{s.name}\0{k}" for k in (ids if ids is not None else texts)],
                        salt=f"mc:{s.seed}:").view(np.int64)
@@ -144,7 +145,7 @@ class TeacherStage:
         merged = {f: np.concatenate([p[f] for p in parts]) for f in COLUMNS}
         inverse = np.empty_like(order)
         inverse[order] = np.arange(len(order))
-        return {f: list_column(merged[f][inverse]) for f in COLUMNS}
+        return {f: list_column(merged[f][inverse]) if f in LIST_FIELDS else merged[f][inverse] for f in COLUMNS}
 
     def _forward(self, features: dict[str, list], seeds: np.ndarray) -> dict[str, np.ndarray]:
         s = self.spec

@@ -62,6 +62,8 @@ def test_three_heterogeneous_teachers_one_row_per_id(tmp_path, tiny_models, ray_
         np.testing.assert_allclose(mc.sum(1), 1, atol=1e-5)
         score = table.column(column(name, "mc_score")).to_numpy()
         assert ((score >= -1e-6) & (score <= 1 + 1e-6)).all()
+        for field in ("entropy", "mc_uncertainty", "mc_score"):  # float64 end to end (mc_dropout.MCOutput)
+            assert table.schema.field(column(name, field)).type == "double"
     # Rows keep their own predictions: recompute a few ids in-process and compare.
     spec = teacher_specs(cfg, space)[1]
     stage = TeacherStage(spec)
