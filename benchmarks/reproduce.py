@@ -57,6 +57,11 @@ BEYOND = {"muki_soft+reweight+rank": {"calibration": "rank"},
               "refine": {"resources": {"num_cpus": 0.5, "threads": 2}}},
           "muki_soft+reweight+refine": {"refine": {"resources": {"num_cpus": 0.5, "threads": 2}}}}
 METHODS.update({m: {**METHODS["muki_soft+reweight"], **extra} for m, extra in BEYOND.items()})
+# Every row above is the paper's selection plus what the row names; "default" is the shipped
+# default recipe, exactly as a config without selection options gets it (integration.preset).
+METHODS = {m: {"preset": "paper", **v} for m, v in METHODS.items()}
+METHODS["default"] = {"strategy": "muki_soft", "reweight": True, "reweight_normalize": True,
+                      "prototypes": {"resources": {"num_cpus": 0.5, "threads": 2}}}
 LOW_MARGIN = 0.3  # the share of the pool with the smallest MC top-2 margin: "low-margin texts"
 BASELINES = ("vanilla_kd", "uhc", "entropy_hard", "entropy_soft")
 NG_FAMILIES = {
@@ -270,7 +275,7 @@ def main() -> None:
                      "selection_acc_mc": sups["mc"]["selection_accuracy"],
                      "selection_acc_entropy": sups["entropy"]["selection_accuracy"],
                      "wall_s_per_seed": float(np.mean(times))})
-        if method in BEYOND or method == "muki_soft+reweight":
+        if method in BEYOND or method in ("muki_soft+reweight", "default"):
             rows[-1].update(low_margin_selection(work / f"{method}-seed0", shared, space))
             rows[-1]["shared_predictions_s"] = read_manifest(shared / "predictions")["wall_time_s"]
             if "refine" in METHODS[method]:  # per seed: selection on the judged texts before / after

@@ -32,7 +32,9 @@ STAGES = ("pool", "prepare", "predictions", "targets", "train", "evaluate", "rep
 def teacher_settings(cfg: RunConfig, space: LabelSpace, i: int) -> dict:
     """Everything but the model that a teacher's predictions depend on."""
     t = cfg.teachers[i]
-    return {"labels": list(space.teacher_labels[i]), "mc": t.mc.model_dump(), "max_length": t.max_length,
+    # An option left off is left out, so caches from before it existed stay valid.
+    mc = t.mc.model_dump(exclude={"attention_dropout"} if not t.mc.attention_dropout else None)
+    return {"labels": list(space.teacher_labels[i]), "mc": mc, "max_length": t.max_length,
             "precision": t.precision, "buckets": cfg.data.buckets, "version": CACHE_VERSION}
 
 
@@ -94,15 +96,17 @@ def config_key(cfg: RunConfig, space: LabelSpace, stage: str) -> str:
         return fingerprint([d.pool.model_dump(), d.seed, d.on_bad_row, d.pool_gold_labels, d.buckets,
                             source_signature(d.pool)])
     if stage == "prepare":
+        own = {t.name: t.prepare.model_dump() for t in cfg.teachers if t.prepare is not None}
         return fingerprint([cfg.prepare.model_dump() if cfg.prepare else None, space.teacher_labels, space.teachers,
-                            dev, d.seed])
+                            dev, d.seed] + ([own] if own else []))  # left out when unused: older runs stay cached
     if stage == "predictions":
         return fingerprint([[t.name, teacher_key(cfg, space, i)] for i, t in enumerate(cfg.teachers)])
     if stage == "targets":
         integ = cfg.integration
         # Options left off are left out of the key, so runs from before they existed stay cached;
         # resources and batch sizes never change a result.
-        exclude = {"calibration": True} if integ.calibration == "none" else {}
+        # `preset` only fills the options below in, so it is left out too.
+        exclude = {"preset": True, **({"calibration": True} if integ.calibration == "none" else {})}
         exclude["prototypes"] = True if integ.prototypes is None else {"resources"}
         exclude["refine"] = True if integ.refine is None else {"resources", "batch_size"}
         key = [integ.model_dump(exclude=exclude)]

@@ -61,6 +61,9 @@ def cmd_validate(args) -> int:
     print(f"output_dir: {cfg.output_dir}")
     print(f"strategy: {cfg.integration.strategy} (tau={cfg.integration.temperature}, "
           f"reweight={cfg.integration.reweight}, normalize={cfg.integration.reweight_normalize})")
+    print(f"selection: {cfg.integration.selection()}")
+    if cfg.integration.ignored:
+        print(f"note: {cfg.integration.strategy} ignores integration.{', integration.'.join(cfg.integration.ignored)}")
     print(f"teachers: {len(cfg.teachers)}")
     for t, labels in zip(cfg.teachers, space.teacher_labels):
         src = "prepare" if cfg.prepare is not None and t.model is None else "model"

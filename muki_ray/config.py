@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from muki_ray.integrate import CALIBRATIONS, SCORE_STRATEGIES
 
@@ -107,6 +107,11 @@ class MCConfig(Strict):
     dropout: Optional[float] = Field(
         None, description="Dropout p in the MC passes; default: the model's own (hidden dropout)."
     )
+    attention_dropout: bool = Field(
+        False, description="Sample attention-probability dropout too (the whole model in train mode for the K "
+        "passes, as the authors' code; eager attention). Off: hidden dropout only, which measured as well or "
+        "better (README, Teacher stage)."
+    )
     seed: int = Field(0, description="Seed of the dropout masks (reproducible p̄).")
     max_batch_tokens: Optional[int] = Field(
         None, ge=1, description="At most this many (row x sample x token) per forward. Default by the actor's "
@@ -151,6 +156,18 @@ class TeacherResources(Strict):
         return self.threads or max(1, math.ceil(self.num_cpus))
 
 
+class TeacherPrepare(Strict):
+    """One prepared teacher's overrides of the `prepare` section (mixing base models and budgets)."""
+
+    model: Optional[str] = Field(None, description="Base model of this teacher (default `prepare.model`).")
+    epochs: Optional[int] = Field(None, ge=1, description="Its training epochs (default `prepare.epochs`).")
+    lr: Optional[float] = Field(None, gt=0, description="Its peak learning rate (default `prepare.lr`).")
+    texts: Optional[int] = Field(
+        None, ge=1, description="Train on at most this many of `prepare.data`'s texts with its labels, picked by a "
+        "seeded hash of their ids (default: all of them)."
+    )
+
+
 class Teacher(Strict):
     name: str = Field(description="Unique name; prefixes this teacher's prediction columns (`NAME__probs`).")
     model: Optional[str] = Field(
@@ -171,6 +188,9 @@ class Teacher(Strict):
     resources: TeacherResources = Field(default_factory=TeacherResources, description="Actor resources.")
     trust_remote_code: bool = Field(False, description="Allow the model folder's own code (off: safer).")
     allow_pickle: bool = Field(False, description="Allow pickle (`.bin`) weights; safetensors otherwise.")
+    prepare: Optional[TeacherPrepare] = Field(
+        None, description="A prepared teacher's own settings, overriding the `prepare` section's."
+    )
 
     @field_validator("name")
     @classmethod
@@ -220,8 +240,20 @@ class RefineConfig(Strict):
     )
 
 
+# The selection options a preset fills in when the YAML leaves them out. `default` is what measured
+# best across the reproductions (README, Integration); `paper` is MUKI exactly as published.
+PRESETS = {"default": {"calibration": "rank", "prototypes": {}},
+           "paper": {"calibration": "none", "prototypes": None}}
+SELECTION_OPTIONS = ("calibration", "prototypes", "refine")  # score-based strategies only
+
+
 class IntegrationConfig(Strict):
     strategy: Literal[STRATEGIES] = Field("muki_soft", description="How teachers become one target: " + ", ".join(STRATEGIES) + ".")  # type: ignore[valid-type]
+    preset: Literal[tuple(PRESETS)] = Field(  # type: ignore[valid-type]
+        "default", description="Fills in `calibration` and `prototypes` when they are left out: `default` = rank "
+        "calibration + label prototypes (the best measured label-free recipe); `paper` = the paper's MUKI exactly "
+        "(raw MC scores, no calibration, no prototypes). Options set explicitly win over the preset."
+    )
     temperature: float = Field(0.2, description="τ of the soft teacher weights softmax(s/τ).")
     kd_temperature: float = Field(5.0, description="T of vanilla KD over concatenated logits (loss scaled by T²).")
     reweight: bool = Field(True, description="Weight each text by the top-2 score margin m = s(1) - s(2) + 1e-6.")
@@ -230,18 +262,48 @@ class IntegrationConfig(Strict):
         "deterministic", description="Teacher distribution in the target: deterministic softmax or MC mean p̄."
     )
     calibration: Literal[CALIBRATIONS] = Field(  # type: ignore[valid-type]
-        "none", description="Beyond the paper: compare teachers on pool-calibrated scores: `zscore` (per-teacher "
-        "mean 0, std 1 over the pool), `rank` (per-teacher quantile) or `none`. Score-based strategies only."
+        "rank", description="Compare teachers on pool-calibrated scores: `rank` (per-teacher quantile), `zscore` "
+        "(per-teacher mean 0, std 1 over the pool) or `none` (raw, as in the paper). Default from `preset`."
     )
     prototypes: Optional[PrototypesConfig] = Field(
-        None, description="Beyond the paper: re-select each text's teacher by label prototypes in an embedding "
-        "space (`muki_ray/prototypes.py`); the strategy's scores seed them. Off (null) by default."
+        default_factory=PrototypesConfig, description="Re-select each text's teacher by label prototypes in an "
+        "embedding space (`muki_ray/prototypes.py`); the calibrated scores seed them. `null` turns them off. "
+        "Default from `preset`."
     )
     refine: Optional[RefineConfig] = Field(
         None, description="Beyond the paper: confidence-thresholded self-training (`muki_ray/refine.py`): a first "
         "student trained on the high-margin texts re-selects the teacher of the rest. Needs `data.dev`. Off (null) "
         "by default."
     )
+    _ignored: list = PrivateAttr(default_factory=list)
+
+    @model_validator(mode="after")
+    def _resolve(self):
+        """Fill the options the YAML left out from `preset`. Non-score strategies have no
+        per-teacher scores to select by: their selection options are switched off, and
+        `ignored` lists the ones the YAML set, for one log line."""
+        given = set(self.model_fields_set)
+        # Written to __dict__: an assignment would re-run this validator (validate_assignment).
+        for option, value in PRESETS[self.preset].items():
+            if option not in given:
+                self.__dict__[option] = PrototypesConfig(**value) if isinstance(value, dict) else value
+        if self.strategy not in SCORE_STRATEGIES:
+            self._ignored = [o for o in SELECTION_OPTIONS if o in given and getattr(self, o) not in (None, "none")]
+            self.__dict__.update(calibration="none", prototypes=None, refine=None)
+        return self
+
+    def selection(self) -> str:
+        """How this config selects among teachers, in words (validate, logs)."""
+        if self.strategy not in SCORE_STRATEGIES:
+            return f"none ({self.strategy} does not select by score)"
+        parts = ["raw scores" if self.calibration == "none" else f"{self.calibration} calibration"]
+        parts += ["label prototypes"] * (self.prototypes is not None) + ["refine"] * (self.refine is not None)
+        return " + ".join(parts) + (" (the paper's MUKI)" if parts == ["raw scores"] else "")
+
+    @property
+    def ignored(self) -> list[str]:
+        """Selection options set in the YAML that this (non-score) strategy ignores."""
+        return list(self._ignored)
 
     @field_validator("temperature", "kd_temperature")
     @classmethod
@@ -479,6 +541,8 @@ def _resolve_paths(cfg: RunConfig, base: Path) -> None:
             src.source = fix(src.source)
     for t in cfg.teachers:
         t.model = fix(t.model)
+        if t.prepare is not None:
+            t.prepare.model = fix(t.prepare.model)
     cfg.student.model = fix(cfg.student.model)
     cfg.student.init_from = fix(cfg.student.init_from)
     cfg.student.deepspeed_config = fix(cfg.student.deepspeed_config)
@@ -541,6 +605,15 @@ def semantic_errors(cfg: RunConfig, check_files: bool = True) -> list[str]:
                 errors.append(f"teachers[{i}].labels: required with prepare.split: explicit")
 
     for i, t in enumerate(cfg.teachers):
+        if t.prepare is not None and (cfg.prepare is None or t.model is not None):
+            errors.append(f"teachers[{i}].prepare: only a prepared teacher (no `model`, with a `prepare` section) "
+                          f"has preparation settings")
+        elif t.prepare is not None and t.prepare.model and check_files:
+            try:
+                read_hf_config(resolve_model_path(t.prepare.model))
+            except ValueError as e:
+                errors.append(f"teachers[{i}].prepare.model: {e}")
+    for i, t in enumerate(cfg.teachers):
         prepared = cfg.prepare is not None and t.model is None
         if t.labels is not None and len(t.labels) < 2:
             errors.append(
@@ -571,12 +644,6 @@ def semantic_errors(cfg: RunConfig, check_files: bool = True) -> list[str]:
         if t.mc.layers is not None and depth is not None and t.mc.layers > depth:
             errors.append(f"teachers[{i}].mc.layers: {t.mc.layers} but the model has {depth} layers")
 
-    for option, on in (("calibration", cfg.integration.calibration != "none"),
-                       ("prototypes", cfg.integration.prototypes is not None),
-                       ("refine", cfg.integration.refine is not None)):
-        if on and cfg.integration.strategy not in SCORE_STRATEGIES:
-            errors.append(f"integration.{option}: applies to the score-based strategies "
-                          f"({', '.join(SCORE_STRATEGIES)}), not {cfg.integration.strategy!r}")
     if cfg.integration.refine is not None and cfg.data.dev is None:
         errors.append("integration.refine: the first student picks its best epoch on a labeled dev split; "
                       "set data.dev")
@@ -635,6 +702,15 @@ def teacher_model_path(cfg: RunConfig, teacher: Teacher) -> Path:
     if teacher.model is None:
         return Path(cfg.output_dir) / "prepare" / teacher.name
     return resolve_model_path(teacher.model)
+
+
+def prepared_settings(cfg: RunConfig, teacher: Teacher) -> PrepareConfig:
+    """The `prepare` section as it applies to one prepared teacher (its own overrides on top)."""
+    o = teacher.prepare
+    if o is None:
+        return cfg.prepare
+    return cfg.prepare.model_copy(update={k: v for k, v in (("model", o.model), ("epochs", o.epochs),
+                                                            ("lr", o.lr)) if v is not None})
 
 
 def teacher_labels(cfg: RunConfig, all_prepare_labels: Optional[list[str]] = None) -> list[list[str]]:

@@ -267,6 +267,21 @@ def unit_hash(ids, seed: int) -> np.ndarray:
     return (hash64(ids, salt=f"part:{seed}:") >> np.uint64(11)).astype(np.float64) / float(1 << 53)
 
 
+def hashed_sample(ds, n: int, salt: str):
+    """The n rows of a Ray Dataset {id, ...} with the smallest seeded hash of their id (all rows
+    when it has n or fewer; ids are unique). A fold keeps the n smallest hashes of each block, so
+    the driver holds n numbers, and the rows are the same whatever the blocks."""
+    def u(ids) -> np.ndarray:
+        return hash64([str(i) for i in ids], salt=f"sample:{salt}:")
+
+    smallest = fold(ds, lambda b: np.sort(u(b["id"]))[:n], lambda a, b: np.sort(np.concatenate([a, b]))[:n])
+    if smallest is None or len(smallest) < n:
+        return ds
+    cut = smallest[-1]
+    return ds.map_batches(lambda b: b.filter(pa.array(u(b.column("id").to_pylist()) <= cut)),
+                          batch_format="pyarrow", **io_map())
+
+
 # ------------------------------------------------------------ file sources
 @dataclass(frozen=True)
 class FileFormat:

@@ -7,7 +7,11 @@ Which dropout is sampled: in transformers 5, BERT-style attention (BERT, RoBERTa
 MPNet, ...) applies attention-probability dropout as `dropout=0.0 if not self.training`, i.e. it
 follows the *attention module's* flag, which stays False here. So the K passes sample the hidden
 dropout only - embeddings, attention output, FFN output and the classifier head - which is the
-reference setting (hidden dropout p = 0.1). An `mc.dropout` override sets `p` on every dropout
+reference setting (hidden dropout p = 0.1). `attention_dropout=True` (`mc.attention_dropout`)
+samples the attention probabilities too, as the authors' code does by putting the whole model in
+train mode: the K passes then run in train mode with eager attention (a fused kernel's dropout
+draws from torch's global generator, which cannot be seeded per row), and every functional
+dropout call is seeded like the modules. An `mc.dropout` override sets `p` on every dropout
 module for the K passes only, and restores it after; the model's config is never edited.
 
 The K samples run as one batched forward over B*K rows (each row repeated K times), chunked to
@@ -31,6 +35,7 @@ from dataclasses import dataclass
 from typing import Iterator, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 DROPOUT_TYPES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
@@ -115,47 +120,85 @@ def uniform_like(x: torch.Tensor, seeds: torch.Tensor, module: int) -> torch.Ten
     return _lsr(z, 40).to(torch.float32) * (1.0 / (1 << 24))
 
 
+def _seeded_mask(x: torch.Tensor, p: float, seeds: torch.Tensor, index: int) -> torch.Tensor:
+    """Inverted dropout of x with the per-row counter-based mask of dropout call `index`."""
+    keep = uniform_like(x, seeds, index) >= p
+    return x * keep.to(x.dtype) / (1.0 - p)
+
+
 @contextlib.contextmanager
-def seeded_dropout(model: nn.Module, state: dict) -> Iterator[None]:
+def seeded_dropout(model: nn.Module, state: dict, functional: bool = False) -> Iterator[None]:
     """Every nn.Dropout of `model` draws its mask from `uniform_like` with state["seeds"], the
-    seeds of the rows of the forward about to run; restored after."""
+    seeds of the rows of the forward about to run; restored after. With `functional`, so does
+    every `torch.nn.functional.dropout` call (attention probabilities): the i-th call of a forward
+    is dropout index (number of modules) + i, a stable name since a forward's calls run in order."""
     patched = []
     for i, m in enumerate(m for m in model.modules() if type(m) is nn.Dropout):
         def forward(x, m=m, i=i):
             if not m.training or m.p == 0.0:
                 return x
-            keep = uniform_like(x, state["seeds"], i) >= m.p
-            return x * keep.to(x.dtype) / (1.0 - m.p)
+            return _seeded_mask(x, m.p, state["seeds"], i)
         m.forward = forward
         patched.append(m)
+    original, hook = F.dropout, None
+    if functional:
+        def dropout(x, p=0.5, training=True, inplace=False):
+            state.setdefault("functional_p", []).append(float(p) if training else 0.0)  # for sampled_dropout
+            if not training or p == 0.0:
+                return x
+            state["calls"] += 1
+            return _seeded_mask(x, p, state["seeds"], len(patched) + state["calls"] - 1)
+        hook = model.register_forward_pre_hook(lambda *_: state.__setitem__("calls", 0))
+        F.dropout = dropout
     try:
         yield
     finally:
+        F.dropout = original
+        if hook is not None:
+            hook.remove()
         for m in patched:
             del m.forward
 
 
-def sampled_dropout(model: nn.Module, batch: dict[str, torch.Tensor], p: Optional[float] = None) -> list[float]:
+@contextlib.contextmanager
+def eager_attention(model: nn.Module, on: bool = True) -> Iterator[None]:
+    """Attention computed by transformers' eager path (its dropout is `F.dropout`); restored after."""
+    old = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    switch = on and old not in (None, "eager") and hasattr(model, "set_attn_implementation")
+    if switch:
+        model.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        if switch:
+            model.set_attn_implementation(old)
+
+
+def sampled_dropout(model: nn.Module, batch: dict[str, torch.Tensor], p: Optional[float] = None,
+                    attention: bool = False) -> list[float]:
     """The p of every dropout call in one sampled forward of `batch`: which dropout MC really samples
-    (attention-probability dropout, for one, follows its attention module's flag and is skipped).
-    Works on the meta device with `input_ids` alone, so a teacher is checked before its weights load."""
+    (without `attention`, attention-probability dropout follows its attention module's flag and is
+    skipped). Works on the meta device with `input_ids` alone, so a teacher is checked before its
+    weights load."""
     called: list[float] = []
     hooks = [m.register_forward_hook(lambda mod, args, out: called.append(float(mod.p)))
              for m in model.modules() if isinstance(m, DROPOUT_TYPES)]
-    seeds = torch.zeros(len(batch["input_ids"]), dtype=torch.int64, device=batch["input_ids"].device)
+    state = {"seeds": torch.zeros(len(batch["input_ids"]), dtype=torch.int64, device=batch["input_ids"].device)}
     try:
-        with torch.inference_mode(), dropout_sampling(model, p), seeded_dropout(model, {"seeds": seeds}):
+        with torch.inference_mode(), dropout_sampling(model, p, attention), eager_attention(model, attention), \
+                seeded_dropout(model, state, functional=attention):
             model(**batch)
     finally:
         for h in hooks:
             h.remove()
-    return called
+    return called + state.get("functional_p", [])
 
 
-def check_sampling(name: str, model: nn.Module, batch: dict[str, torch.Tensor], p: Optional[float]) -> None:
+def check_sampling(name: str, model: nn.Module, batch: dict[str, torch.Tensor], p: Optional[float],
+                   attention: bool = False) -> None:
     """ValueError naming teacher `name` when its K passes could not differ: no dropout with p > 0
     runs in its forward (dropout 0, or only functional dropout), with the `mc.dropout` override p."""
-    if not any(x > 0 for x in sampled_dropout(model, batch, p)):
+    if not any(x > 0 for x in sampled_dropout(model, batch, p, attention)):
         raise ValueError(f"teacher {name!r}: no dropout with p > 0 runs in its forward, so its K MC-Dropout "
                          f"passes would be identical; set its mc.dropout (for example 0.1)")
 
@@ -180,12 +223,13 @@ def normalized_score(h: torch.Tensor, num_labels: int) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def dropout_sampling(model: nn.Module, p: Optional[float] = None) -> Iterator[list[nn.Module]]:
-    """Put only the dropout modules in train mode (optionally at probability p); restore after."""
+def dropout_sampling(model: nn.Module, p: Optional[float] = None, attention: bool = False) -> Iterator[list[nn.Module]]:
+    """Put only the dropout modules in train mode (with `attention`, the whole model, so attention
+    modules pass their dropout p on), optionally at probability p; restore after."""
     saved = [(m, m.training, getattr(m, "p", None)) for m in model.modules()]
     drops = [m for m in model.modules() if isinstance(m, DROPOUT_TYPES)]
     try:
-        model.eval()
+        model.train(attention)
         for m in drops:
             m.train()
             if p is not None:
@@ -286,7 +330,8 @@ def _logits(model: nn.Module, batch: dict, autocast_dtype: Optional[torch.dtype]
 def mc_predict(model: nn.Module, batch: dict[str, torch.Tensor], *, samples: int, dropout: Optional[float] = None,
                seed: int = 0, max_batch_tokens: int = 65536, return_samples: bool = False,
                autocast_dtype: Optional[torch.dtype] = None, layers: Optional[int] = None,
-               adaptive: Optional[AdaptiveK] = None, row_seeds: Optional[torch.Tensor] = None) -> MCOutput:
+               adaptive: Optional[AdaptiveK] = None, row_seeds: Optional[torch.Tensor] = None,
+               attention_dropout: bool = False) -> MCOutput:
     """Deterministic and MC-Dropout predictions for a tokenized batch.
 
     batch: {input_ids (B, L), attention_mask (B, L), [token_type_ids (B, L)]} on the model's device.
@@ -296,6 +341,7 @@ def mc_predict(model: nn.Module, batch: dict[str, torch.Tensor], *, samples: int
     adaptive: stop rows early (None: every row gets K passes).
     row_seeds: (B,) int64 seeds of the rows' masks (None: derived from `seed` and the row's index,
     so a row's masks then depend on its place in the batch).
+    attention_dropout: sample attention-probability dropout too (see the module docstring).
     """
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
@@ -332,7 +378,8 @@ def mc_predict(model: nn.Module, batch: dict[str, torch.Tensor], *, samples: int
         replay: dict = {}
         masks: dict = {}
         sample_probs = None
-        with dropout_sampling(model, dropout), seeded_dropout(model, masks), \
+        with dropout_sampling(model, dropout, attention_dropout), eager_attention(model, attention_dropout), \
+                seeded_dropout(model, masks, functional=attention_dropout), \
                 (_replay_lower(stack, first, replay) if stack is not None else contextlib.nullcontext()):
             k = 0
             while k < samples and len(active):

@@ -25,8 +25,9 @@ import ray.data
 
 from muki_ray.cache import STAGES, TeacherCache, prototypes_model, stage_keys
 from muki_ray.combiner import Combiner, select_scores, supervision
-from muki_ray.config import RunConfig, resolve_model_path
-from muki_ray.data import DataError, check_labels, fold, io_map, io_read, io_write, read_source, scan_source
+from muki_ray.config import RunConfig, prepared_settings, resolve_model_path
+from muki_ray.data import (DataError, check_labels, fold, hashed_sample, io_map, io_read, io_write, read_source,
+                           scan_source)
 from muki_ray.embedding import EmbeddingSpec
 from muki_ray.evaluate import evaluate_dataset
 from muki_ray.hardware import cluster_has_gpus
@@ -112,36 +113,44 @@ def prepare_stage(cfg: RunConfig, space: LabelSpace, run_dir: Path) -> dict:
     run_dir = Path(run_dir).resolve()
     config_hash, inputs = stage_keys(cfg, space, run_dir, "prepare")
     stage_dir = begin_stage(run_dir / "prepare")
-    p = cfg.prepare
-    model_path = str(resolve_model_path(p.model))
-    counts = scan_source(p.data, on_bad_row=cfg.data.on_bad_row, seed=cfg.data.seed, require_label=True).labels
-    data = labeled(cfg, p.data, space.names, "prepare.data")
+    p, d = cfg.prepare, cfg.data
+    counts = scan_source(p.data, on_bad_row=d.on_bad_row, seed=d.seed, require_label=True).labels
+    # Texts of labels no teacher owns train nobody: skipped, and counted.
+    unowned = {lab: n for lab, n in counts.items() if lab not in space.index}
+    if unowned:
+        log.info("prepare: %d texts of labels no teacher owns are skipped (%s)", sum(unowned.values()),
+                 ", ".join(f"{lab}: {n}" for lab, n in sorted(unowned.items())))
+    data = read_source(p.data, on_bad_row=d.on_bad_row, seed=d.seed, require_label=True)
     dev = labeled(cfg, cfg.data.dev, space.names, "data.dev") if cfg.data.dev else None
     test = labeled(cfg, p.test, space.names, "prepare.test") if p.test else None
     teachers = {}
     for t, labels in zip(cfg.teachers, space.teacher_labels):
         if t.model is not None:
             continue  # a teacher with its own model folder is used as it is
-        labels = list(labels)
+        labels, settings = list(labels), prepared_settings(cfg, t)
+        model_path = str(resolve_model_path(settings.model))
         rows = sum(counts.get(lab, 0) for lab in labels)
-        train_ds = tokenize(with_gold(only_labels(data, labels), labels).select_columns(["text", "gold"]),
-                            model_path, p.max_length)
-        info = train_classifier(p, model_path=model_path, labels=labels, loss="cross_entropy", train_ds=train_ds,
-                                dev_ds=only_labels(dev if dev is not None else data, labels), rows=rows,
-                                run_dir=run_dir, name=f"prepare-{t.name}-{fingerprint([config_hash, labels])}",
+        own = only_labels(data, labels)
+        if t.prepare is not None and t.prepare.texts is not None and t.prepare.texts < rows:
+            own, rows = hashed_sample(own, t.prepare.texts, salt=f"{d.seed}:{t.name}"), t.prepare.texts
+        train_ds = tokenize(with_gold(own, labels).select_columns(["text", "gold"]), model_path, settings.max_length)
+        info = train_classifier(settings, model_path=model_path, labels=labels, loss="cross_entropy",
+                                train_ds=train_ds, dev_ds=only_labels(dev if dev is not None else data, labels),
+                                rows=rows, run_dir=run_dir,
+                                name=f"prepare-{t.name}-{fingerprint([config_hash, labels])}",
                                 out_dir=stage_dir / t.name, parts={t.name: list(range(len(labels)))},
                                 storage_path=cfg.ray.storage_path)
         if test is not None:
             info.update(evaluate_dataset(stage_dir / t.name, only_labels(test, labels),
-                                         LabelSpace.from_teachers({t.name: labels}), max_length=p.max_length,
+                                         LabelSpace.from_teachers({t.name: labels}), max_length=settings.max_length,
                                          prefix="own_test_", options=stage_options(p.eval_resources, gpu_default()),
                                          threads=p.eval_resources.actor_threads))
-        info["train_rows"] = rows
+        info.update(train_rows=rows, base_model=settings.model, epochs=settings.epochs, lr=settings.lr)
         teachers[t.name] = info
         log.info("teacher %s (%s): %d texts, own-part test accuracy %s", t.name, ", ".join(labels), rows,
                  info.get("own_test_accuracy"))
     return finish_stage(stage_dir, config_hash=config_hash, inputs=inputs, rows=sum(counts.values()),
-                        started=started, extra={"teachers": teachers})
+                        started=started, extra={"teachers": teachers, "skipped_unowned": unowned})
 
 
 # ------------------------------------------------------------------ predictions
@@ -212,8 +221,8 @@ def combine_stage(cfg: RunConfig, space: LabelSpace, run_dir: Path) -> dict:
     if integ.calibration != "none" or integ.prototypes is not None or integ.refine is not None:
         protos = integ.prototypes is not None
         ds = select_scores(ds, space, integ, embedding_stage(cfg) if protos else None)
-        log.info("targets: teachers selected by %s scores%s", integ.calibration,
-                 f", then label prototypes ({prototypes_model(cfg)})" if protos else "")
+        log.info("targets: teachers selected by %s%s", integ.selection(),
+                 f" (prototypes embed with {prototypes_model(cfg)})" if protos else "")
         if integ.refine is not None:
             ds, rounds = self_train(cfg, space, run_dir, stage_dir, ds.materialize(),
                                     labeled(cfg, cfg.data.dev, space.names, "data.dev"),
@@ -318,6 +327,9 @@ def run(cfg: RunConfig, space: LabelSpace, run_dir: Path, force: tuple[str, ...]
     run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     done = {}
+    if cfg.integration.ignored:
+        log.info("integration: %s ignores %s (they re-select teachers by score: score-based strategies only)",
+                 cfg.integration.strategy, ", ".join(cfg.integration.ignored))
     for stage in STAGES[:-1]:
         if stage == "prepare" and cfg.prepare is None:
             continue

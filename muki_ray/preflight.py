@@ -16,7 +16,7 @@ import torch
 from safetensors import safe_open
 
 from muki_ray.cluster import ClusterError
-from muki_ray.config import RunConfig, resolve_model_path, teacher_model_path
+from muki_ray.config import RunConfig, prepared_settings, resolve_model_path, teacher_model_path
 from muki_ray.hf_folder import ModelLoadError, check_folder, load_tokenizer, model_skeleton, weight_format
 from muki_ray.labels import LabelSpace
 from muki_ray.mc_dropout import check_sampling
@@ -29,7 +29,8 @@ class OutputError(Exception):
 
 
 def check_data(cfg: RunConfig, space: LabelSpace) -> None:
-    """Scan every labeled source with Ray Data (every row checked, labels in the union); raise DataError.
+    """Scan every labeled source with Ray Data (every row checked, labels in the union except
+    prepare.data's); raise DataError.
 
     The pool is checked by its own stage, the first one to run.
     """
@@ -41,7 +42,8 @@ def check_data(cfg: RunConfig, space: LabelSpace) -> None:
     for where, src in sources:
         if src is not None:
             info = scan_source(src, on_bad_row=cfg.data.on_bad_row, seed=cfg.data.seed, require_label=True)
-            check_labels(info, space.names, where)
+            if where != "prepare.data":  # its texts of labels no teacher owns are skipped by prepare, counted
+                check_labels(info, space.names, where)
 
 
 def check_models(cfg: RunConfig) -> None:
@@ -52,13 +54,17 @@ def check_models(cfg: RunConfig) -> None:
     folders.append(("student.model", resolve_model_path(s.model), s.allow_pickle, s.trust_remote_code))
     if cfg.prepare is not None:
         folders.append(("prepare.model", resolve_model_path(cfg.prepare.model), False, False))
+        folders += [(f"teachers[{i}].prepare.model", resolve_model_path(t.prepare.model), False, False)
+                    for i, t in enumerate(cfg.teachers) if t.prepare is not None and t.prepare.model]
     for where, folder, allow_pickle, remote in folders:
         check_model_folder(where, Path(folder), allow_pickle, remote)
-    for i, t in enumerate(cfg.teachers):  # a prepared teacher has the structure of prepare.model
-        folder = teacher_model_path(cfg, t) if t.model is not None else resolve_model_path(cfg.prepare.model)
+    for i, t in enumerate(cfg.teachers):  # a prepared teacher has the structure of its base model
+        folder = teacher_model_path(cfg, t) if t.model is not None else \
+            resolve_model_path(prepared_settings(cfg, t).model)
         probe = {"input_ids": torch.ones(1, 4, dtype=torch.long, device="meta")}  # meta: no weights, no FLOPs
         try:
-            check_sampling(t.name, model_skeleton(folder, trust_remote_code=t.trust_remote_code), probe, t.mc.dropout)
+            check_sampling(t.name, model_skeleton(folder, trust_remote_code=t.trust_remote_code), probe, t.mc.dropout,
+                           t.mc.attention_dropout)
         except ValueError as e:
             raise ModelLoadError(f"teachers[{i}].mc: {e}") from None
         except Exception:  # noqa: BLE001  an architecture whose forward needs real values: its actor checks it

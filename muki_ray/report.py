@@ -119,6 +119,7 @@ def write_report(cfg, space: LabelSpace, run_dir: Path) -> dict:
         rows += [(f"test accuracy, {t}'s labels", _fmt(v))
                  for t, v in (metrics.get("test_accuracy_per_teacher") or {}).items()]
         rows += [("best epoch", _fmt(metrics.get("best_epoch"))), ("strategy", metrics.get("strategy"))]
+        rows += [("teacher selection", cfg.integration.selection())]
     lines += ["", "## Student", ""] + [f"| {a} | {b} |" for a, b in rows[:1]] + ["|---|---|"] + \
              [f"| {a} | {b} |" for a, b in rows[1:]]
 

@@ -57,6 +57,7 @@ class TeacherSpec:
     labels: tuple[str, ...]
     samples: int = 16
     dropout: Optional[float] = None
+    attention_dropout: bool = False
     seed: int = 0
     max_batch_tokens: Optional[int] = None  # None: by device (hardware.mc_batch_tokens)
     max_length: int = 128
@@ -96,7 +97,8 @@ class TeacherStage:
             )
         self.model = model.to(self.device).eval()
         probe = self.tokenizer(["probe"], return_tensors="pt")
-        check_sampling(s.name, self.model, {k: v.to(self.device) for k, v in probe.items()}, s.dropout)
+        check_sampling(s.name, self.model, {k: v.to(self.device) for k, v in probe.items()}, s.dropout,
+                       s.attention_dropout)
         self.dtype = autocast_dtype(s.precision, self.device)
         self.max_batch_tokens = s.max_batch_tokens or mc_batch_tokens(self.device)
         self.batches = 0
@@ -154,7 +156,8 @@ class TeacherStage:
         adaptive = AdaptiveK(tolerance=s.adaptive[0], round=s.adaptive[1]) if s.adaptive else None
         out = mc_predict(self.model, batch, samples=s.samples, dropout=s.dropout, seed=s.seed,
                          max_batch_tokens=self.max_batch_tokens, autocast_dtype=self.dtype, layers=s.layers,
-                         adaptive=adaptive, row_seeds=torch.from_numpy(seeds))
+                         adaptive=adaptive, row_seeds=torch.from_numpy(seeds),
+                         attention_dropout=s.attention_dropout)
         self.passes += int(out.samples_used.sum())
         # Distributions as float32; entropies and the score keep float64 (MCOutput says why).
         return {f: getattr(out, f).cpu().numpy() for f in COLUMNS}
@@ -212,7 +215,8 @@ def teacher_specs(cfg, space) -> list[TeacherSpec]:
 
     return [
         TeacherSpec(name=t.name, model_path=str(teacher_model_path(cfg, t)), labels=tuple(labels),
-                    samples=t.mc.samples, dropout=t.mc.dropout, seed=t.mc.seed,
+                    samples=t.mc.samples, dropout=t.mc.dropout, attention_dropout=t.mc.attention_dropout,
+                    seed=t.mc.seed,
                     max_batch_tokens=t.mc.max_batch_tokens, max_length=t.max_length, precision=t.precision,
                     layers=t.mc.layers,
                     adaptive=(t.mc.adaptive_tolerance, t.mc.adaptive_round) if t.mc.adaptive else None,

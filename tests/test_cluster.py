@@ -93,6 +93,7 @@ def tiny_job_config(tmp_path, tiny_models) -> Path:
                       "mc": {"samples": 2}, "max_length": 16, "resources": {"num_cpus": 0.25}},
                      {"name": "arts", "model": str(tiny_models["misc"]), "labels": ["entertainment", "sport"],
                       "mc": {"samples": 2}, "max_length": 16, "resources": {"num_cpus": 0.25}}],
+        "integration": {"preset": "paper"},  # the selection recipes are tested in test_prototypes
         "student": {"model": str(tiny_models["student"]), "epochs": 1, "batch_size": 8, "max_length": 16,
                     "resources_per_worker": {"CPU": 0.5}},
     }

@@ -37,6 +37,8 @@ def fake_predictions(run_dir, with_gold=True):
 
 
 def make_cfg(tmp_path, **integration):
+    """A combiner config; the paper's preset unless given, so the hand-worked numbers hold."""
+    integration = {"preset": "paper", **integration}
     raw = {
         "output_dir": str(tmp_path),
         "data": {"pool": {"source": str(tmp_path / "unused.jsonl")}, "pool_gold_labels": True},

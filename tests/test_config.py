@@ -53,6 +53,40 @@ def test_valid_config_summary(tmp_path, base, capsys):
     assert "union label space: 5 labels from 2 teachers" in out
 
 
+def test_default_recipe_paper_preset_and_non_score_strategies(tmp_path, base, capsys):
+    from muki_ray.cache import config_key
+    from muki_ray.cli import label_space
+
+    cfg = load_config(write(tmp_path, base))  # no integration section: the default recipe
+    assert cfg.integration.calibration == "rank" and cfg.integration.prototypes is not None
+    assert cfg.integration.prototypes.model is None  # embeds with student.model
+    paper = load_config(write(tmp_path, {**base, "integration": {"preset": "paper"}}))
+    assert paper.integration.calibration == "none" and paper.integration.prototypes is None
+    assert paper.integration.selection() == "raw scores (the paper's MUKI)"
+    mixed = load_config(write(tmp_path, {**base, "integration": {"preset": "paper", "calibration": "zscore"}}))
+    assert mixed.integration.calibration == "zscore" and mixed.integration.prototypes is None  # explicit wins
+    off = load_config(write(tmp_path, {**base, "integration": {"prototypes": None}}))
+    assert off.integration.calibration == "rank" and off.integration.prototypes is None
+
+    # A non-score strategy ignores the selection options instead of refusing them; run and diff
+    # key it exactly like the same strategy without them.
+    kd = {**base, "integration": {"strategy": "vanilla_kd", "calibration": "rank", "prototypes": {}, "refine": {}}}
+    code, out, err = run_cli(capsys, "validate", write(tmp_path, kd))
+    assert code == 0, err
+    assert "note: vanilla_kd ignores integration.calibration, integration.prototypes, integration.refine" in out
+    a = load_config(write(tmp_path, kd))
+    b = load_config(write(tmp_path, {**base, "integration": {"strategy": "vanilla_kd"}}))
+    assert (a.integration.calibration, a.integration.prototypes, a.integration.refine) == ("none", None, None)
+    assert b.integration.ignored == []
+    assert config_key(a, label_space(a), "targets") == config_key(b, label_space(b), "targets")
+
+
+def test_teacher_prepare_settings_need_a_prepared_teacher(tmp_path, base):
+    base["teachers"][0]["prepare"] = {"epochs": 1}
+    with pytest.raises(ConfigError, match=r"teachers\[0\].prepare: only a prepared teacher"):
+        load_config(write(tmp_path, base))
+
+
 def test_overlap_marked(tmp_path, base, tiny_models, capsys):
     base["teachers"].append({"name": "misc", "model": str(tiny_models["misc"])})
     code, out, _ = run_cli(capsys, "validate", write(tmp_path, base))
@@ -139,6 +173,7 @@ def test_demo_config_validates(capsys):
     code, out, err = run_cli(capsys, "validate", str(REPO / "jobs/configs/demo.yaml"))
     assert code == 0, err
     assert "teacher_a: 3 labels" in out and "teacher_b: 2 labels" in out
+    assert "selection: rank calibration + label prototypes" in out  # the demo runs the default recipe
     assert "union label space: 5 labels from 2 teachers" in out
 
 

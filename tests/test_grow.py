@@ -27,6 +27,7 @@ def write_cfg(tmp_path, name, teachers, tiny_models, **student):
                  "test": {"source": jsonl("test.jsonl", toy_rows(8, 2))}},
         "teachers": [{"name": t, "model": str(tiny_models[t]), "labels": spec[t], "mc": {"samples": 2},
                       "max_length": 16, "resources": {"num_cpus": 0.25}} for t in teachers],
+        "integration": {"preset": "paper"},  # the selection recipes are tested in test_prototypes
         "student": {"model": str(tiny_models["student"]), "epochs": 1, "batch_size": 8, "max_length": 16,
                     "resources_per_worker": {"CPU": 0.5}, **student},
     }

@@ -237,3 +237,37 @@ def test_adaptive_stops_pinned_rows_and_keeps_the_rest_sampling():
     calm = mc_predict(model, batch(6), samples=k, dropout=0.0, adaptive=AdaptiveK(round=2))
     assert calm.samples_used.tolist() == [2] * 6
     torch.testing.assert_close(calm.mc_probs, calm.probs, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["bert", "distilbert"])
+def test_attention_dropout_is_sampled_exactly_per_row_and_restored(arch):
+    """Hidden dropout 0, attention dropout 0.3: only `attention_dropout` makes the passes differ;
+    a row's p̄ is the same alone or among others, and the model is left as it was."""
+    common = dict(vocab_size=60, num_labels=3, max_position_embeddings=64)
+    if arch == "bert":
+        cfg = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.3, **common)
+    else:
+        cfg = DistilBertConfig(dim=32, n_layers=2, n_heads=2, hidden_dim=64, dropout=0.0, seq_classif_dropout=0.0,
+                               attention_dropout=0.3, **common)
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_config(cfg).eval()
+    impl = model.config._attn_implementation
+    b = batch(4)
+    with pytest.raises(ValueError, match="no dropout with p > 0"):
+        check_sampling("attn", model, b, None)
+    check_sampling("attn", model, b, None, attention=True)
+    assert sampled_dropout(model, b, None, attention=True).count(0.3) == 2  # one call per layer
+    out = mc_predict(model, b, samples=4, return_samples=True, attention_dropout=True,
+                     row_seeds=torch.arange(4, dtype=torch.int64))
+    for k in range(1, 4):
+        assert not torch.allclose(out.sample_probs[:, 0], out.sample_probs[:, k], atol=1e-6)
+    alone = mc_predict(model, {n: v[1:2] for n, v in b.items()}, samples=4, attention_dropout=True,
+                       row_seeds=torch.tensor([1]))
+    torch.testing.assert_close(alone.mc_probs[0], out.mc_probs[1], atol=1e-5, rtol=0)
+    padded = {"input_ids": torch.cat([b["input_ids"][1:2], torch.zeros(1, 5, dtype=torch.long)], 1),
+              "attention_mask": torch.cat([b["attention_mask"][1:2], torch.zeros(1, 5, dtype=torch.long)], 1)}
+    longer = mc_predict(model, padded, samples=4, attention_dropout=True, row_seeds=torch.tensor([1]))
+    torch.testing.assert_close(longer.mc_probs[0], out.mc_probs[1], atol=1e-5, rtol=0)
+    assert model.config._attn_implementation == impl and not model.training
+    assert not any(m.training for m in model.modules()) and torch.nn.functional.dropout.__module__ == "torch.nn.functional"

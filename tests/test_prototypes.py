@@ -66,15 +66,6 @@ def test_prototypes_overrule_a_misleading_score():
     assert prototype_scores(np.zeros((0, 2)), np.zeros((0, 2)), [np.zeros((0, 2))] * 2, positions, 4).shape == (0, 2)
 
 
-def test_prototypes_need_a_score_based_strategy(tmp_path):
-    from muki_ray.config import ConfigError
-
-    from tests.test_combiner import make_cfg
-
-    with pytest.raises(ConfigError, match=r"integration.prototypes: applies to the score-based strategies"):
-        make_cfg(tmp_path, strategy="vanilla_kd", prototypes={})
-
-
 def test_combiner_stage_with_prototypes(tmp_path, ray_session, tiny_models):
     import json
 
@@ -99,15 +90,6 @@ def test_combiner_stage_with_prototypes(tmp_path, ray_session, tiny_models):
         assert abs(sum(r["target"]) - 1.0) < 1e-5
     report = json.loads((tmp_path / "supervision.json").read_text())
     assert 0.0 <= report["selection_accuracy"] <= 1.0 and "mc" in report
-
-
-def test_calibration_needs_a_score_based_strategy(tmp_path):
-    from muki_ray.config import ConfigError
-
-    from tests.test_combiner import make_cfg
-
-    with pytest.raises(ConfigError, match=r"integration.calibration: applies to the score-based strategies"):
-        make_cfg(tmp_path, strategy="uhc", calibration="rank")
 
 
 def test_combiner_stage_with_rank_calibration(tmp_path, ray_session):

@@ -49,13 +49,11 @@ def test_refine_scores_mixes_the_student_into_judged_rows_only():
         refine_scores(scores, np.ones((2, 2)), judged, temperature=1.0, student_weight=0.5)
 
 
-def test_refine_needs_a_score_strategy_and_a_dev_split(tmp_path):
+def test_refine_needs_a_dev_split(tmp_path):
     from muki_ray.config import ConfigError
 
     from tests.test_combiner import make_cfg
 
-    with pytest.raises(ConfigError, match=r"integration.refine: applies to the score-based strategies"):
-        make_cfg(tmp_path, strategy="vanilla_kd", refine={})
     with pytest.raises(ConfigError, match=r"integration.refine: .* set data.dev"):
         make_cfg(tmp_path, refine={})
     with pytest.raises(ConfigError, match=r"integration.refine.fraction"):
@@ -82,12 +80,12 @@ def test_combiner_stage_with_refine(tmp_path, ray_session, tiny_models):
                     "pool_gold_labels": True},
            "teachers": [{"name": "zeta", "model": "z", "labels": ["sport", "tech"]},
                         {"name": "alpha", "model": "a", "labels": ["business", "politics"]}],
-           "integration": {"strategy": "muki_soft", "refine": {"fraction": 0.5, "student_weight": 1.0, "rounds": 2,
+           "integration": {"strategy": "muki_soft", "preset": "paper", "refine": {"fraction": 0.5, "student_weight": 1.0, "rounds": 2,
                                                                "resources": {"num_cpus": 0.5}}},
            "student": {"model": str(tiny_models["student"]), "epochs": 1, "batch_size": 2, "lr": 1e-3,
                        "resources_per_worker": {"CPU": 1}}}
     cfg = parse_config(raw, check_files=False)
-    off = parse_config({**raw, "integration": {"strategy": "muki_soft"}}, check_files=False)
+    off = parse_config({**raw, "integration": {"strategy": "muki_soft", "preset": "paper"}}, check_files=False)
     assert stage_keys(cfg, SPACE, tmp_path, "targets")[0] != stage_keys(off, SPACE, tmp_path, "targets")[0]
     combine_stage(cfg, SPACE, tmp_path)
 

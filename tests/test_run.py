@@ -32,7 +32,7 @@ def run_config(tmp_path):
                     "resources_per_worker": {"CPU": 0.5}},
         "teachers": [{"name": "first", "mc": {"samples": 3}, "max_length": 16, "resources": {"num_cpus": 0.25}},
                      {"name": "second", "mc": {"samples": 3}, "max_length": 16, "resources": {"num_cpus": 0.25}}],
-        "integration": {"strategy": "muki_soft"},
+        # no integration section: the default recipe (rank calibration + label prototypes)
         "student": {"model": str(base), "epochs": 1, "batch_size": 8, "lr": 5e-3, "max_length": 16,
                     "resources_per_worker": {"CPU": 0.5}},
     }
@@ -60,6 +60,7 @@ def test_run_end_to_end_resume_and_classify(run_config, ray_session, capsys):
     assert "test_accuracy" in metrics and set(metrics["test_accuracy_per_teacher"]) == {"first", "second"}
     report = (run / "report.md").read_text()
     assert "| first |" in report and "| second |" in report and "Supervision quality" in report
+    assert "| teacher selection | rank calibration + label prototypes |" in report
     teacher_cfg = json.loads((run / "prepare" / "first" / "config.json").read_text())
     assert list(teacher_cfg["id2label"].values()) == ["business", "entertainment"]  # sorted slice 1
     first = stage_ids(run)
@@ -101,3 +102,43 @@ def test_bad_force_stage(run_config, capsys):
     cfg_path, _ = run_config
     assert main(["run", str(cfg_path), "--force", "nope"]) == 2
     assert "--force: unknown stage 'nope'" in capsys.readouterr().err
+
+
+def test_per_teacher_prepare_settings_and_unowned_labels(tmp_path, tiny_models, ray_session):
+    """A prepared teacher's own base model, epochs, lr and text count override `prepare`; texts of
+    labels no teacher owns are skipped and counted, not refused."""
+    from muki_ray.cli import label_space
+    from muki_ray.config import parse_config
+    from muki_ray.data import hashed_sample, to_ray_dataset
+    from muki_ray.pipeline import prepare_stage
+    import pyarrow as pa
+
+    rows = toy_rows(48, 0)  # business, entertainment, politics, sport in turn
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    dev = tmp_path / "dev.jsonl"
+    dev.write_text("".join(json.dumps(r) + "\n" for r in toy_rows(8, 1) if r["label"] in ("business", "entertainment")))
+    base = make_tiny_model(tmp_path / "base", ["x", "y"], "bert", seed=7)
+    cfg = parse_config({
+        "output_dir": str(tmp_path / "run"),
+        "data": {"pool": {"source": str(tmp_path / "pool.jsonl")}, "dev": {"source": str(dev)}},
+        "prepare": {"data": {"source": str(data)}, "model": str(base), "split": "explicit", "epochs": 2,
+                    "max_length": 16, "resources_per_worker": {"CPU": 0.5}},
+        "teachers": [{"name": "first", "labels": ["business", "entertainment"],
+                      "prepare": {"model": str(tiny_models["arts"]), "epochs": 1, "lr": 1e-3, "texts": 7}},
+                     {"name": "own", "model": str(tiny_models["misc"]), "labels": ["tech", "science"]}],
+        "student": {"model": str(base)}}, check_files=False)
+    space = label_space(cfg)
+    m = prepare_stage(cfg, space, tmp_path / "run")
+    first = m["teachers"]["first"]
+    assert (first["train_rows"], first["epochs"], first["lr"]) == (7, 1, 1e-3)
+    assert first["base_model"] == str(tiny_models["arts"]) and "own" not in m["teachers"]
+    assert m["skipped_unowned"] == {"politics": 12, "sport": 12}
+    exported = json.loads((tmp_path / "run" / "prepare" / "first" / "config.json").read_text())
+    assert exported["model_type"] == "roberta" and list(exported["id2label"].values()) == ["business", "entertainment"]
+
+    # The sample is exactly n rows, the same whatever the blocks.
+    table = pa.table({"id": [f"r{i}" for i in range(50)], "text": ["t"] * 50})
+    picks = [sorted(hashed_sample(to_ray_dataset(table, rows_per_block=k), 9, "s").to_pandas()["id"]) for k in (4, 50)]
+    assert len(picks[0]) == 9 and picks[0] == picks[1]
+    assert hashed_sample(to_ray_dataset(table, rows_per_block=8), 80, "s").count() == 50

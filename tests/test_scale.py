@@ -248,6 +248,7 @@ def test_several_nodes_run_end_to_end_with_teachers_on_different_nodes(tmp_path,
                          "mc": {"samples": 2}, "resources": {"num_cpus": 0.25, "custom": {"teacher_slot": 1}}}
                         for n, m, labels in (("news", "news", ["business", "politics"]),
                                              ("arts", "misc", ["entertainment", "sport"]))],
+           "integration": {"preset": "paper"},  # the selection recipes are tested in test_prototypes
            "student": {"model": str(tiny_models["student"]), "epochs": 1, "batch_size": 8, "max_length": 16,
                        "resources_per_worker": {"CPU": 0.5}, "eval_resources": {"num_cpus": 0.25}}}
     multi, single = tmp_path / "multi.yaml", tmp_path / "single.yaml"
@@ -295,7 +296,7 @@ def test_driver_memory_does_not_grow_with_the_pool(tmp_path, tiny_models):
                "teachers": [{"name": t, "model": str(tiny_models["news"]), "labels": ["business", "politics"],
                              "batch_size": 1024, "max_length": 16, "mc": {"samples": 1},
                              "resources": {"num_cpus": 1}} for t in ("a", "b")],
-               "integration": {"calibration": "rank"}, "student": {"model": str(tiny_models["student"])}}
+               "integration": {"preset": "paper", "calibration": "rank"}, "student": {"model": str(tiny_models["student"])}}
         (d / "cfg.yaml").write_text(yaml.safe_dump(raw))
         proc = subprocess.run([sys.executable, "-c", RSS, str(d / "cfg.yaml")], cwd=REPO, capture_output=True,
                               text=True, timeout=900)

@@ -55,7 +55,7 @@ def prepare(tmp_path, strategy="muki_soft", n=64, zero=2, workers=2, epochs=2, w
                  "pool_gold_labels": True},
         "teachers": [{"name": "news", "model": "x", "labels": ["business", "politics"]},
                      {"name": "arts", "model": "x", "labels": ["entertainment", "sport"]}],
-        "integration": {"strategy": strategy},
+        "integration": {"strategy": strategy, "preset": "paper"},
         "student": {"model": str(student_dir), "epochs": epochs, "batch_size": 8, "zero_stage": zero,
                     "num_workers": workers, "resources_per_worker": {"CPU": 0.5}, "max_length": 16,
                     "warmup_ratio": 0.0, **{"lr": 5e-3, **student}},
