@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
 from muki_ray.prototypes import prototype_scores, refine, seed_responsibilities, standardize, teacher_scores
 
