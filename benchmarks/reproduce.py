@@ -57,11 +57,13 @@ BEYOND = {"muki_soft+reweight+rank": {"calibration": "rank"},
               "refine": {"resources": {"num_cpus": 0.5, "threads": 2}}},
           "muki_soft+reweight+refine": {"refine": {"resources": {"num_cpus": 0.5, "threads": 2}}}}
 METHODS.update({m: {**METHODS["muki_soft+reweight"], **extra} for m, extra in BEYOND.items()})
+METHODS["muki_soft+reweight+share"] = {**METHODS["muki_soft+reweight"], "calibration": "share"}
 # Every row above is the paper's selection plus what the row names; "default" is the shipped
 # default recipe, exactly as a config without selection options gets it (integration.preset).
 METHODS = {m: {"preset": "paper", **v} for m, v in METHODS.items()}
 METHODS["default"] = {"strategy": "muki_soft", "reweight": True, "reweight_normalize": True,
                       "prototypes": {"resources": {"num_cpus": 0.5, "threads": 2}}}
+METHODS["default+share"] = {**METHODS["default"], "calibration": "share"}  # the default, share-aware ranks
 LOW_MARGIN = 0.3  # the share of the pool with the smallest MC top-2 margin: "low-margin texts"
 BASELINES = ("vanilla_kd", "uhc", "entropy_hard", "entropy_soft")
 NG_FAMILIES = {
@@ -90,9 +92,7 @@ def base_config(dataset: str, args) -> dict:
                     "max_length": args.max_length, "resources_per_worker": {"CPU": 1.75}},
         "ray": {"num_cpus": 2},
     }
-    # max_batch_tokens pinned to the value the cached predictions were computed with (the CPU default
-    # is now 2048): chunking changes only which dropout masks are drawn, and a new key would recompute.
-    teacher = {"mc": {"samples": args.samples, "max_batch_tokens": 65536}, "max_length": args.max_length,
+    teacher = {"mc": {"samples": args.samples}, "max_length": args.max_length,
                "resources": {"num_cpus": 0.5, "threads": 2}, "batch_size": 32}
     if dataset == "bbc_news":
         cfg["prepare"]["split"] = "contiguous"
@@ -216,7 +216,6 @@ def main() -> None:
     from muki_ray.cluster import connect
     from muki_ray.config import parse_config
     from muki_ray.manifest import read_manifest
-    from muki_ray.pipeline import run
 
     work = Path(args.work).resolve() / args.dataset
     shared = work / "shared"
@@ -240,53 +239,63 @@ def main() -> None:
     calib = cached(shared / "calibration.json", lambda: calibration(shared, cfg, space, args.dataset, args))
 
     k_sel = cached(shared / f"selection_by_k_{args.k_rows}.json", lambda: selection_by_k(shared, cfg, space, args))
-    rows = []
     methods = [m for m in args.methods.split(",") if m] if args.methods else \
         [m for m in METHODS if args.dataset == "bbc_news" or m not in TEACHER_MC]
+    rows = []
     for method in methods:
-        accs, per_teacher, sups, times = [], [], None, []
         seeds = min(args.seeds, args.variant_seeds or args.seeds) if method in VARIANTS else args.seeds
-        for seed in range(seeds):
-            run_dir = work / f"{method}-seed{seed}"
-            run_dir.mkdir(parents=True, exist_ok=True)
-            for stage in ("prepare",) if method in TEACHER_MC else ("prepare", "predictions"):  # reuse
-                link = run_dir / stage
-                if not link.exists():
-                    link.symlink_to(shared / stage, target_is_directory=True)
-            mraw = json.loads(json.dumps(raw))
-            mraw["output_dir"] = str(run_dir)
-            mraw["integration"] = METHODS[method]
-            mraw["student"]["seed"] = seed
-            for t in mraw["teachers"]:
-                t["mc"].update(TEACHER_MC.get(method, {}))
-            mcfg = parse_config(mraw)
-            run(mcfg, space, run_dir)
-            # The method's own compute, from the stage manifests (also right when a rerun skipped them).
-            own = ("predictions",) if method in TEACHER_MC else ()
-            times.append(sum(read_manifest(run_dir / s)["wall_time_s"] for s in (*own, "targets", "train", "evaluate")))
-            metrics = json.loads((run_dir / "metrics.json").read_text())
-            accs.append(metrics["test_accuracy"])
-            per_teacher.append(metrics["test_accuracy_per_teacher"])
-            sups = json.loads((run_dir / "supervision.json").read_text())
-        rows.append({"method": method, "seeds": seeds, "test_acc_mean": float(np.mean(accs)), "test_acc_std": float(np.std(accs)),
-                     "test_accs": accs,
-                     "per_teacher_acc": {t: float(np.mean([p[t] for p in per_teacher])) for t in space.teachers},
-                     "supervision_acc": sups["target_accuracy"], "selection_acc": sups["selection_accuracy"],
-                     "selection_acc_mc": sups["mc"]["selection_accuracy"],
-                     "selection_acc_entropy": sups["entropy"]["selection_accuracy"],
-                     "wall_s_per_seed": float(np.mean(times))})
-        if method in BEYOND or method in ("muki_soft+reweight", "default"):
-            rows[-1].update(low_margin_selection(work / f"{method}-seed0", shared, space))
-            rows[-1]["shared_predictions_s"] = read_manifest(shared / "predictions")["wall_time_s"]
-            if "refine" in METHODS[method]:  # per seed: selection on the judged texts before / after
-                rows[-1]["refine"] = [read_manifest(work / f"{method}-seed{s}" / "targets")["refine"]
-                                      for s in range(seeds)]
-        if method in TEACHER_MC:  # compute saved against the exact shared pass
-            rows[-1]["predictions_s"] = read_manifest(work / f"{method}-seed0" / "predictions")["wall_time_s"]
-            rows[-1]["exact_predictions_s"] = read_manifest(shared / "predictions")["wall_time_s"]
-        print(f"{method}: {np.mean(accs):.4f} ± {np.std(accs):.4f}", flush=True)
+        rows.append(method_row(method, seeds, raw, space, work, shared))
         headline = write_results(args, work, space, rows, calib, k_sel, teachers, shared_time)  # partial, so far
     print(headline)
+
+
+def method_row(method: str, seeds: int, raw: dict, space, work: Path, shared: Path,
+               linked=("prepare", "predictions")) -> dict:
+    """Train and evaluate one method's students (seeds 0..seeds-1) on the shared stages, linked
+    into each run directory; the row of the results files."""
+    from muki_ray.config import parse_config
+    from muki_ray.manifest import read_manifest
+    from muki_ray.pipeline import run
+
+    accs, per_teacher, sups, times = [], [], None, []
+    for seed in range(seeds):
+        run_dir = work / f"{method}-seed{seed}"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for stage in ("prepare",) if method in TEACHER_MC else linked:  # reuse
+            link = run_dir / stage
+            if not link.exists():
+                link.symlink_to(shared / stage, target_is_directory=True)
+        mraw = json.loads(json.dumps(raw))
+        mraw["output_dir"] = str(run_dir)
+        mraw["integration"] = METHODS[method]
+        mraw["student"]["seed"] = seed
+        for t in mraw["teachers"]:
+            t["mc"].update(TEACHER_MC.get(method, {}))
+        run(parse_config(mraw), space, run_dir)
+        # The method's own compute, from the stage manifests (also right when a rerun skipped them).
+        own = ("predictions",) if method in TEACHER_MC else ()
+        times.append(sum(read_manifest(run_dir / s)["wall_time_s"] for s in (*own, "targets", "train", "evaluate")))
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        accs.append(metrics["test_accuracy"])
+        per_teacher.append(metrics["test_accuracy_per_teacher"])
+        sups = json.loads((run_dir / "supervision.json").read_text())
+    row = {"method": method, "seeds": seeds, "test_acc_mean": float(np.mean(accs)), "test_acc_std": float(np.std(accs)),
+           "test_accs": accs,
+           "per_teacher_acc": {t: float(np.mean([p[t] for p in per_teacher])) for t in space.teachers},
+           "supervision_acc": sups["target_accuracy"], "selection_acc": sups["selection_accuracy"],
+           "selection_acc_mc": sups["mc"]["selection_accuracy"],
+           "selection_acc_entropy": sups["entropy"]["selection_accuracy"],
+           "wall_s_per_seed": float(np.mean(times))}
+    if method in BEYOND or method in ("muki_soft+reweight", "default"):
+        row.update(low_margin_selection(work / f"{method}-seed0", shared, space))
+        row["shared_predictions_s"] = read_manifest(shared / "predictions")["wall_time_s"]
+        if "refine" in METHODS[method]:  # per seed: selection on the judged texts before / after
+            row["refine"] = [read_manifest(work / f"{method}-seed{s}" / "targets")["refine"] for s in range(seeds)]
+    if method in TEACHER_MC:  # compute saved against the exact shared pass
+        row["predictions_s"] = read_manifest(work / f"{method}-seed0" / "predictions")["wall_time_s"]
+        row["exact_predictions_s"] = read_manifest(shared / "predictions")["wall_time_s"]
+    print(f"{method}: {np.mean(accs):.4f} ± {np.std(accs):.4f}", flush=True)
+    return row
 
 
 def write_results(args, work: Path, space, rows: list[dict], calib: list[dict], k_sel: dict, teachers: dict,

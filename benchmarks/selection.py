@@ -21,7 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_results  # noqa: E402
 from reproduce import LOW_MARGIN  # noqa: E402
 
-OPTIONS = ("mc", "zscore", "rank", "prototypes", "rank+prototypes")
+# option -> (calibration, prototypes on)
+OPTIONS = {"mc": ("none", False), "zscore": ("zscore", False), "rank": ("rank", False), "share": ("share", False),
+           "prototypes": ("none", True), "rank+prototypes": ("rank", True), "share+prototypes": ("share", True)}
 
 
 def measure(shared: Path) -> dict:
@@ -30,7 +32,7 @@ def measure(shared: Path) -> dict:
 
     from muki_ray.config import resolve_model_path
     from muki_ray.embedding import EmbeddingSpec, EmbeddingStage
-    from muki_ray.integrate import calibrate
+    from muki_ray.integrate import Calibration
     from muki_ray.prototypes import prototype_scores
 
     preds = pq.read_table(shared / "predictions" / "data").to_pydict()
@@ -49,14 +51,18 @@ def measure(shared: Path) -> dict:
     texts = preds["text"]
     emb = np.concatenate([stage.embed(texts[i:i + 64]) for i in range(0, len(texts), 64)])
     embed_seconds = time.perf_counter() - t0
-    scores = {"mc": mc, "zscore": calibrate(mc, "zscore"), "rank": calibrate(mc, "rank"),
-              "prototypes": prototype_scores(emb, mc, probs, positions, start),
-              "rank+prototypes": prototype_scores(emb, calibrate(mc, "rank"), probs, positions, start)}
+    scores = {}
+    for name, (method, protos) in OPTIONS.items():
+        cal = Calibration.fit(method, mc)
+        scores[name] = prototype_scores(emb, cal.apply(mc), probs, positions, start, shares=cal.shares) \
+            if protos else cal.apply(mc)
+    res_shares = {n: float(v) for n, v in zip(teachers, Calibration.fit("share", mc).shares)}
     top2 = np.sort(mc, axis=1)[:, -2:]
     margin = top2[:, 1] - top2[:, 0]
     low = margin <= np.quantile(margin, LOW_MARGIN)
     res = {"rows": len(texts), "low_margin_rows": int(low.sum()), "teachers": teachers,
-           "embedding_seconds": embed_seconds}
+           "embedding_seconds": embed_seconds, "estimated_shares": res_shares,
+           "true_shares": {n: float((owner == t).mean()) for t, n in enumerate(teachers)}}
     for name, s in scores.items():
         ok = s.argmax(1) == owner
         res[name] = {"all": float(ok.mean()), "low_margin": float(ok[low].mean()),

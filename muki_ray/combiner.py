@@ -15,6 +15,7 @@ scores list[float] (N), plus NAME__probs per teacher for `uhc` and `gold` for `s
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Optional
 
@@ -28,6 +29,8 @@ from muki_ray.labels import LabelSpace
 from muki_ray.prototypes import _unit, assign_pass, kmeans, seed_responsibilities, teacher_scores
 from muki_ray.stats import add
 from muki_ray.teachers import column, stage_class
+
+log = logging.getLogger("muki_ray.combiner")
 
 
 def _stack(col: np.ndarray) -> np.ndarray:
@@ -152,13 +155,16 @@ def select_scores(preds_ds, space: LabelSpace, integration, embedding: Optional[
         raw = SelectScores(space, integration.strategy, none)
         cal = fold(preds_ds, lambda b: Calibration.fit(integration.calibration, raw.scores(b)),
                    lambda a, b: a.merge(b))
+        if integration.calibration == "share":
+            log.info("targets: estimated shares of the pool: %s",
+                     ", ".join(f"{t} {v:.3f}" for t, v in zip(space.teachers, cal.shares)))
     ds = preds_ds.map_batches(SelectScores(space, integration.strategy, cal), batch_format="numpy", **io_map())
     if integration.prototypes is None:
         return ds
     spec, options = embedding
     emb = ds.map_batches(stage_class("embed", EmbeddingStage), fn_constructor_kwargs={"spec": spec},
                          batch_size=integration.prototypes.batch_size, batch_format="numpy", **options).materialize()
-    protos = fit_prototypes(emb, space, integration.prototypes, integration.target_probs)
+    protos = fit_prototypes(emb, space, integration.prototypes, integration.target_probs, cal.shares)
     p = integration.prototypes
 
     def rescore(batch: dict) -> dict:
@@ -170,9 +176,10 @@ def select_scores(preds_ds, space: LabelSpace, integration, embedding: Optional[
     return emb.map_batches(rescore, batch_format="numpy", **io_map())
 
 
-def fit_prototypes(emb_ds, space: LabelSpace, p, target_probs: str) -> np.ndarray:
+def fit_prototypes(emb_ds, space: LabelSpace, p, target_probs: str, shares: Optional[np.ndarray] = None) -> np.ndarray:
     """Label prototypes (Y, D) by folds over a materialized dataset with `embedding` and
-    `select_scores` columns: the streaming form of `prototypes.prototype_scores` (same steps)."""
+    `select_scores` columns: the streaming form of `prototypes.prototype_scores` (same steps);
+    `shares` (N,) the teachers' estimated pool shares, the seeds' prior (None: equal)."""
     positions, n_union = list(space.positions), len(space)
 
     def dists(batch):
@@ -181,7 +188,7 @@ def fit_prototypes(emb_ds, space: LabelSpace, p, target_probs: str) -> np.ndarra
 
     z = fold(emb_ds, lambda b: Calibration.fit("zscore", _stack(b["select_scores"])), lambda a, b: a.merge(b))
     seeds = fold(emb_ds, lambda b: seed_responsibilities(z.apply(_stack(b["select_scores"])), dists(b), positions,
-                                                         n_union, p.tau).T @ _unit(_stack(b["embedding"])),
+                                                         n_union, p.tau, shares).T @ _unit(_stack(b["embedding"])),
                  add, ordered=True)
 
     def one_pass(protos, prev):

@@ -262,8 +262,10 @@ class IntegrationConfig(Strict):
         "deterministic", description="Teacher distribution in the target: deterministic softmax or MC mean p̄."
     )
     calibration: Literal[CALIBRATIONS] = Field(  # type: ignore[valid-type]
-        "rank", description="Compare teachers on pool-calibrated scores: `rank` (per-teacher quantile), `zscore` "
-        "(per-teacher mean 0, std 1 over the pool) or `none` (raw, as in the paper). Default from `preset`."
+        "rank", description="Compare teachers on pool-calibrated scores: `rank` (per-teacher quantile), `share` "
+        "(the quantile against the teacher's share of the pool, estimated from its scores: for pools imbalanced "
+        "across teachers), `zscore` (per-teacher mean 0, std 1 over the pool) or `none` (raw, as in the paper). "
+        "Default from `preset`."
     )
     prototypes: Optional[PrototypesConfig] = Field(
         default_factory=PrototypesConfig, description="Re-select each text's teacher by label prototypes in an "

@@ -36,12 +36,14 @@ def _unit(a: np.ndarray) -> np.ndarray:
 
 
 def seed_responsibilities(z: np.ndarray, dists: Sequence[np.ndarray], positions, num_union: int,
-                          tau: float) -> np.ndarray:
-    """z (B, N), dists[t] (B, C_t) -> (B, Y) label weights softmax_t(z / tau) * p_t(y); rows sum to 1.
+                          tau: float, shares: Optional[np.ndarray] = None) -> np.ndarray:
+    """z (B, N), dists[t] (B, C_t) -> (B, Y) label weights softmax_t(z / tau + log π_t) * p_t(y);
+    rows sum to 1. π (N,): the teachers' estimated shares of the pool as a prior over owners
+    (None: equal, as z is standardized per teacher and so carries no share).
 
     A label owned by several teachers collects the weight of each of them.
     """
-    w = _softmax(z / tau)
+    w = _softmax(z / tau + (0.0 if shares is None else np.log(np.clip(shares, 1e-12, None))))
     out = np.zeros((z.shape[0], num_union))
     for t, (p, pos) in enumerate(zip(dists, positions)):
         out[:, pos] += w[:, [t]] * np.asarray(p)
@@ -93,7 +95,7 @@ def teacher_scores(emb: np.ndarray, protos: np.ndarray, positions, kappa: float)
 
 def prototype_scores(emb: np.ndarray, scores: np.ndarray, dists: Sequence[np.ndarray], positions,
                      num_union: int, *, tau: float = 1.0, kappa: float = 0.05,
-                     iterations: int = 20) -> np.ndarray:
+                     iterations: int = 20, shares: Optional[np.ndarray] = None) -> np.ndarray:
     """Teacher scores (B, N) from embeddings (B, D), uncertainty scores (B, N) and teacher dists.
 
     The result replaces the uncertainty scores in selection and re-weighting (higher = this
@@ -103,6 +105,6 @@ def prototype_scores(emb: np.ndarray, scores: np.ndarray, dists: Sequence[np.nda
         return np.zeros((0, len(positions)))
     emb = _unit(np.asarray(emb, dtype=np.float64))
     resp = seed_responsibilities(standardize(np.asarray(scores, dtype=np.float64)), dists, positions,
-                                 num_union, tau)
+                                 num_union, tau, shares)
     protos, _ = refine(emb, resp, iterations)
     return teacher_scores(emb, protos, positions, kappa)

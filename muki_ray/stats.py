@@ -48,6 +48,12 @@ class Sketch:
     def n(self) -> int:
         return self.s.n
 
+    def quantiles(self, m: int) -> np.ndarray:
+        """(m,) values at the ranks (j + 0.5) / m: the distribution summarized in m points."""
+        if self.n == 0:
+            return np.zeros(0)
+        return np.asarray(self.s.get_quantiles(((np.arange(m) + 0.5) / m).tolist()), dtype=np.float64)
+
     def mid_rank(self, x: np.ndarray) -> np.ndarray:
         """(B,) -> (B,) mid-rank quantiles (F(x-) + F(x)) / 2: the share of values below x, ties
         counted half (on the pool itself, exactly the mean-rank (rank + 0.5) / n)."""
