@@ -607,6 +607,11 @@ def semantic_errors(cfg: RunConfig, check_files: bool = True) -> list[str]:
                 errors.append(f"teachers[{i}].labels: required with prepare.split: explicit")
 
     for i, t in enumerate(cfg.teachers):
+        if cfg.ray.autoscaling and t.resources.num_gpus is None:
+            errors.append(f"teachers[{i}].resources.num_gpus: required with ray.autoscaling (its default, one GPU "
+                          f"when the cluster has GPUs, cannot see GPU nodes that have not started yet, so the "
+                          f"teacher would run on CPU); set 1 to wait for a GPU node, or 0 for CPU")
+    for i, t in enumerate(cfg.teachers):
         if t.prepare is not None and (cfg.prepare is None or t.model is not None):
             errors.append(f"teachers[{i}].prepare: only a prepared teacher (no `model`, with a `prepare` section) "
                           f"has preparation settings")

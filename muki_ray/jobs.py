@@ -29,6 +29,19 @@ def storage_problem(output_dir: str, alive_nodes: int, shared_prefixes=SHARED_PR
     return None
 
 
+def job_output_dir(output_dir: str, roots, is_dir=os.path.isdir) -> tuple[str | None, str]:
+    """A job's relative output_dir, resolved against the first shared storage root mounted here, or
+    refused (None) when none is: inside a job the working directory is a temporary copy of the
+    repo on one node, which vanishes with the job. Returns (the path or None, the line saying which)."""
+    root = next((r for r in roots if is_dir(r)), None)
+    if root is None:
+        return None, (f"output_dir: {output_dir} is relative, which inside a job is the job's temporary "
+                      f"working-dir copy; use an absolute path on shared storage ({', '.join(roots)}), "
+                      f"or set MUKI_SHARED_STORAGE to your mount")
+    path = str(Path(root) / output_dir)
+    return path, f"output_dir: {output_dir} is relative; resolved against the shared storage root: {path}"
+
+
 def job_main(command: str, argv: list[str]) -> int:
     """`python jobs/<entry>.py --config CONFIG [--set k=v ...]` -> `muki-ray <command> CONFIG ...`."""
     import ray
@@ -47,6 +60,14 @@ def job_main(command: str, argv: list[str]) -> int:
         for line in e.errors:
             print(f"error: {line}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    extra = tuple(p for p in os.environ.get("MUKI_SHARED_STORAGE", "").split(":") if p)
+    if not os.path.isabs(cfg.output_dir) and "://" not in cfg.output_dir:
+        resolved, line = job_output_dir(cfg.output_dir, extra + SHARED_PREFIXES)
+        print(line, file=sys.stderr)
+        if resolved is None:
+            return EXIT_BAD_INPUT
+        args.set.append(f"output_dir={resolved}")
+        cfg = load_config(args.config, args.set)
     # Inside a job RAY_ADDRESS points at the cluster; "auto" finds a local head otherwise. Never a new Ray.
     address = os.environ.get("RAY_ADDRESS") or cfg.ray.address or "auto"
     from muki_ray.cluster import ClusterError
@@ -63,7 +84,6 @@ def job_main(command: str, argv: list[str]) -> int:
         print(f"error: ray.address: no Ray cluster at {address} ({str(e).splitlines()[0]})", file=sys.stderr)
         return EXIT_BAD_INPUT
     nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
-    extra = tuple(p for p in os.environ.get("MUKI_SHARED_STORAGE", "").split(":") if p)
     problem = storage_problem(cfg.output_dir, nodes, SHARED_PREFIXES + extra)
     storage = cfg.ray.storage_path
     if problem is None and storage and "://" not in storage:

@@ -33,6 +33,10 @@ def test_cluster_launcher_config_matches_rays_schema():
     gpus = cfg["available_node_types"]["gpu_worker"]["resources"]["GPU"]
     assert gpus >= 1 and "GPU" not in cfg["available_node_types"]["head"]["resources"]
     assert any("pip install" in c and "muki-ray" in c for c in cfg["setup_commands"])
+    # Shared storage is really mounted on every host, where the container bind-mounts it.
+    (mount,) = cfg["initialization_commands"]
+    assert "mount -t nfs4" in mount and "/mnt/cluster_storage" in mount and "REPLACE-ME" in mount
+    assert "-v /mnt/cluster_storage:/mnt/cluster_storage" in cfg["docker"]["run_options"]
 
 
 def test_rayjob_entrypoint_and_resources_are_consistent():
@@ -60,6 +64,36 @@ def test_rayjob_entrypoint_and_resources_are_consistent():
     mounts = {m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
     assert any(cfg.output_dir.startswith(m) for m in mounts)
     assert storage_problem(cfg.output_dir, alive_nodes=3) is None
+    # Autoscaling from zero GPU pods, with teachers that wait for GPUs (never a silent CPU default).
+    cluster = spec["rayClusterSpec"]
+    assert cluster["enableInTreeAutoscaling"] is True and cluster["autoscalerOptions"]["idleTimeoutSeconds"] > 0
+    assert worker["minReplicas"] == 0 and worker["maxReplicas"] >= 2 and cfg.ray.autoscaling
+    assert all(t.resources.num_gpus == 1 for t in cfg.teachers)
+    # Every pod mounts the one ReadWriteMany claim that storage.yaml defines, and a memory /dev/shm.
+    (pvc,) = list(yaml.safe_load_all((REPO / "cluster" / "kuberay" / "storage.yaml").read_text()))
+    assert pvc["kind"] == "PersistentVolumeClaim" and pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+    for group in [cluster["headGroupSpec"], worker]:
+        pod_spec = group["template"]["spec"]
+        volumes = {v["name"]: v for v in pod_spec["volumes"]}
+        assert volumes["cluster-storage"]["persistentVolumeClaim"]["claimName"] == pvc["metadata"]["name"]
+        assert volumes["dshm"]["emptyDir"]["medium"] == "Memory"
+        assert {m["mountPath"] for m in pod_spec["containers"][0]["volumeMounts"]} >= {"/mnt/cluster_storage",
+                                                                                      "/dev/shm"}
+    assert {"runs", ".venv"} <= set(yaml.safe_load(spec["runtimeEnvYAML"])["excludes"])
+
+
+def test_a_jobs_relative_output_dir_is_resolved_on_shared_storage_or_refused(tmp_path):
+    from muki_ray.config import ConfigError, parse_config
+    from muki_ray.jobs import job_output_dir
+
+    path, line = job_output_dir("runs/x", ("/nope", str(tmp_path)))
+    assert path == str(tmp_path / "runs/x") and line.endswith(f"resolved against the shared storage root: {path}")
+    path, line = job_output_dir("runs/x", ("/nope",))
+    assert path is None and line.startswith("output_dir: runs/x is relative") and "temporary working-dir" in line
+    raw = yaml.safe_load((REPO / "jobs" / "configs" / "cluster.yaml").read_text())
+    del raw["teachers"][0]["resources"]["num_gpus"]
+    with pytest.raises(ConfigError, match=r"teachers\[0\].resources.num_gpus: required with ray.autoscaling"):
+        parse_config(raw, check_files=False)
 
 
 def test_local_paths_refused_on_multinode(tmp_path):

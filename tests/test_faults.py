@@ -13,6 +13,7 @@ import time
 
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
 from muki_ray.cli import main
 from muki_ray.manifest import read_manifest
@@ -70,6 +71,8 @@ def _output(proc, timeout=None) -> str:
 
 def test_sigkill_mid_stage_then_rerun_resumes_and_leaks_no_secret(run_config, tmp_path):  # noqa: F811
     cfg, run = run_config
+    raw = yaml.safe_load(cfg.read_text())
+    cfg.write_text(yaml.safe_dump({**raw, "integration": {"preset": "paper"}}))  # selection is not the point here
     secrets = {"RAY_AUTH_TOKEN": "tok-3f9a7c1d-secret", "AWS_SECRET_ACCESS_KEY": "aws-8b2e4f6a-secret",
                "HF_TOKEN": "hf_5d1c9e7b-secret"}
     env = {**os.environ, **secrets}
