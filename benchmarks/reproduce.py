@@ -228,10 +228,12 @@ def main() -> None:
     t0 = time.time()
     # Shared stages once: teachers and predictions (the first method's full run computes them).
     from muki_ray.cache import stage_keys
-    from muki_ray.pipeline import predict_stage, prepare_stage
+    from muki_ray.pipeline import ensure_pool, predict_stage, prepare_stage
     from muki_ray.manifest import is_current
 
     for stage, fn in (("prepare", prepare_stage), ("predictions", predict_stage)):
+        if stage == "predictions":
+            ensure_pool(cfg, space, shared)  # the predictions' key names the pool
         if not is_current(shared / stage, *stage_keys(cfg, space, shared, stage)):
             fn(cfg, space, shared)
     shared_time = time.time() - t0

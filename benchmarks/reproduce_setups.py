@@ -93,7 +93,7 @@ def main() -> None:
     from muki_ray.cluster import connect
     from muki_ray.config import Source, parse_config
     from muki_ray.manifest import is_current, read_manifest
-    from muki_ray.pipeline import predict_stage, prepare_stage
+    from muki_ray.pipeline import ensure_pool, predict_stage, prepare_stage
 
     work = Path(args.work).resolve()
     name = f"{args.dataset}_{args.setup}"
@@ -106,6 +106,8 @@ def main() -> None:
         space = label_space(cfg)
         connect(cfg.ray)
         for stage, fn in (("prepare", prepare_stage), ("predictions", predict_stage)):
+            if stage == "predictions":
+                ensure_pool(cfg, space, shared)  # the predictions' key names the pool
             if not is_current(shared / stage, *stage_keys(cfg, space, shared, stage)):
                 fn(cfg, space, shared)
         return cfg, space

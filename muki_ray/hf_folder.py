@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -91,12 +92,13 @@ def load_tokenizer(folder, *, trust_remote_code: bool = False):
         raise ModelLoadError(f"{folder}: tokenizer failed to load: {_first_line(e)}") from e
 
 
-def save_atomic(model, tokenizer, folder) -> Path:
-    """save_pretrained into a temporary sibling, then rename: a crash never leaves half a folder."""
+def save_atomic(model, tokenizer, folder, state_dict: Optional[dict] = None) -> Path:
+    """save_pretrained into a temporary sibling, then rename: a crash never leaves half a folder.
+    `state_dict`: the weights to write instead of the model's own (gathered ZeRO-3 shards)."""
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
+    model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     if folder.exists():

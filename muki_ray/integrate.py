@@ -25,6 +25,7 @@ CALIBRATIONS = ("none", "zscore", "rank", "share")
 SHARE_POINTS = 512        # quantile points of a teacher's score distribution that its share is fitted to
 SHARE_SEPARATION = 2.0    # Ashman's D below which a teacher's two score modes are not told apart
 SHARE_TOLERANCE = 0.15    # how far from 1 the teachers' independently read shares may sum
+SHARE_MIN_MODE = 0.04     # a mode lighter than this is a few outliers, not a share
 
 
 @dataclass
@@ -134,8 +135,8 @@ def quantile_ranks(scores: np.ndarray) -> np.ndarray:
 
 def upper_mode_share(values: np.ndarray, iterations: int = 200) -> Optional[float]:
     """The weight of the upper of two Gaussian modes fitted to values (M,) by EM, or None when the
-    two modes are not told apart (Ashman's D = √2 |μ₁ - μ₂| / √(σ₁² + σ₂²) < SHARE_SEPARATION)
-    or there are fewer than 8 values. EM starts from Otsu's split (the threshold that maximizes the
+    two modes are not told apart (Ashman's D = √2 |μ₁ - μ₂| / √(σ₁² + σ₂²) < SHARE_SEPARATION),
+    one holds less than SHARE_MIN_MODE of the values, or there are fewer than 8 values. EM starts from Otsu's split (the threshold that maximizes the
     between-class variance), so the fit is deterministic.
     """
     x = np.sort(np.asarray(values, dtype=np.float64))
@@ -157,6 +158,8 @@ def upper_mode_share(values: np.ndarray, iterations: int = 200) -> Optional[floa
         sd = np.sqrt((r * (x[:, None] - mu) ** 2).sum(0) / np.maximum(r.sum(0), 1e-300)) + floor
     if math.sqrt(2.0) * abs(mu[1] - mu[0]) / math.sqrt(sd[0] ** 2 + sd[1] ** 2) < SHARE_SEPARATION:
         return None
+    if w.min() < SHARE_MIN_MODE:
+        return None
     return float(w[int(np.argmax(mu))])
 
 
@@ -169,8 +172,11 @@ def pool_shares(sketches: Sequence[Sketch]) -> np.ndarray:
     so an over-confident teacher shifts both of its modes, not its share. Each text has exactly one
     owner, so the N shares read off independently must add up to 1: only when every teacher shows
     two modes and their weights sum to 1 within SHARE_TOLERANCE are they trusted (then normalized).
-    Otherwise the modes are not what this assumes (one skewed mode, a few outliers) and every
-    teacher gets 1/N, which makes `share` the plain `rank`.
+    Otherwise the modes are not what this assumes (an over-confident teacher scores its own and
+    the others' texts alike, one skewed mode, a few outliers) and every teacher gets 1/N, which
+    makes `share` the plain `rank`. (Giving a lone undecided teacher the remainder was tried and
+    dropped: on the BBC teachers the other teacher's upper mode holds its over-confident foreign
+    texts too, so its share reads 0.65-0.91 whatever the truth, 0.05-0.95.)
     """
     n = len(sketches)
     est = []

@@ -3,8 +3,11 @@
 Used twice: the student on the integrated targets, and (in `prepare`) each teacher on gold
 labels of its own label subset. Tokenization happens in a Ray Data stage before the trainer;
 `train_loop_per_worker` reads top to bottom: build model -> deepspeed.initialize -> resume ->
-epochs (train, evaluate on dev, report with checkpoint). The best checkpoint by dev accuracy is
-consolidated (ZeRO-3 shards included) into a Hugging Face folder.
+epochs (train, evaluate on dev, export when dev accuracy is the best so far, report with
+checkpoint). Under ZeRO-3 the model is created partitioned (transformers' `HfDeepSpeedConfig` set
+before `from_pretrained`, so `deepspeed.zero.Init` gives each rank only its shard), and the export
+gathers the 16-bit weights layer by layer to rank 0, which writes the `from_pretrained` folder
+(temporary name, then rename). The driver never builds the model or reads the checkpoint.
 """
 
 from __future__ import annotations
@@ -90,6 +93,7 @@ class TrainJob:
     allow_pickle: bool = False
     init_state: Optional[str] = None        # a state_dict .pt to start from (warm start)
     fault_step: Optional[str] = None        # test-only: "N:marker" kills rank 0 once at global step N
+    out_dir: Optional[str] = None           # the exported from_pretrained folder (rank 0 writes it)
 
 
 # ------------------------------------------------------------ tokenization
@@ -159,8 +163,15 @@ def train_loop_per_worker(config: dict) -> None:
     if not hyper["use_gpu"]:
         torch.set_num_threads(worker_threads())
 
-    # 1. Model: the union label head.
-    model = _build_model(job)
+    # 1. Model: the union label head; under ZeRO-3 created partitioned (`partitioned` must stay
+    #    alive while the engine runs: transformers reads the ZeRO-3 state through it).
+    bf16 = job.ds_config.get("bf16", {}).get("enabled", False)
+    model, partitioned = _build_model(job, rank, dtype=torch.bfloat16 if bf16 else None)
+    local, total = _local_parameters(model)
+    if rank == 0:
+        log.info("model created: %d parameters, %d on this rank (%.2f)", total, local, local / max(total, 1))
+        _append_log(job.log_path, {"event": "model_created", "parameters": total, "local_parameters": local,
+                                   "local_fraction": local / max(total, 1), "rss_mb": _peak_rss_mb()})
 
     # 2. DeepSpeed engine (Ray Train has already set up the process group: NCCL or gloo).
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()
@@ -169,12 +180,13 @@ def train_loop_per_worker(config: dict) -> None:
     device = engine.device
 
     # 3. Resume from the latest checkpoint (after a worker failure, or a rerun of the same run).
-    start_epoch, global_step = 0, 0
+    start_epoch, global_step, best = 0, 0, {"dev_accuracy": -1.0, "epoch": None}
     ckpt = ray.train.get_checkpoint()
     if ckpt:
         with ckpt.as_directory() as d:
             _, client = engine.load_checkpoint(d, tag="state")
             start_epoch, global_step = client["epoch"] + 1, client["global_step"]
+            best = client.get("best", best)
         if rank == 0:
             log.info("resumed from checkpoint at epoch %d, global step %d", start_epoch, global_step)
             _append_log(job.log_path, {"event": "resumed", "epoch": start_epoch, "global_step": global_step})
@@ -186,7 +198,6 @@ def train_loop_per_worker(config: dict) -> None:
         "cross_entropy": SupervisedCELoss(),
     }[job.loss]
     positions = [torch.as_tensor(p, dtype=torch.long, device=device) for p in job.uhc_positions]
-    bf16 = job.ds_config.get("bf16", {}).get("enabled", False)
 
     train_shard = ray.train.get_dataset_shard("train")
     dev_shard = ray.train.get_dataset_shard("dev")
@@ -236,30 +247,82 @@ def train_loop_per_worker(config: dict) -> None:
                    "examples_per_s": round(seen * world / max(train_s, 1e-9), 2),
                    "examples_per_s_steady": round((seen - seen_steady) * world / max(steady_s, 1e-9), 2),
                    "peak_rss_mb": _peak_rss_mb(), "torch_threads": torch.get_num_threads(), **dev}
+        # 6. Export the best epoch so far on dev (ties keep the earlier epoch), from the workers.
+        if dev["dev_accuracy"] > best["dev_accuracy"]:
+            best = {"dev_accuracy": dev["dev_accuracy"], "epoch": epoch}
+            save_student(engine, job, rank)
+        metrics.update(best_epoch=best["epoch"], best_dev_accuracy=best["dev_accuracy"])
         if rank == 0:
             log.info("epoch %d done: %s", epoch, json.dumps(metrics))
             _append_log(job.log_path, {"event": "epoch", **metrics})
-        # 6. Checkpoint: every rank saves its DeepSpeed shard; Ray merges them into one folder.
+        # 7. Checkpoint: every rank saves its DeepSpeed shard; Ray merges them into one folder.
         import tempfile
 
         with tempfile.TemporaryDirectory() as tmp:
-            engine.save_checkpoint(tmp, tag="state", client_state={"epoch": epoch, "global_step": global_step})
+            engine.save_checkpoint(tmp, tag="state", client_state={"epoch": epoch, "global_step": global_step,
+                                                                   "best": best})
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
-def _build_model(job: TrainJob):
+def _build_model(job: TrainJob, rank: int = 0, dtype=None):
+    """The classifier over the union labels, and the handle that keeps ZeRO-3's partitioned
+    creation on (None below stage 3). Under ZeRO-3 transformers creates every parameter inside
+    `deepspeed.zero.Init`, so a rank never holds more than its shard plus one layer being loaded.
+    A warm start's state (`init_state`) is loaded by rank 0 into the gathered parameters, which
+    ZeRO-3 then re-partitions to every rank."""
     import torch
 
     from muki_ray.hf_folder import load_classifier
 
+    partitioned = None
+    if job.ds_config.get("zero_optimization", {}).get("stage") == 3:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        partitioned = HfDeepSpeedConfig(job.ds_config)
     names = list(job.labels)
     model = load_classifier(job.model_path, trust_remote_code=job.trust_remote_code, allow_pickle=job.allow_pickle,
                             num_labels=len(names), id2label=dict(enumerate(names)),
-                            label2id={n: i for i, n in enumerate(names)}, ignore_mismatched_sizes=True)
+                            label2id={n: i for i, n in enumerate(names)}, ignore_mismatched_sizes=True,
+                            **({"dtype": dtype} if dtype is not None else {}))
     if job.init_state:
-        state = torch.load(job.init_state, map_location="cpu", weights_only=True)
-        model.load_state_dict(state)
-    return model
+        import contextlib
+
+        import deepspeed
+
+        gathered = deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=0) \
+            if partitioned is not None else contextlib.nullcontext()
+        with gathered:
+            if rank == 0 or partitioned is None:
+                model.load_state_dict(torch.load(job.init_state, map_location="cpu", weights_only=True))
+    return model, partitioned
+
+
+def _local_parameters(model) -> tuple[int, int]:
+    """(parameters held by this rank, parameters of the model): ZeRO-3's `ds_tensor` shards and
+    `ds_numel` sizes, or every parameter when the model is not partitioned."""
+    local = total = 0
+    for p in model.parameters():
+        n = int(getattr(p, "ds_numel", p.numel()))
+        total += n
+        local += int(p.ds_tensor.numel()) if hasattr(p, "ds_tensor") else n
+    return local, total
+
+
+def save_student(engine, job: TrainJob, rank: int) -> None:
+    """Write the `from_pretrained` folder (union id2label, the base model's tokenizer) to
+    job.out_dir from the workers. Under ZeRO-3 every rank takes part in gathering the 16-bit
+    weights layer by layer to rank 0; below it, rank 0's module holds them all. Rank 0 writes
+    to a temporary name, then renames."""
+    from muki_ray.hf_folder import load_tokenizer, save_atomic
+
+    if not job.out_dir:  # the same on every rank: no rank enters the gather alone
+        return
+    zero3 = job.ds_config.get("zero_optimization", {}).get("stage") == 3
+    state = engine._zero3_consolidated_16bit_state_dict() if zero3 else None
+    if rank == 0:
+        state = state if state is not None else engine.module.state_dict()
+        save_atomic(engine.module, load_tokenizer(job.model_path, trust_remote_code=job.trust_remote_code),
+                    job.out_dir, state_dict=state)
 
 
 def _model_inputs(batch: dict) -> dict:
@@ -327,7 +390,7 @@ def _maybe_fail(global_step: int, spec: Optional[str]) -> None:
 # ----------------------------------------------------------------- driver
 def fit(job: TrainJob, train_ds, dev_ds, *, run_dir: Path, name: str, num_rows: int, scaling: dict,
         max_failures: int, storage_path: Optional[str] = None) -> dict:
-    """Run the TorchTrainer; returns the best checkpoint path and its metrics."""
+    """Run the TorchTrainer; returns the exported (best) epoch's metrics and the last ones."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -349,43 +412,16 @@ def fit(job: TrainJob, train_ds, dev_ds, *, run_dir: Path, name: str, num_rows: 
         datasets={"train": train_ds, "dev": dev_ds},
     )
     result = trainer.fit()
-    best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1].get("dev_accuracy", -1))
-    return {"checkpoint": best_ckpt, "metrics": best_metrics, "last_metrics": result.metrics}
+    # The workers exported the best epoch by dev accuracy; its metrics are one of the kept checkpoints'.
+    last = result.metrics
+    best = next((m for _, m in result.best_checkpoints if m.get("epoch") == last.get("best_epoch")), last)
+    return {"metrics": best, "last_metrics": last}
 
 
 def steps_per_epoch(num_rows: int, world: int, micro: int) -> int:
     """Micro-steps every worker can take on its equal shard, dropping the ragged tail (0 when a
     shard is smaller than one micro-batch: `train_classifier` shrinks the batch first)."""
     return (num_rows // world) // micro
-
-
-def consolidate(checkpoint, zero_stage: int) -> dict:
-    """A full fp32 state_dict from a Ray Train checkpoint of DeepSpeed shards (ZeRO-1/2/3 merged)."""
-    with checkpoint.as_directory() as d:  # downloads when the checkpoint lives in object storage
-        return _consolidate_dir(Path(d), zero_stage)
-
-
-def _consolidate_dir(d: Path, zero_stage: int) -> dict:
-    import torch
-
-    if zero_stage == 0:
-        state = torch.load(d / "state" / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
-        return {k: v.float() for k, v in state["module"].items()}
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    return get_fp32_state_dict_from_zero_checkpoint(str(d), tag="state")
-
-
-def export(job: TrainJob, state: dict, out_dir: Path) -> Path:
-    """Write a `from_pretrained` folder with the union labels and the student's tokenizer."""
-    from muki_ray.hf_folder import load_tokenizer, save_atomic
-
-    model = _build_model(TrainJob(**{**asdict(job), "init_state": None}))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if [k for k in missing if not k.endswith("position_ids")]:
-        raise RuntimeError(f"export: checkpoint lacks weights {missing[:5]}")
-    tok = load_tokenizer(job.model_path, trust_remote_code=job.trust_remote_code)
-    return save_atomic(model.eval(), tok, out_dir)
 
 
 def expand_head(old_state: dict, old_labels: list[str], new_state: dict, new_labels: list[str],
@@ -490,7 +526,7 @@ def train_classifier(hyper, *, model_path: str, labels: list[str], loss: str, tr
                                    user=user_ds),
         steps_per_epoch=per_epoch, log_path=str(Path(run_dir) / "train_log.jsonl"), part_labels=parts,
         trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
-        fault_step=os.environ.get("MUKI_FAULT_TRAIN_STEP"), **job_extra)
+        fault_step=os.environ.get("MUKI_FAULT_TRAIN_STEP"), out_dir=str(Path(out_dir).resolve()), **job_extra)
     dev = tokenize(with_gold(dev_ds, labels).select_columns(["text", "gold"]), model_path, hyper.max_length,
                    trust_remote_code)
     log.info("train %s: %d rows, %d workers x batch %d, %d steps/epoch, %d epochs, ZeRO-%d, loss %s", name,
@@ -504,8 +540,9 @@ def train_classifier(hyper, *, model_path: str, labels: list[str], loss: str, tr
                           "resources_per_worker": dict(hyper.resources_per_worker)},
                  max_failures=hyper.max_failures, storage_path=storage_path)
     train_time = time.time() - t0
-    export(job, consolidate(result["checkpoint"], hyper.zero_stage), out_dir)  # tmp + rename
-    m = result["metrics"]
+    if not (Path(out_dir) / "config.json").exists():
+        raise RuntimeError(f"train {name}: the workers exported no model to {out_dir}")
+    m = result["metrics"]  # the best checkpoint's metrics: the epoch the workers exported
     return {"dev_accuracy": m.get("dev_accuracy"),
             "dev_accuracy_per_teacher": {p: m.get(f"dev_accuracy/{p}") for p in parts},
             "best_epoch": m.get("epoch"), "global_step": result["last_metrics"].get("global_step"),

@@ -68,11 +68,15 @@ def train_log(run):
 
 
 @pytest.mark.parametrize("zero", [2, 3])
-def test_zero_stage_trains_and_exports(tmp_path, ray_session, zero):
+def test_zero_stage_trains_and_exports(tmp_path, ray_session, zero, monkeypatch):
+    import deepspeed.utils.zero_to_fp32 as consolidation
     from transformers import pipeline
 
     from muki_ray.pipeline import evaluate_stage, train_stage
 
+    # The export runs on the workers: the driver never consolidates a checkpoint.
+    monkeypatch.setattr(consolidation, "get_fp32_state_dict_from_zero_checkpoint",
+                        lambda *a, **k: pytest.fail("the driver consolidated a checkpoint"))
     cfg, run = prepare(tmp_path, zero=zero, n=128, epochs=3, lr=1e-2)
     info = train_stage(cfg, SPACE, run)
     evaluate_stage(cfg, SPACE, run)
@@ -82,6 +86,11 @@ def test_zero_stage_trains_and_exports(tmp_path, ray_session, zero):
     assert metrics["dev_accuracy"] > 0.5 and "test_accuracy" in metrics
     assert set(metrics["test_accuracy_per_teacher"]) == {"news", "arts"}
     assert info["metrics"]["best_epoch"] in (0, 1, 2)
+    created = next(r for r in train_log(run) if r.get("event") == "model_created")
+    if zero == 3:  # partitioned creation: with 2 workers each rank holds about half the parameters
+        assert 0.4 < created["local_fraction"] < 0.6, created
+    else:
+        assert created["local_fraction"] == 1.0, created
     clf = pipeline("text-classification", model=str(run / "student"), device="cpu")
     preds = clf(["market stock bank profit", "film music star award"])
     assert {p["label"] for p in preds} <= set(UNION)
