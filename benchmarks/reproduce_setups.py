@@ -52,6 +52,7 @@ def args_parser() -> argparse.ArgumentParser:
     ap.add_argument("--teacher-lr", type=float, default=3e-4)
     ap.add_argument("--student-lr", type=float, default=2e-4)
     ap.add_argument("--methods", default=",".join(STUDENT_METHODS))
+    ap.add_argument("--tag", default="", help="suffix of the results' name (a second variant of a setup)")
     ap.add_argument("--work", default="runs/reproduce")
     return ap
 
@@ -96,7 +97,7 @@ def main() -> None:
     from muki_ray.pipeline import ensure_pool, predict_stage, prepare_stage
 
     work = Path(args.work).resolve()
-    name = f"{args.dataset}_{args.setup}"
+    name = f"{args.dataset}_{args.setup}" + (f"_{args.tag}" if args.tag else "")
     raw = base_config(args.dataset, args)
     raw["integration"] = {"preset": "paper"}
     t0 = time.time()
