@@ -226,6 +226,7 @@ def test_gpus_asked_on_a_cluster_without_any(tmp_path, base, capsys, ray_session
     assert "error: teachers[0].resources.num_gpus: asks for 1 GPU(s) but the Ray cluster has none" in err
     assert not (tmp_path / "run").exists()
     base["ray"]["autoscaling"] = True  # GPU nodes may join later: the check steps aside
+    base["teachers"][1]["resources"] = {"num_gpus": 0}  # on an autoscaling cluster every teacher says
     from muki_ray.config import parse_config
     from muki_ray.preflight import check_resources
 
