@@ -186,26 +186,31 @@ def cached(path: Path, compute):
     return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--dataset", choices=["bbc_news", "20newsgroups"], default="bbc_news")
-    ap.add_argument("--seeds", type=int, default=3)
+def add_run_args(ap: argparse.ArgumentParser, seeds: int, pool: int) -> None:
+    """The sizes and hyper-parameters `base_config` reads, shared by the reproduction scripts."""
+    ap.add_argument("--seeds", type=int, default=seeds)
     ap.add_argument("--samples", type=int, default=16)
-    ap.add_argument("--pool", type=int, default=400)
+    ap.add_argument("--pool", type=int, default=pool)
     ap.add_argument("--teacher-texts", type=int, default=600)
     ap.add_argument("--dev", type=int, default=200)
     ap.add_argument("--test", type=int, default=444)
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--max-length", type=int, default=128)
-    ap.add_argument("--k-rows", type=int, default=120)
     # Chosen on dev in the demo config (teachers' dev accuracy and confidence; student dev accuracy):
     # teacher lr 5e-5 gave under-confident teachers and 3e-4 confident ones; student lr 2e-4.
     ap.add_argument("--teacher-lr", type=float, default=3e-4)
     ap.add_argument("--student-lr", type=float, default=2e-4)
+    ap.add_argument("--work", default="runs/reproduce")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dataset", choices=["bbc_news", "20newsgroups"], default="bbc_news")
+    add_run_args(ap, seeds=3, pool=400)
+    ap.add_argument("--k-rows", type=int, default=120)
     ap.add_argument("--methods", default=None, help="comma-separated (default: every method; the cheaper-MC "
                     "rows only on bbc_news)")
     ap.add_argument("--variant-seeds", type=int, default=None, help="seeds for the variant rows (default --seeds)")
-    ap.add_argument("--work", default="runs/reproduce")
     args = ap.parse_args()
     import logging
 

@@ -26,7 +26,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, hardware  # noqa: E402
-from reproduce import METHODS, base_config, method_row  # noqa: E402
+from reproduce import METHODS, add_run_args, base_config, method_row  # noqa: E402
 from selection import OPTIONS, measure  # noqa: E402
 
 STUDENT_METHODS = ("supervised", "oracle", "uhc", "muki_soft+reweight", "default", "default+share")
@@ -37,23 +37,13 @@ def args_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser()
     ap.add_argument("--setup", choices=["imbalanced_major", "imbalanced_minor", "unequal", "balanced"], required=True)
     ap.add_argument("--dataset", default="bbc_news", choices=["bbc_news"])
-    ap.add_argument("--seeds", type=int, default=1)
-    ap.add_argument("--samples", type=int, default=16)
+    add_run_args(ap, seeds=1, pool=300)  # --pool: texts of the balanced and unequal pools
     ap.add_argument("--superset", type=int, default=520, help="texts of the scored superset pool")
-    ap.add_argument("--pool", type=int, default=300, help="texts of the balanced and unequal pools")
     ap.add_argument("--major", type=float, default=0.8, help="t1's share of the imbalanced_major pool")
     ap.add_argument("--minor", type=float, default=0.05, help="t1's share of the imbalanced_minor pool")
     ap.add_argument("--weak-texts", type=int, default=60, help="training texts of the unequal setup's weak t1")
-    ap.add_argument("--teacher-texts", type=int, default=600)
-    ap.add_argument("--dev", type=int, default=200)
-    ap.add_argument("--test", type=int, default=444)
-    ap.add_argument("--epochs", type=int, default=2)
-    ap.add_argument("--max-length", type=int, default=128)
-    ap.add_argument("--teacher-lr", type=float, default=3e-4)
-    ap.add_argument("--student-lr", type=float, default=2e-4)
     ap.add_argument("--methods", default=",".join(STUDENT_METHODS))
     ap.add_argument("--tag", default="", help="suffix of the results' name (a second variant of a setup)")
-    ap.add_argument("--work", default="runs/reproduce")
     return ap
 
 
@@ -142,7 +132,6 @@ def main() -> None:
         pool_desc = {"rows": pool.num_rows, "per_teacher": counts,
                      "share_per_teacher": {t: c / pool.num_rows for t, c in counts.items()},
                      "source": f"seeded label-subsample of {sup.num_rows} bbc_news train [0.5, 1.0) texts"}
-        raw["data"]["pool"] = {"source": str(pool_file)}
     predictions = read_manifest(shared / "predictions")
     shared_s = time.time() - t0
     ablation = measure(shared)  # selection only: every calibration, with and without prototypes
