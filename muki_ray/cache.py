@@ -88,6 +88,10 @@ class TeacherCache:
 
 
 # ------------------------------------------------------------------ stage keys
+# How training survives failures never changes what it produces.
+RESTARTS = {"max_failures", "checkpoint_every_steps"}
+
+
 def config_key(cfg: RunConfig, space: LabelSpace, stage: str) -> str:
     """The config part of a stage's key: what `diff` compares and `run` records."""
     d = cfg.data
@@ -113,10 +117,10 @@ def config_key(cfg: RunConfig, space: LabelSpace, stage: str) -> str:
         if integ.prototypes is not None:
             key.append(folder_fingerprint(prototypes_model(cfg)))
         if integ.refine is not None:  # the first students are trained like the student, on data.dev
-            key += [cfg.student.model_dump(exclude={"init_from"}), dev]
+            key += [cfg.student.model_dump(exclude={"init_from", *RESTARTS}), dev]
         return fingerprint([key, list(space.names)] if len(key) > 1 else [key[0], list(space.names)])
     if stage == "train":
-        return fingerprint([cfg.student.model_dump(), cfg.integration.strategy, cfg.integration.kd_temperature,
+        return fingerprint([cfg.student.model_dump(exclude=RESTARTS), cfg.integration.strategy, cfg.integration.kd_temperature,
                             space.names, dev])
     if stage == "evaluate":
         return fingerprint(d.test.model_dump() if d.test else None)

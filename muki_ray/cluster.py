@@ -12,6 +12,15 @@ class ClusterError(Exception):
     """Ray cannot be reached or cannot provide what the config asks for."""
 
 
+_joined: list[str] = []  # the cluster address `connect` joined, if any (empty: an embedded Ray)
+
+
+def default_max_failures() -> int:
+    """Ray Train restarts when the config sets none: 1 on a cluster (a lost worker or node resumes from
+    the last checkpoint), 0 on the embedded Ray, where a crash is a bug and a retry only doubles the wait."""
+    return 1 if _joined or os.environ.get("RAY_ADDRESS") else 0
+
+
 def connect(ray_cfg) -> None:
     """ray.init once per process. Inside a Ray job (RAY_ADDRESS set) always join that cluster."""
     import ray
@@ -21,6 +30,7 @@ def connect(ray_cfg) -> None:
     address = ray_cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
         check_address(address)  # a dead address is an error even when this process already runs a Ray
+    _joined[:] = [address] if address else []
     if ray.is_initialized():
         return
     quiet = dict(log_to_driver=True, configure_logging=False)

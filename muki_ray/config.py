@@ -340,7 +340,15 @@ class TrainHyper(Strict):
     deepspeed_config: Optional[str] = Field(
         None, description="A DeepSpeed JSON whose keys override the generated config (deep merge)."
     )
-    max_failures: int = Field(0, ge=-1, description="Ray Train FailureConfig.max_failures (-1: unlimited).")
+    max_failures: Optional[int] = Field(
+        None, ge=-1, description="Ray Train FailureConfig.max_failures (-1: unlimited); default 1 on a cluster "
+        "(`ray.address` or a job's RAY_ADDRESS: one lost worker or node resumes from the last checkpoint), 0 on "
+        "the embedded Ray (a crash there is a bug, rerunning it would only double the wait)."
+    )
+    checkpoint_every_steps: Optional[int] = Field(
+        None, ge=1, description="Also checkpoint every N optimizer steps inside an epoch; a restart resumes at "
+        "the last one, skipping exactly the rows already trained (default: once per epoch)."
+    )
     seed: int = Field(0, description="Seed of model init and data order.")
     eval_resources: TeacherResources = Field(
         default_factory=TeacherResources, description="Actors that score the test set after training (same "

@@ -7,6 +7,9 @@ unless `allow_pickle: true` is set for that model.
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -15,6 +18,7 @@ from typing import Optional
 import torch
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl")
+log = logging.getLogger("muki_ray.hf_folder")
 
 
 class ModelLoadError(Exception):
@@ -47,10 +51,34 @@ def check_folder(folder: Path, allow_pickle: bool = False, what: str = "model") 
 
 
 def load_classifier(folder, *, trust_remote_code: bool = False, allow_pickle: bool = False, **kwargs):
-    """AutoModelForSequenceClassification from a local folder, safetensors unless allow_pickle."""
-    from transformers import AutoModelForSequenceClassification
+    """AutoModelForSequenceClassification from a local folder, safetensors unless allow_pickle.
 
-    return _load(AutoModelForSequenceClassification, folder, trust_remote_code, allow_pickle, **kwargs)
+    A head created fresh on purpose (a new `num_labels`, or a base model without one) is one debug
+    line, not transformers' LOAD REPORT; a weight missing or unexpected anywhere else in the model
+    is a warning naming it.
+    """
+    from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    quiet = hf_logging.get_logger("transformers.modeling_utils")
+    level = quiet.level
+    quiet.setLevel(hf_logging.ERROR)
+    try:
+        model, info = _load(AutoModelForSequenceClassification, folder, trust_remote_code, allow_pickle,
+                            output_loading_info=True, **kwargs)
+    finally:
+        quiet.setLevel(level)
+    prefix = model.base_model_prefix + "."
+    fresh = sorted(set(info["missing_keys"]) | {k[0] if isinstance(k, tuple) else k for k in info["mismatched_keys"]})
+    head = [k for k in fresh if not k.startswith(prefix)]
+    other = [k for k in fresh if k.startswith(prefix)] + sorted(info["unexpected_keys"])
+    if head:
+        log.debug("%s: a fresh classification head over %d labels (%s)", folder, model.config.num_labels,
+                  ", ".join(head))
+    if other:
+        log.warning("%s: %d weights not loaded from the folder, initialized fresh or ignored: %s", folder,
+                    len(other), ", ".join(other[:5]) + (" ..." if len(other) > 5 else ""))
+    return model
 
 
 def load_encoder(folder, *, trust_remote_code: bool = False, allow_pickle: bool = False):
@@ -70,17 +98,48 @@ def _load(auto_class, folder, trust_remote_code: bool, allow_pickle: bool, **kwa
         raise ModelLoadError(f"{folder}: weights failed to load: {_first_line(e)}") from e
 
 
-def model_skeleton(folder, *, trust_remote_code: bool = False):
+def model_skeleton(folder, *, trust_remote_code: bool = False, **config_overrides):
     """The classifier's modules on the meta device: its structure (dropout p's included), no weights
     read and no memory used, so every teacher can be checked before any work."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     try:
-        config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code, local_files_only=True)
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code, local_files_only=True,
+                                            **config_overrides)
         with torch.device("meta"):
             return AutoModelForSequenceClassification.from_config(config, trust_remote_code=trust_remote_code)
     except Exception as e:
         raise ModelLoadError(f"{folder}: config failed to load: {_first_line(e)}") from e
+
+
+def head_keys(folder, num_labels: int, *, trust_remote_code: bool = False) -> set[str]:
+    """Names of the tensors whose shape follows the label count (the classification head), from two
+    meta-device skeletons with `num_labels` and `num_labels + 1` labels."""
+    shapes = [{k: t.shape for k, t in model_skeleton(folder, trust_remote_code=trust_remote_code,
+                                                      num_labels=n).state_dict().items()}
+              for n in (num_labels, num_labels + 1)]
+    return {k for k, shape in shapes[0].items() if shapes[1].get(k) != shape}
+
+
+def label_names(folder) -> list[str]:
+    """A classifier folder's labels in head order (config.json id2label)."""
+    id2label = json.loads((Path(folder) / "config.json").read_text()).get("id2label") or {}
+    return [id2label[k] for k in sorted(id2label, key=int)]
+
+
+@contextlib.contextmanager
+def weight_reader(folder):
+    """{tensor name: safetensors slice} over a folder's weights (one file or an index of shards);
+    a tensor is read only when asked for (`reader[name][:]`), so memory stays at one tensor."""
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() \
+        else ["model.safetensors"]
+    with contextlib.ExitStack() as stack:
+        handles = [stack.enter_context(safe_open(str(folder / f), framework="pt")) for f in files]
+        yield {name: h.get_slice(name) for h in handles for name in h.keys()}
 
 
 def load_tokenizer(folder, *, trust_remote_code: bool = False):

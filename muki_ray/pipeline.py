@@ -39,7 +39,7 @@ from muki_ray.refine_stage import self_train
 from muki_ray.report import write_report
 from muki_ray.schedule import Job, refuse_oversized, run_within, settled_free
 from muki_ray.stats import add
-from muki_ray.student import LOSS_FOR_STRATEGY, tokenize, train_classifier, warm_start_state, with_gold
+from muki_ray.student import LOSS_FOR_STRATEGY, tokenize, train_classifier, warm_start_folder, with_gold
 from muki_ray.teachers import actor_resources, cache_columns, column, predict_teacher, stage_options, teacher_specs
 
 log = logging.getLogger("muki_ray.pipeline")
@@ -274,15 +274,12 @@ def train_stage(cfg: RunConfig, space: LabelSpace, run_dir: Path) -> dict:
     s = cfg.student
     loss = LOSS_FOR_STRATEGY[cfg.integration.strategy]
     model_path = str(resolve_model_path(s.model))
-    keep = ["text", "target", "weight"]
+    keep = ["id", "text", "target", "weight"]  # id: not trained on (the test-only row trace reads it)
     keep += [column(t, "probs") for t in space.teachers] if loss == "uhc" else []
     keep += ["gold"] if loss == "cross_entropy" else []
     train_ds = tokenize(ray.data.read_parquet(str(run_dir / "targets" / "data"), columns=keep, **io_read()),
                         model_path, s.max_length, s.trust_remote_code)
-    init_state = None
-    if s.init_from:
-        init_state = str(warm_start_state(s.init_from, model_path, list(space.names), s.seed,
-                                          stage_dir / "init_state.pt", trust_remote_code=s.trust_remote_code))
+    init_from = warm_start_folder(s.init_from, space.names) if s.init_from else None
     metrics = train_classifier(
         s, model_path=model_path, labels=list(space.names), loss=loss, train_ds=train_ds,
         dev_ds=labeled(cfg, cfg.data.dev, space.names, "data.dev"), rows=targets_manifest["rows"],
@@ -292,7 +289,7 @@ def train_stage(cfg: RunConfig, space: LabelSpace, run_dir: Path) -> dict:
         parts={t: p.tolist() for t, p in zip(space.teachers, space.positions)},
         trust_remote_code=s.trust_remote_code, allow_pickle=s.allow_pickle,
         kd_temperature=cfg.integration.kd_temperature, uhc_positions=[p.tolist() for p in space.positions],
-        uhc_columns=[column(t, "probs") for t in space.teachers], init_state=init_state)
+        uhc_columns=[column(t, "probs") for t in space.teachers], init_from=init_from)
     metrics["strategy"] = cfg.integration.strategy
     log.info("student: dev accuracy %.4f (epoch %s)", metrics["dev_accuracy"], metrics["best_epoch"])
     return finish_stage(stage_dir, config_hash=config_hash, inputs=inputs, rows=targets_manifest["rows"],

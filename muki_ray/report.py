@@ -1,7 +1,9 @@
-"""The run report: RUN_DIR/report.md and, with gold labels on the pool, RUN_DIR/uncertainty.png."""
+"""The run report: RUN_DIR/report.md, RUN_DIR/training.png and, with gold labels on the pool,
+RUN_DIR/uncertainty.png."""
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -65,6 +67,48 @@ def uncertainty_figure(preds_table, space: LabelSpace, out: Path) -> dict:
     return summary
 
 
+def training_figure(records: list[dict], out: Path) -> dict:
+    """The student's training curves: train loss per logged step and dev accuracy per epoch.
+
+    `records`: one Ray Train run's lines of train_log.jsonl (step lines carry `loss`, epoch lines
+    `event: epoch` with `dev_accuracy`). Returns what is drawn (points per curve, the last values).
+    """
+    import matplotlib  # lazily: matplotlib costs a second at start-up
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r for r in records if "loss" in r and "event" not in r]
+    epochs = [r for r in records if r.get("event") == "epoch"]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    a.plot([r["global_step"] for r in steps], [r["loss"] for r in steps], marker=".", color="tab:blue",
+           label="train loss (mean of the last 10 steps)")
+    a.plot([r["global_step"] for r in epochs], [r["train_loss"] for r in epochs], "o", color="tab:orange",
+           label="epoch mean")
+    a.set_xlabel("optimizer micro-step")
+    a.set_ylabel("loss")
+    a.set_title("student: training loss")
+    a.legend(fontsize=8)
+    b.plot([r["epoch"] + 1 for r in epochs], [r["dev_accuracy"] for r in epochs], marker="o", color="tab:green",
+           label="dev accuracy (union)")
+    for key in sorted({k for r in epochs for k in r if k.startswith("dev_accuracy/")}):
+        b.plot([r["epoch"] + 1 for r in epochs], [r.get(key) for r in epochs], marker=".", linestyle="--",
+               label=f"dev accuracy, {key.split('/', 1)[1]}'s labels")
+    b.set_xlabel("epoch")
+    b.set_ylabel("accuracy")
+    b.set_ylim(0, 1.02)
+    b.set_xticks([r["epoch"] + 1 for r in epochs])
+    b.set_title("student: dev accuracy per epoch")
+    b.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = out.with_name(out.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(out)
+    return {"steps": len(steps), "epochs": len(epochs), "last_loss": steps[-1]["loss"] if steps else None,
+            "dev_accuracy": [r["dev_accuracy"] for r in epochs]}
+
+
 def predictions_sample(preds_dir: Path, rows: int, space: LabelSpace) -> pa.Table:
     """At most FIGURE_ROWS rows of the predictions (label and the columns the figure reads), seeded."""
     cols = ["label"] + [column(t, f) for t in space.teachers for f in ("logits", "probs", "mc_probs", "mc_score")]
@@ -122,6 +166,14 @@ def write_report(cfg, space: LabelSpace, run_dir: Path) -> dict:
         rows += [("teacher selection", cfg.integration.selection())]
     lines += ["", "## Student", ""] + [f"| {a} | {b} |" for a, b in rows[:1]] + ["|---|---|"] + \
              [f"| {a} | {b} |" for a, b in rows[1:]]
+    curves = None
+    train_run = ((m["train"] or {}).get("metrics") or {}).get("train_run")
+    if train_run and (run_dir / "train_log.jsonl").exists():
+        records = [r for r in map(json.loads, (run_dir / "train_log.jsonl").read_text().splitlines())
+                   if r.get("run") == train_run]
+        if any(r.get("event") == "epoch" for r in records):
+            curves = training_figure(records, run_dir / "training.png")
+            lines += ["", "![training curves](training.png)"]
 
     lines += ["", "## Wall time per stage", "", "| stage | seconds |", "|---|---|"]
     for s, mm in m.items():
@@ -131,4 +183,4 @@ def write_report(cfg, space: LabelSpace, run_dir: Path) -> dict:
     tmp = run_dir / "report.md.tmp"
     tmp.write_text(text)
     tmp.replace(run_dir / "report.md")
-    return {"wall_time_s": round(time.time() - started, 2), "results": rows, "figure": figure}
+    return {"wall_time_s": round(time.time() - started, 2), "results": rows, "figure": figure, "curves": curves}

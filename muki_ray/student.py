@@ -16,12 +16,15 @@ import functools
 import json
 import logging
 import os
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
+
+from muki_ray.cluster import default_max_failures
 
 log = logging.getLogger("muki_ray.student")
 
@@ -85,14 +88,16 @@ class TrainJob:
     ds_config: dict
     steps_per_epoch: int                    # optimizer micro-steps per worker per epoch
     log_path: Optional[str] = None          # train_log.jsonl (rank 0 writes)
+    run_name: str = ""                      # the Ray Train run: tags its train_log.jsonl lines
     kd_temperature: float = 1.0
     uhc_positions: list[list[int]] = field(default_factory=list)
     uhc_columns: list[str] = field(default_factory=list)
     part_labels: dict[str, list[int]] = field(default_factory=dict)  # part name -> union indices
     trust_remote_code: bool = False
     allow_pickle: bool = False
-    init_state: Optional[str] = None        # a state_dict .pt to start from (warm start)
+    init_from: Optional[str] = None         # warm start: a previous student folder (head grown by label name)
     fault_step: Optional[str] = None        # test-only: "N:marker" kills rank 0 once at global step N
+    trace_rows: Optional[str] = None        # test-only: a folder where each rank logs the row ids of each step
     out_dir: Optional[str] = None           # the exported from_pretrained folder (rank 0 writes it)
 
 
@@ -149,6 +154,7 @@ def collate(batch: dict, device) -> dict:
 # ------------------------------------------------------------ train loop
 def train_loop_per_worker(config: dict) -> None:
     import deepspeed  # inside the worker: importing at module top costs every process ~seconds
+    import ray
     import ray.train
     import torch
 
@@ -168,10 +174,15 @@ def train_loop_per_worker(config: dict) -> None:
     bf16 = job.ds_config.get("bf16", {}).get("enabled", False)
     model, partitioned = _build_model(job, rank, dtype=torch.bfloat16 if bf16 else None)
     local, total = _local_parameters(model)
+    nodes = [ray.get_runtime_context().get_node_id()] * world
+    if torch.distributed.is_initialized():
+        torch.distributed.all_gather_object(nodes, nodes[0])
     if rank == 0:
-        log.info("model created: %d parameters, %d on this rank (%.2f)", total, local, local / max(total, 1))
-        _append_log(job.log_path, {"event": "model_created", "parameters": total, "local_parameters": local,
-                                   "local_fraction": local / max(total, 1), "rss_mb": _peak_rss_mb()})
+        log.info("model created: %d parameters, %d on this rank (%.2f); %d workers on %d nodes", total, local,
+                 local / max(total, 1), world, len(set(nodes)))
+        _append_log(job, {"event": "model_created", "parameters": total, "local_parameters": local,
+                                   "local_fraction": local / max(total, 1), "rss_mb": _peak_rss_mb(),
+                                   "worker_nodes": nodes})
 
     # 2. DeepSpeed engine (Ray Train has already set up the process group: NCCL or gloo).
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()
@@ -179,17 +190,21 @@ def train_loop_per_worker(config: dict) -> None:
                                            config=job.ds_config)
     device = engine.device
 
-    # 3. Resume from the latest checkpoint (after a worker failure, or a rerun of the same run).
-    start_epoch, global_step, best = 0, 0, {"dev_accuracy": -1.0, "epoch": None}
+    # 3. Resume from the latest checkpoint: an epoch's end, or a step inside it (after a worker failure,
+    #    or a rerun of the same run). `skip` micro-batches of that epoch were trained already.
+    start_epoch, skip, global_step = 0, 0, 0
+    best = {"dev_accuracy": -1.0, "epoch": None, "metrics": {}}
     ckpt = ray.train.get_checkpoint()
     if ckpt:
         with ckpt.as_directory() as d:
             _, client = engine.load_checkpoint(d, tag="state")
-            start_epoch, global_step = client["epoch"] + 1, client["global_step"]
-            best = client.get("best", best)
+        start_epoch, skip, global_step, best = client["epoch"], client["step"], client["global_step"], client["best"]
+        if skip >= job.steps_per_epoch:
+            start_epoch, skip = start_epoch + 1, 0
         if rank == 0:
-            log.info("resumed from checkpoint at epoch %d, global step %d", start_epoch, global_step)
-            _append_log(job.log_path, {"event": "resumed", "epoch": start_epoch, "global_step": global_step})
+            log.info("resumed from checkpoint at epoch %d step %d, global step %d", start_epoch, skip, global_step)
+            _append_log(job, {"event": "resumed", "epoch": start_epoch, "step": skip,
+                                       "global_step": global_step})
 
     loss_fn = {
         "weighted_kl": WeightedKLLoss(),
@@ -202,8 +217,12 @@ def train_loop_per_worker(config: dict) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     dev_shard = ray.train.get_dataset_shard("dev")
     micro = hyper["batch_size"]
+    # Step checkpoints fall on optimizer-step boundaries: every N optimizer steps = N * grad_accum micro-steps.
+    every = (hyper["checkpoint_every_steps"] or 0) * hyper["grad_accum"]
     for epoch in range(start_epoch, hyper["epochs"]):
-        # 4. One epoch: every rank takes exactly steps_per_epoch micro-batches (ZeRO needs lockstep).
+        # 4. One epoch: every rank takes exactly steps_per_epoch micro-batches (ZeRO needs lockstep). The
+        #    shard's order is the same on every attempt (preserve_order, seeded local shuffle), so a
+        #    resumed epoch skips exactly the rows trained before its checkpoint.
         engine.train()
         t0, seen, losses = time.time(), 0, []
         t_steady, seen_steady = None, 0  # from the end of the first step: start-up excluded
@@ -213,6 +232,8 @@ def train_loop_per_worker(config: dict) -> None:
         for step, np_batch in enumerate(batches):
             if step >= job.steps_per_epoch:
                 break
+            if step < skip:
+                continue
             batch = collate(np_batch, device)
             logits = engine(**_model_inputs(batch)).logits.float()
             if job.loss == "weighted_kl":
@@ -236,8 +257,14 @@ def train_loop_per_worker(config: dict) -> None:
                        "lr": float(engine.get_lr()[0]), "examples_per_s": round(rate, 2)}
                 log.info("epoch %d step %d/%d loss %.4f lr %.2e %.1f ex/s", epoch, step + 1,
                          job.steps_per_epoch, rec["loss"], rec["lr"], rate)
-                _append_log(job.log_path, rec)
+                _append_log(job, rec)
+            _trace(job.trace_rows, rank, epoch, step, np_batch)
+            if every and global_step % every == 0 and step + 1 < job.steps_per_epoch:
+                _checkpoint(engine, {"epoch": epoch, "step": step + 1, "global_step": global_step, "best": best},
+                            {"epoch": epoch, "step": step + 1, "global_step": global_step,
+                             "train_loss": float(np.mean(losses))})
             _maybe_fail(global_step, job.fault_step)
+        skip = 0
         train_s = time.time() - t0
         # 5. Dev evaluation (every rank evaluates its shard; counts are summed).
         dev = evaluate_shard(engine, dev_shard, job, device, bf16)
@@ -249,52 +276,104 @@ def train_loop_per_worker(config: dict) -> None:
                    "peak_rss_mb": _peak_rss_mb(), "torch_threads": torch.get_num_threads(), **dev}
         # 6. Export the best epoch so far on dev (ties keep the earlier epoch), from the workers.
         if dev["dev_accuracy"] > best["dev_accuracy"]:
-            best = {"dev_accuracy": dev["dev_accuracy"], "epoch": epoch}
+            best = {"dev_accuracy": dev["dev_accuracy"], "epoch": epoch, "metrics": metrics}
             save_student(engine, job, rank)
         metrics.update(best_epoch=best["epoch"], best_dev_accuracy=best["dev_accuracy"])
         if rank == 0:
             log.info("epoch %d done: %s", epoch, json.dumps(metrics))
-            _append_log(job.log_path, {"event": "epoch", **metrics})
-        # 7. Checkpoint: every rank saves its DeepSpeed shard; Ray merges them into one folder.
-        import tempfile
+            _append_log(job, {"event": "epoch", **metrics})
+        # 7. Checkpoint at the epoch's end.
+        _checkpoint(engine, {"epoch": epoch, "step": job.steps_per_epoch, "global_step": global_step, "best": best},
+                    metrics)
 
-        with tempfile.TemporaryDirectory() as tmp:
-            engine.save_checkpoint(tmp, tag="state", client_state={"epoch": epoch, "global_step": global_step,
-                                                                   "best": best})
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+def _checkpoint(engine, state: dict, metrics: dict) -> None:
+    """Every rank saves its DeepSpeed shard (with `state`: where to resume, the best epoch so far); Ray
+    Train merges them into one checkpoint. The reported metrics carry the best epoch's as `best/...`,
+    so the driver reads them from the last report."""
+    import tempfile
+
+    import ray.train
+
+    best = {f"best/{k}": v for k, v in state["best"]["metrics"].items()}
+    with tempfile.TemporaryDirectory() as tmp:
+        engine.save_checkpoint(tmp, tag="state", client_state=state)
+        ray.train.report({**metrics, **best}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
 def _build_model(job: TrainJob, rank: int = 0, dtype=None):
     """The classifier over the union labels, and the handle that keeps ZeRO-3's partitioned
     creation on (None below stage 3). Under ZeRO-3 transformers creates every parameter inside
-    `deepspeed.zero.Init`, so a rank never holds more than its shard plus one layer being loaded.
-    A warm start's state (`init_state`) is loaded by rank 0 into the gathered parameters, which
-    ZeRO-3 then re-partitions to every rank."""
-    import torch
+    `deepspeed.zero.Init`, so a rank never holds more than its shard plus one layer being loaded."""
+    from muki_ray.hf_folder import head_keys, load_classifier, weight_format, weight_reader
 
-    from muki_ray.hf_folder import load_classifier
-
+    names = list(job.labels)
+    zero3 = job.ds_config.get("zero_optimization", {}).get("stage") == 3
+    # Before ZeRO-3 is switched on: the skeletons must stay on the meta device, not be partitioned.
+    heads = head_keys(job.model_path, len(names), trust_remote_code=job.trust_remote_code) \
+        if job.init_from or zero3 else set()
+    rename = {}
+    if zero3 and weight_format(Path(job.model_path)) == "safetensors":
+        # transformers' ZeRO-3 loading ignores ignore_mismatched_sizes: a base head sized for another
+        # label count is renamed away, so it is skipped and the union head is created fresh.
+        with weight_reader(job.model_path) as w:
+            rename = {rf"^{re.escape(k)}$": f"discarded_head.{k}" for k in heads
+                      if k in w and w[k].get_shape()[0] != len(names)}
     partitioned = None
-    if job.ds_config.get("zero_optimization", {}).get("stage") == 3:
+    if zero3:
         from transformers.integrations import HfDeepSpeedConfig
 
         partitioned = HfDeepSpeedConfig(job.ds_config)
-    names = list(job.labels)
     model = load_classifier(job.model_path, trust_remote_code=job.trust_remote_code, allow_pickle=job.allow_pickle,
                             num_labels=len(names), id2label=dict(enumerate(names)),
                             label2id={n: i for i, n in enumerate(names)}, ignore_mismatched_sizes=True,
-                            **({"dtype": dtype} if dtype is not None else {}))
-    if job.init_state:
-        import contextlib
-
-        import deepspeed
-
-        gathered = deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=0) \
-            if partitioned is not None else contextlib.nullcontext()
-        with gathered:
-            if rank == 0 or partitioned is None:
-                model.load_state_dict(torch.load(job.init_state, map_location="cpu", weights_only=True))
+                            **({"dtype": dtype} if dtype is not None else {}),
+                            **({"key_mapping": rename} if rename else {}))
+    if job.init_from:
+        _warm_start(model, job, rank, heads)
     return model, partitioned
+
+
+def _warm_start(model, job: TrainJob, rank: int, heads: set[str]) -> None:
+    """Copy a previous student (`job.init_from`) into the new model: body tensors of the same name and
+    shape; head tensors (`heads`, first dim = label count) row by row by label name, so rows of new
+    labels keep their fresh init. Tensors are read one at a time; a ZeRO-3 parameter is gathered to
+    rank 0, written there and re-partitioned, so no rank ever holds the whole model."""
+    import contextlib
+    import itertools
+
+    import deepspeed
+    import torch
+
+    from muki_ray.hf_folder import label_names, weight_reader
+
+    old_labels = label_names(job.init_from)
+    rows = {j: old_labels.index(n) for j, n in enumerate(job.labels) if n in old_labels}
+    copied = []
+    with weight_reader(job.init_from) as old, torch.no_grad():
+        for name, p in itertools.chain(model.named_parameters(), model.named_buffers()):
+            if name not in old:
+                continue
+            sharded = hasattr(p, "ds_id")
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=0) if sharded else contextlib.nullcontext():
+                if sharded and rank != 0:
+                    continue
+                t = old[name][:]
+                if name in heads:
+                    for j, i in rows.items():
+                        p.data[j] = t[i].to(p.dtype)
+                elif tuple(t.shape) == tuple(p.shape):
+                    p.data.copy_(t.to(p.dtype))
+                else:
+                    continue
+                copied.append(name)
+    if rank == 0:
+        kept = [job.labels[j] for j in rows]
+        log.info("warm start from %s: %d tensors copied; head rows copied by name: %s; new: %s", job.init_from,
+                 len(copied), ", ".join(kept), ", ".join(n for n in job.labels if n not in old_labels) or "none")
+        _append_log(job, {"event": "warm_start", "from": job.init_from, "tensors": len(copied),
+                                   "head": sorted(heads), "copied_labels": kept,
+                                   "new_labels": [n for n in job.labels if n not in old_labels]})
 
 
 def _local_parameters(model) -> tuple[int, int]:
@@ -369,10 +448,19 @@ def _peak_rss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
-def _append_log(path: Optional[str], rec: dict) -> None:
-    if path:
-        with open(path, "a") as f:
-            f.write(json.dumps({"time": round(time.time(), 3), **rec}) + "\n")
+def _append_log(job: TrainJob, rec: dict) -> None:
+    """One line of train_log.jsonl (rank 0), tagged with the Ray Train run it belongs to."""
+    if job.log_path:
+        with open(job.log_path, "a") as f:
+            f.write(json.dumps({"time": round(time.time(), 3), "run": job.run_name, **rec}) + "\n")
+
+
+def _trace(folder: Optional[str], rank: int, epoch: int, step: int, np_batch: dict) -> None:
+    """Test-only (MUKI_TRACE_TRAIN_ROWS=folder in the driver): each rank logs the row ids of each step."""
+    if folder and "id" in np_batch:
+        with open(Path(folder) / f"rank{rank}.jsonl", "a") as f:
+            f.write(json.dumps({"pid": os.getpid(), "epoch": epoch, "step": step,
+                                "ids": [str(i) for i in np_batch["id"]]}) + "\n")
 
 
 def _maybe_fail(global_step: int, spec: Optional[str]) -> None:
@@ -391,31 +479,34 @@ def _maybe_fail(global_step: int, spec: Optional[str]) -> None:
 def fit(job: TrainJob, train_ds, dev_ds, *, run_dir: Path, name: str, num_rows: int, scaling: dict,
         max_failures: int, storage_path: Optional[str] = None) -> dict:
     """Run the TorchTrainer; returns the exported (best) epoch's metrics and the last ones."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from muki_ray.hardware import collective_backend
 
     # Checkpoints go to shared storage on a cluster: a shared path or an object-store URI.
     storage = storage_path or str(Path(run_dir).resolve() / "ray_train")
+    # The train shards keep their order (and so their rows) on every attempt: a step checkpoint names a
+    # position in that order. Ray Data drops locality hints under preserve_order for the same reason.
+    ordered = DataConfig.default_ingest_options()
+    ordered.preserve_order = True
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": asdict(job)},
         torch_config=TorchConfig(backend=collective_backend(scaling["use_gpu"])),
         scaling_config=ScalingConfig(**scaling),
+        dataset_config=DataConfig(execution_options={"train": ordered}),
         run_config=RunConfig(
             name=name, storage_path=str(storage),
-            checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="dev_accuracy",
-                                               checkpoint_score_order="max"),
+            # The latest two: resuming needs the last; the best epoch is exported by the workers already.
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
             failure_config=FailureConfig(max_failures=max_failures),
         ),
         datasets={"train": train_ds, "dev": dev_ds},
     )
-    result = trainer.fit()
-    # The workers exported the best epoch by dev accuracy; its metrics are one of the kept checkpoints'.
-    last = result.metrics
-    best = next((m for _, m in result.best_checkpoints if m.get("epoch") == last.get("best_epoch")), last)
-    return {"metrics": best, "last_metrics": last}
+    last = trainer.fit().metrics
+    best = {k[len("best/"):]: v for k, v in last.items() if k.startswith("best/")}
+    return {"metrics": best or last, "last_metrics": last}
 
 
 def steps_per_epoch(num_rows: int, world: int, micro: int) -> int:
@@ -424,63 +515,21 @@ def steps_per_epoch(num_rows: int, world: int, micro: int) -> int:
     return (num_rows // world) // micro
 
 
-def expand_head(old_state: dict, old_labels: list[str], new_state: dict, new_labels: list[str],
-                head_keys: set[str]) -> tuple[dict, list[str]]:
-    """Warm-start state for a student over `new_labels` from one trained over `old_labels`.
-
-    Body tensors (same name and shape, not in `head_keys`) are copied. Head tensors (first dim =
-    label count) get their rows copied by label name; rows of new labels keep their fresh init.
-    Returns (state, dropped label names).
-    """
-    out = {k: v.clone() for k, v in new_state.items()}
-    index = {n: i for i, n in enumerate(old_labels)}
-    for k, new in new_state.items():
-        old = old_state.get(k)
-        if old is None:
-            continue
-        if k in head_keys:
-            for j, name in enumerate(new_labels):
-                if name in index:
-                    out[k][j] = old[index[name]]
-        elif old.shape == new.shape:
-            out[k] = old.clone()
-    return out, [n for n in old_labels if n not in set(new_labels)]
-
-
-def warm_start_state(init_from: str, model_path: str, new_labels: list[str], seed: int, out_file: Path, *,
-                     trust_remote_code: bool = False) -> Path:
-    """Write the expanded warm-start state_dict for `new_labels` to `out_file` (torch.save)."""
-    import torch
-
-    from muki_ray.hf_folder import load_classifier
+def warm_start_folder(init_from: str, labels) -> str:
+    """The student folder to warm-start from (a run directory's `student/`, or the folder itself); logs
+    which labels keep their trained head rows. The workers copy the weights (`_warm_start`)."""
+    from muki_ray.hf_folder import label_names
 
     src = Path(init_from)
     if (src / "student" / "config.json").exists():
         src = src / "student"
-    old = load_classifier(src, trust_remote_code=trust_remote_code)
-    old_labels = [old.config.id2label[i] for i in range(old.config.num_labels)]
-    torch.manual_seed(seed)
-    names = list(new_labels)
-    def fresh(n: int):
-        return load_classifier(model_path, trust_remote_code=trust_remote_code, num_labels=n,
-                               ignore_mismatched_sizes=True).state_dict()
-
-    new_state = fresh(len(names))
-    # Head tensors are exactly those whose shape follows the label count.
-    other = fresh(len(names) + 1)
-    heads = {k for k, v in new_state.items() if other[k].shape != v.shape}
-    state, dropped = expand_head(old.state_dict(), old_labels, new_state, names, heads)
+    old = label_names(src)
+    dropped = [n for n in old if n not in set(labels)]
     if dropped:
         log.warning("warm start: labels no longer in the union are dropped: %s", ", ".join(dropped))
-    kept = [n for n in names if n in old_labels]
-    log.info("warm start from %s: %d head rows copied by name (%s), %d new (%s); head tensors %s", src,
-             len(kept), ", ".join(kept), len(names) - len(kept),
-             ", ".join(n for n in names if n not in old_labels), ", ".join(sorted(heads)))
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_file.with_suffix(".tmp")
-    torch.save(state, tmp)
-    tmp.replace(out_file)
-    return out_file
+    log.info("warm start from %s: %d of %d labels keep their head rows, %d new", src,
+             sum(n in old for n in labels), len(labels), sum(n not in old for n in labels))
+    return str(src.resolve())
 
 
 # ----------------------------------------------------------------- one fit, end to end
@@ -524,21 +573,24 @@ def train_classifier(hyper, *, model_path: str, labels: list[str], loss: str, tr
         model_path=model_path, labels=list(labels), loss=loss, hyper=hyper.model_dump(),
         ds_config=deepspeed_config(hyper, use_gpu=hyper.use_gpu, bf16=bf16, total_steps=total_opt_steps,
                                    user=user_ds),
-        steps_per_epoch=per_epoch, log_path=str(Path(run_dir) / "train_log.jsonl"), part_labels=parts,
+        steps_per_epoch=per_epoch, log_path=str(Path(run_dir) / "train_log.jsonl"), run_name=name, part_labels=parts,
         trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
-        fault_step=os.environ.get("MUKI_FAULT_TRAIN_STEP"), out_dir=str(Path(out_dir).resolve()), **job_extra)
+        fault_step=os.environ.get("MUKI_FAULT_TRAIN_STEP"), trace_rows=os.environ.get("MUKI_TRACE_TRAIN_ROWS"),
+        out_dir=str(Path(out_dir).resolve()), **job_extra)
     dev = tokenize(with_gold(dev_ds, labels).select_columns(["text", "gold"]), model_path, hyper.max_length,
                    trust_remote_code)
     log.info("train %s: %d rows, %d workers x batch %d, %d steps/epoch, %d epochs, ZeRO-%d, loss %s", name,
              rows, hyper.num_workers, hyper.batch_size, per_epoch, hyper.epochs, hyper.zero_stage, loss)
     # Tokenize once, before training: a streamed map would re-run every epoch and compete with the
-    # training workers for CPU.
+    # training workers for CPU. In input order, so a rerun's shards match its step checkpoints.
+    train_ds.context.execution_options.preserve_order = True
     train_ds, dev = train_ds.materialize(), dev.materialize()
     t0 = time.time()
     result = fit(job, train_ds, dev, run_dir=Path(run_dir), name=name, num_rows=rows,
                  scaling={"num_workers": hyper.num_workers, "use_gpu": hyper.use_gpu,
                           "resources_per_worker": dict(hyper.resources_per_worker)},
-                 max_failures=hyper.max_failures, storage_path=storage_path)
+                 max_failures=default_max_failures() if hyper.max_failures is None else hyper.max_failures,
+                 storage_path=storage_path)
     train_time = time.time() - t0
     if not (Path(out_dir) / "config.json").exists():
         raise RuntimeError(f"train {name}: the workers exported no model to {out_dir}")
@@ -546,4 +598,4 @@ def train_classifier(hyper, *, model_path: str, labels: list[str], loss: str, tr
     return {"dev_accuracy": m.get("dev_accuracy"),
             "dev_accuracy_per_teacher": {p: m.get(f"dev_accuracy/{p}") for p in parts},
             "best_epoch": m.get("epoch"), "global_step": result["last_metrics"].get("global_step"),
-            "train_time_s": round(train_time, 2)}
+            "train_time_s": round(train_time, 2), "train_run": name}

@@ -12,7 +12,6 @@ import threading
 import time
 
 import pyarrow.parquet as pq
-import pytest
 import yaml
 
 from muki_ray.cli import main
@@ -34,21 +33,25 @@ def test_teacher_actor_dies_mid_stream(tmp_path, tiny_models, ray_session, monke
     assert sorted(ids) == sorted(f"doc{i}" for i in range(96)) and len(ids) == len(set(ids)) == info["rows"]
 
 
-def test_training_worker_dies_mid_epoch_and_the_run_resumes(tmp_path, ray_session, monkeypatch):
+def test_a_worker_killed_mid_epoch_resumes_at_its_last_step_checkpoint(tmp_path, ray_session, monkeypatch):
     from muki_ray.pipeline import train_stage
 
-    cfg, run = prepare(tmp_path, zero=0, workers=1, epochs=2, max_failures=1)
-    per_epoch = 64 // 8
-    marker = tmp_path / "worker-died"
-    monkeypatch.setenv("MUKI_FAULT_TRAIN_STEP", f"{per_epoch + 3}:{marker}")  # mid-way through epoch 1
-    train_stage(cfg, SPACE, run)  # FailureConfig restarts the worker group from the epoch-0 checkpoint
+    cfg, run = prepare(tmp_path, zero=0, workers=1, epochs=1, max_failures=1, checkpoint_every_steps=2)
+    marker, trace = tmp_path / "worker-died", tmp_path / "trace"
+    trace.mkdir()
+    monkeypatch.setenv("MUKI_FAULT_TRAIN_STEP", f"5:{marker}")  # killed after step 5 of 8
+    monkeypatch.setenv("MUKI_TRACE_TRAIN_ROWS", str(trace))
+    train_stage(cfg, SPACE, run)  # FailureConfig restarts the worker group from the step-4 checkpoint
     assert marker.exists()
     log = train_log(run)
-    assert [r for r in log if r.get("event") == "resumed"] == [{"event": "resumed", "epoch": 1,
-                                                                 "global_step": per_epoch, "time": pytest.approx(
-                                                                     time.time(), abs=600)}]
-    epochs = [r for r in log if r.get("event") == "epoch"]
-    assert [e["epoch"] for e in epochs] == [0, 1] and epochs[-1]["global_step"] == 2 * per_epoch
+    assert [(r["epoch"], r["step"], r["global_step"]) for r in log if r.get("event") == "resumed"] == [(0, 4, 4)]
+    steps = [json.loads(line) for line in (trace / "rank0.jsonl").read_text().splitlines()]
+    first, second = ([s for s in steps if s["pid"] == pid] for pid in dict.fromkeys(s["pid"] for s in steps))
+    assert [s["step"] for s in first] == [0, 1, 2, 3, 4] and [s["step"] for s in second] == [4, 5, 6, 7]
+    assert second[0]["ids"] == first[4]["ids"]  # the same rows, in the same order, on the new attempt
+    trained = [i for s in first[:4] + second for i in s["ids"]]
+    assert sorted(trained) == sorted(f"0-{i}" for i in range(64))  # every row of the epoch exactly once
+    assert [r["global_step"] for r in log if r.get("event") == "epoch"] == [8]
     assert (run / "student" / "config.json").exists()
 
 

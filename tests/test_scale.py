@@ -23,6 +23,7 @@ from muki_ray.labels import LabelSpace
 from muki_ray.manifest import read_manifest
 from muki_ray.schedule import Job, TeacherFailed, actors_that_fit, refuse_oversized, run_within, settled_free
 from tests.conftest import WORDS
+from tests.test_student import train_log
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -220,7 +221,7 @@ MULTINODE = textwrap.dedent("""
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": 150 * 1024**2})
     for _ in range(2):
-        cluster.add_node(num_cpus=1, resources={"teacher_slot": 1}, object_store_memory=150 * 1024**2)
+        cluster.add_node(num_cpus=1, resources={"teacher_slot": 1, "trainer_slot": 1}, object_store_memory=150 * 1024**2)
     cluster.wait_for_nodes()
     from muki_ray.cli import main
     code = main(["run", sys.argv[1], "--set", f"ray.address={cluster.address}"])
@@ -232,7 +233,10 @@ MULTINODE = textwrap.dedent("""
 """)
 
 
-def test_several_nodes_run_end_to_end_with_teachers_on_different_nodes(tmp_path, tiny_models, ray_session):
+def test_several_nodes_run_end_to_end_with_teachers_and_training_workers_on_different_nodes(
+        tmp_path, tiny_models, ray_session):
+    from transformers import pipeline
+
     from muki_ray.cli import main
     from tests.test_student import toy_rows
 
@@ -249,13 +253,17 @@ def test_several_nodes_run_end_to_end_with_teachers_on_different_nodes(tmp_path,
                         for n, m, labels in (("news", "news", ["business", "politics"]),
                                              ("arts", "misc", ["entertainment", "sport"]))],
            "integration": {"preset": "paper"},  # the selection recipes are tested in test_prototypes
+           # One training worker per node (gloo), checkpoints on a path every node shares.
            "student": {"model": str(tiny_models["student"]), "epochs": 1, "batch_size": 8, "max_length": 16,
-                       "resources_per_worker": {"CPU": 0.5}, "eval_resources": {"num_cpus": 0.25}}}
+                       "num_workers": 2, "resources_per_worker": {"CPU": 0.25, "trainer_slot": 1},
+                       "eval_resources": {"num_cpus": 0.25}},
+           "ray": {"storage_path": str(tmp_path / "shared" / "ray_train")}}
     multi, single = tmp_path / "multi.yaml", tmp_path / "single.yaml"
     multi.write_text(yaml.safe_dump({**raw, "output_dir": str(tmp_path / "multi")}))
     one = json.loads(json.dumps(raw))
     for t in one["teachers"]:
         t["resources"]["custom"] = {}
+    one["student"]["resources_per_worker"] = {"CPU": 0.5}
     single.write_text(yaml.safe_dump({**one, "output_dir": str(tmp_path / "single")}))
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
     proc = subprocess.run([sys.executable, "-c", MULTINODE, str(multi)], cwd=REPO, env=env, capture_output=True,
@@ -265,7 +273,11 @@ def test_several_nodes_run_end_to_end_with_teachers_on_different_nodes(tmp_path,
     nodes = read_manifest(tmp_path / "multi" / "predictions")["nodes"]
     news, arts = set(nodes["news"]), set(nodes["arts"])
     assert len(news) == len(arts) == 1 and news != arts and news | arts == set(result["workers"])
-    assert (tmp_path / "multi" / "student" / "config.json").exists()
+    created = next(r for r in train_log(tmp_path / "multi") if r.get("event") == "model_created")
+    assert sorted(created["worker_nodes"]) == sorted(result["workers"])  # rank 0 and rank 1 on the two nodes
+    assert any((tmp_path / "shared" / "ray_train").rglob("*.pt"))  # the checkpoints went to the shared path
+    clf = pipeline("text-classification", model=str(tmp_path / "multi" / "student"), device="cpu")
+    assert clf("market stock bank profit")[0]["label"] in {"business", "politics", "entertainment", "sport"}
     # The same targets on one node (predictions and targets only: the targets are what is compared).
     assert main(["predict-teachers", str(single)]) == 0 and main(["combine", str(single)]) == 0
     same = {r["id"]: r for r in pq.read_table(tmp_path / "single" / "targets" / "data").to_pylist()}
