@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
+import time
+import traceback
 from pathlib import Path
 from typing import Callable
 
@@ -11,6 +14,7 @@ from muki_ray.config import ConfigError, RunConfig, load_config, teacher_labels,
 from muki_ray.labels import LabelSpace
 
 EXIT_BAD_INPUT = 2
+log = logging.getLogger("muki_ray.cli")
 
 
 class UsageError(Exception):
@@ -42,15 +46,21 @@ def connected(args) -> tuple[RunConfig, LabelSpace]:
     import ray
 
     from muki_ray.cluster import connect
+    from muki_ray.console import capture_ray_output, open_run_log
     from muki_ray.preflight import check_data, check_models, check_output_dir, check_resources
 
     cfg = load_config(args.config, args.set)
     check_models(cfg)
     check_output_dir(Path(cfg.output_dir))
     connect(cfg.ray)
+    capture_ray_output()
     space = label_space(cfg)
     check_data(cfg, space)
     check_resources(cfg, ray.cluster_resources())
+    # Checks passed: from here the run directory may be written, starting with the run log.
+    path = open_run_log(Path(cfg.output_dir))
+    log.info("muki-ray %s %s: %d teachers, %d union labels -> %s (full log: %s)", args.command, args.config,
+             len(cfg.teachers), len(space.names), cfg.output_dir, path)
     return cfg, space
 
 
@@ -132,18 +142,20 @@ def cmd_run(args) -> int:
     bad = [f for f in args.force if f not in STAGES]
     if bad:
         raise UsageError(f"--force: unknown stage {bad[0]!r}; stages: {', '.join(STAGES)}")
+    from muki_ray.console import run_log_path
+
     cfg, space = connected(args)
+    started = time.time()
     done = run(cfg, space, Path(cfg.output_dir), force=tuple(args.force))
-    print()
-    for stage, info in done.items():
-        state = "skipped (up to date)" if info.get("skipped") else f"ran in {info['wall_time_s']:.1f} s"
-        print(f"  {stage:<12} {state}")
     rows = done["report"]["results"]
     width = max(len(a) for a, _ in rows)
-    print()
+    ran = [s for s, info in done.items() if s != "report" and not info.get("skipped")]
+    print(f"\nmuki-ray run: {len(ran)} stages ran ({', '.join(ran) or 'none'}), "
+          f"{len(done) - 1 - len(ran)} up to date, {time.time() - started:.0f} s\n")
     for a, b in rows:
         print(f"  {a:<{width}}  {b}")
-    print(f"\nreport: {Path(cfg.output_dir) / 'report.md'}   student: {Path(cfg.output_dir) / 'student'}")
+    out = Path(cfg.output_dir)
+    print(f"\nreport:  {out / 'report.md'}\nstudent: {out / 'student'}\nlog:     {run_log_path()}")
     return 0
 
 
@@ -267,8 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except TeacherFailed as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return _failed(e, str(e))
     except ConfigError as e:
         for line in e.errors:
             print(f"error: {line}", file=sys.stderr)
@@ -279,7 +290,30 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # mid-run: a full disk, a vanished mount; name the path, skip the traceback
         print(f"error: {e.filename or 'I/O'}: {e.strerror or e}", file=sys.stderr)
         return 1
+    except Exception as e:  # a stage that failed: one line here, the traceback in the run log
+        return _failed(e, f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}")
+
+
+def _failed(e: Exception, line: str) -> int:
+    """Print a failure's one line and where its full traceback is (the run log, or here without one)."""
+    from muki_ray.console import run_log_path
+
+    where = run_log_path()
+    log.debug("failed", exc_info=e)  # into the run log (and on the console with --verbose)
+    if where is None:
+        traceback.print_exception(e, file=sys.stderr)
+    print(f"error: {line}" + (f" (full traceback in {where})" if where else ""), file=sys.stderr)
+    return 1
+
+
+def entry() -> int:
+    """The `muki-ray` command (and `python -m muki_ray.cli`): `main` in a process of its own, whose
+    native stderr (Ray's C++ logs) goes to the run log."""
+    from muki_ray.console import capture_native_output
+
+    capture_native_output()
+    return main()
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())

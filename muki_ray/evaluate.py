@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -16,6 +17,7 @@ import torch
 from muki_ray.hardware import actor_device
 from muki_ray.hf_folder import load_classifier, load_tokenizer
 from muki_ray.data import fold
+from muki_ray.progress import advance, track
 from muki_ray.stats import add
 from muki_ray.teachers import stage_class
 
@@ -34,6 +36,7 @@ class ClassifierSpec:
     batch_size: int = 64
     threads: int = 0            # torch threads on CPU (0: leave torch's default)
     trust_remote_code: bool = False
+    progress: Optional[str] = None  # the stage's progress counter (progress.track)
 
 
 class ClassifierStage:
@@ -55,6 +58,7 @@ class ClassifierStage:
         batch["probs"] = np.empty(len(probs), dtype=object)
         for i, row in enumerate(probs):
             batch["probs"][i] = row
+        advance(self.spec.progress, len(probs))
         return batch
 
     def predict(self, texts: list[str]) -> np.ndarray:
@@ -95,10 +99,9 @@ def accuracy_report(pred: np.ndarray, gold: np.ndarray, parts: dict[str, np.ndar
 
 
 def evaluate_dataset(model_dir, ds, space, *, max_length: int = 128, prefix: str = "test_", options: dict,
-                     threads: int = 1, trust_remote_code: bool = False) -> dict:
+                     threads: int = 1, trust_remote_code: bool = False, label: str = "evaluate") -> dict:
     """Accuracy of a classifier folder on a labeled Ray Dataset {text, label}, over the union and per
     teacher part (labels matched by name). `options`: the actor pool's map_batches options."""
-    spec = ClassifierSpec(str(model_dir), max_length, 64, threads, trust_remote_code)
     names = load_classifier_names(model_dir)
     parts = {t: pos for t, pos in zip(space.teachers, space.positions)}
 
@@ -106,9 +109,12 @@ def evaluate_dataset(model_dir, ds, space, *, max_length: int = 128, prefix: str
         pred = space.encode(np.asarray(names)[np.stack(batch["probs"]).argmax(1)].tolist())
         return accuracy_counts(pred, space.encode(batch["label"]), parts)
 
-    scored = ds.map_batches(stage_class("evaluate", ClassifierStage), fn_constructor_kwargs={"spec": spec},
-                            batch_size=256, batch_format="numpy", **options)
-    return report_from_counts(fold(scored, counts, add), parts, prefix)
+    ds = ds.materialize()  # read once: its row count sizes the progress line
+    with track(label, ds.count(), "texts") as counter:
+        spec = ClassifierSpec(str(model_dir), max_length, 64, threads, trust_remote_code, progress=counter)
+        scored = ds.map_batches(stage_class("evaluate", ClassifierStage), fn_constructor_kwargs={"spec": spec},
+                                batch_size=256, batch_format="numpy", **options)
+        return report_from_counts(fold(scored, counts, add), parts, prefix)
 
 
 def load_classifier_names(model_dir) -> list[str]:

@@ -49,6 +49,10 @@ def job_main(command: str, argv: list[str]) -> int:
     from muki_ray.cli import EXIT_BAD_INPUT, main
     from muki_ray.config import ConfigError, load_config
 
+    from muki_ray.console import capture_native_output, configure
+
+    configure(verbose=False)  # before ray.init below: Ray's start-up lines go to the run log too
+    capture_native_output()
     ap = argparse.ArgumentParser(prog=f"jobs/{command.replace('-', '_')}.py")
     ap.add_argument("--config", required=True)
     ap.add_argument("--set", action="append", default=[])

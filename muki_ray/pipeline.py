@@ -10,6 +10,7 @@ pool on the driver: data moves through Ray Data, and the driver folds per-block 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -36,7 +37,8 @@ from muki_ray.manifest import begin_stage, finish_stage, fingerprint, is_current
     write_json_atomic
 from muki_ray.pool import add_keys, join_bucket, over_buckets, pool_summary, write_bucketed
 from muki_ray.refine_stage import self_train
-from muki_ray.report import write_report
+from muki_ray.progress import track
+from muki_ray.report import stage_headline, write_report
 from muki_ray.schedule import Job, refuse_oversized, run_within, settled_free
 from muki_ray.stats import add
 from muki_ray.student import LOSS_FOR_STRATEGY, tokenize, train_classifier, warm_start_folder, with_gold
@@ -92,7 +94,7 @@ def pool_stage(cfg: RunConfig, space: LabelSpace, run_dir: Path) -> dict:
     except DataError:
         shutil.rmtree(stage_dir, ignore_errors=True)
         raise
-    log.info("pool: %d texts in %d buckets (fingerprint %s)", summary["rows"], d.buckets, summary["fingerprint"])
+    log.debug("pool: %d texts in %d buckets (fingerprint %s)", summary["rows"], d.buckets, summary["fingerprint"])
     return finish_stage(stage_dir, config_hash=config_hash, inputs=inputs, rows=summary["rows"], started=started,
                         extra={"fingerprint": summary["fingerprint"], "labels": summary["labels"],
                                "bad_rows_skipped": info.skipped, "bucket_rows": summary["bucket_rows"]})
@@ -138,16 +140,17 @@ def prepare_stage(cfg: RunConfig, space: LabelSpace, run_dir: Path) -> dict:
                                 train_ds=train_ds, dev_ds=only_labels(dev if dev is not None else data, labels),
                                 rows=rows, run_dir=run_dir,
                                 name=f"prepare-{t.name}-{fingerprint([config_hash, labels])}",
+                                progress=f"prepare {t.name}: train",
                                 out_dir=stage_dir / t.name, parts={t.name: list(range(len(labels)))},
                                 storage_path=cfg.ray.storage_path)
         if test is not None:
             info.update(evaluate_dataset(stage_dir / t.name, only_labels(test, labels),
                                          LabelSpace.from_teachers({t.name: labels}), max_length=settings.max_length,
                                          prefix="own_test_", options=stage_options(p.eval_resources, gpu_default()),
-                                         threads=p.eval_resources.actor_threads))
+                                         threads=p.eval_resources.actor_threads, label=f"prepare {t.name}: test"))
         info.update(train_rows=rows, base_model=settings.model, epochs=settings.epochs, lr=settings.lr)
         teachers[t.name] = info
-        log.info("teacher %s (%s): %d texts, own-part test accuracy %s", t.name, ", ".join(labels), rows,
+        log.debug("teacher %s (%s): %d texts, own-part test accuracy %s", t.name, ", ".join(labels), rows,
                  info.get("own_test_accuracy"))
     return finish_stage(stage_dir, config_hash=config_hash, inputs=inputs, rows=sum(counts.values()),
                         started=started, extra={"teachers": teachers, "skipped_unowned": unowned})
@@ -170,19 +173,23 @@ def predict_stage(cfg: RunConfig, space: LabelSpace, run_dir: Path) -> dict:
     specs = teacher_specs(cfg, space)
     caches = [TeacherCache.of(cfg, space, i) for i in range(len(specs))]
     gpus = gpu_default()
-    jobs = [Job(s.name, actor_resources(t.resources, gpus), t.resources.replicas,
-                functools.partial(predict_teacher, s, t, cache, pool_root, pool["fingerprint"], buckets,
-                                  gpu_default=gpus))
-            for s, t, cache in zip(specs, cfg.teachers, caches)]
-    refuse_oversized(jobs, ray.cluster_resources(), {t.name: f"teachers[{i}].resources"
-                                                     for i, t in enumerate(cfg.teachers)})
-    free = settled_free(ray.available_resources, ray.cluster_resources())
-    log.info("predict: %d teachers within %s", len(jobs),
-             ", ".join(f"{free.get(k, 0):g} {k}" for k in ("CPU", "GPU") if free.get(k)))
-    results, timeline = run_within(jobs, free)
+    # Progress counts pool rows per teacher to compute (a grown pool computes fewer: the line then ends early).
+    to_compute = sum(not cache.covers(pool["fingerprint"]) for cache in caches)
+    with track("predictions", pool["rows"] * to_compute, "rows") as counter:
+        specs = [dataclasses.replace(s, progress=counter) for s in specs]
+        jobs = [Job(s.name, actor_resources(t.resources, gpus), t.resources.replicas,
+                    functools.partial(predict_teacher, s, t, cache, pool_root, pool["fingerprint"], buckets,
+                                      gpu_default=gpus))
+                for s, t, cache in zip(specs, cfg.teachers, caches)]
+        refuse_oversized(jobs, ray.cluster_resources(), {t.name: f"teachers[{i}].resources"
+                                                         for i, t in enumerate(cfg.teachers)})
+        free = settled_free(ray.available_resources, ray.cluster_resources())
+        log.debug("predict: %d teachers within %s", len(jobs),
+                  ", ".join(f"{free.get(k, 0):g} {k}" for k in ("CPU", "GPU") if free.get(k)))
+        results, timeline = run_within(jobs, free)
     for s in specs:
         n = results[s.name]["computed"]
-        log.info("predict: teacher %s %s", s.name, f"computed {n} rows (K={s.samples})" if n else "reused its cache")
+        log.debug("predict: teacher %s %s", s.name, f"computed {n} rows (K={s.samples})" if n else "reused its cache")
     teachers = [(s.name, cache.parts(), cache_columns(s.name)) for s, cache in zip(specs, caches)]
     nodes = {s.name: {} for s in specs}
     with stage_output(stage_dir, "data") as tmp:
@@ -221,7 +228,7 @@ def combine_stage(cfg: RunConfig, space: LabelSpace, run_dir: Path) -> dict:
     if integ.calibration != "none" or integ.prototypes is not None or integ.refine is not None:
         protos = integ.prototypes is not None
         ds = select_scores(ds, space, integ, embedding_stage(cfg) if protos else None)
-        log.info("targets: teachers selected by %s%s", integ.selection(),
+        log.debug("targets: teachers selected by %s%s", integ.selection(),
                  f" (prototypes embed with {prototypes_model(cfg)})" if protos else "")
         if integ.refine is not None:
             ds, rounds = self_train(cfg, space, run_dir, stage_dir, ds.materialize(),
@@ -240,7 +247,7 @@ def combine_stage(cfg: RunConfig, space: LabelSpace, run_dir: Path) -> dict:
     if report is not None:
         report = {"strategy": cfg.integration.strategy, **report}
         write_json_atomic(run_dir / "supervision.json", report)
-        log.info("supervision: target acc %.3f, selection acc %.3f (MC %.3f vs entropy %.3f)",
+        log.debug("supervision: target acc %.3f, selection acc %.3f (MC %.3f vs entropy %.3f)",
                  report["target_accuracy"], report["selection_accuracy"], report["mc"]["selection_accuracy"],
                  report["entropy"]["selection_accuracy"])
     mean_weight = 1.0 if mean else counts["weight"] / max(counts["rows"], 1)
@@ -285,13 +292,13 @@ def train_stage(cfg: RunConfig, space: LabelSpace, run_dir: Path) -> dict:
         dev_ds=labeled(cfg, cfg.data.dev, space.names, "data.dev"), rows=targets_manifest["rows"],
         run_dir=run_dir, out_dir=run_dir / "student", storage_path=cfg.ray.storage_path,
         # The Ray Train run name pins config and inputs: an identical rerun resumes its checkpoints.
-        name=f"student-{fingerprint([config_hash, inputs])}",
+        name=f"student-{fingerprint([config_hash, inputs])}", progress="train",
         parts={t: p.tolist() for t, p in zip(space.teachers, space.positions)},
         trust_remote_code=s.trust_remote_code, allow_pickle=s.allow_pickle,
         kd_temperature=cfg.integration.kd_temperature, uhc_positions=[p.tolist() for p in space.positions],
         uhc_columns=[column(t, "probs") for t in space.teachers], init_from=init_from)
     metrics["strategy"] = cfg.integration.strategy
-    log.info("student: dev accuracy %.4f (epoch %s)", metrics["dev_accuracy"], metrics["best_epoch"])
+    log.debug("student: dev accuracy %.4f (epoch %s)", metrics["dev_accuracy"], metrics["best_epoch"])
     return finish_stage(stage_dir, config_hash=config_hash, inputs=inputs, rows=targets_manifest["rows"],
                         started=started, extra={"metrics": metrics})
 
@@ -310,7 +317,7 @@ def evaluate_stage(cfg: RunConfig, space: LabelSpace, run_dir: Path) -> dict:
                                             s.eval_resources, gpu_default()), threads=s.eval_resources.actor_threads,
                                         trust_remote_code=s.trust_remote_code))
     write_json_atomic(run_dir / "metrics.json", metrics)
-    log.info("student: test accuracy %s", metrics.get("test_accuracy"))
+    log.debug("student: test accuracy %s", metrics.get("test_accuracy"))
     return finish_stage(stage_dir, config_hash=config_hash, inputs=inputs, rows=None, started=started,
                         extra={"metrics": metrics})
 
@@ -332,11 +339,12 @@ def run(cfg: RunConfig, space: LabelSpace, run_dir: Path, force: tuple[str, ...]
             continue
         config_hash, inputs = stage_keys(cfg, space, run_dir, stage)
         if stage not in force and is_current(run_dir / stage, config_hash, inputs):
-            log.info("stage %s: up to date, skipped", stage)
+            log.info("%-12s up to date (skipped)", stage)
             done[stage] = {"skipped": True, **read_manifest(run_dir / stage)}
             continue
-        log.info("stage %s: running", stage)
+        log.info("%-12s started", stage)
         done[stage] = {"skipped": False, **STAGE_FUNCTIONS[stage](cfg, space, run_dir)}
-        log.info("stage %s: done in %.1f s", stage, done[stage]["wall_time_s"])
+        log.info("%-12s done in %.0f s: %s", stage, done[stage]["wall_time_s"],
+                 stage_headline(stage, done[stage], cfg))
     done["report"] = {"skipped": False, **write_report(cfg, space, run_dir)}
     return done

@@ -102,7 +102,7 @@ def self_train(cfg, space, run_dir: Path, stage_dir: Path, ds, dev_ds, name: str
         metrics = train_classifier(
             hyper, model_path=model_path, labels=list(space.names), loss=LOSS_FOR_STRATEGY[integ.strategy],
             train_ds=tokenize(train_ds, model_path, s.max_length, s.trust_remote_code), dev_ds=dev_ds,
-            rows=trained, run_dir=run_dir, name=f"refine{r}-{name}", out_dir=first,
+            rows=trained, run_dir=run_dir, name=f"refine{r}-{name}", out_dir=first, progress=f"targets: refine {r}",
             parts={t: p.tolist() for t, p in zip(space.teachers, space.positions)},
             trust_remote_code=s.trust_remote_code, allow_pickle=s.allow_pickle, storage_path=cfg.ray.storage_path,
             kd_temperature=integ.kd_temperature)

@@ -4,6 +4,7 @@ RUN_DIR/uncertainty.png."""
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pyarrow as pa
 import ray.data
 
 from muki_ray.combiner import teacher_arrays
+from muki_ray.console import run_log_path
 from muki_ray.data import io_read
 from muki_ray.integrate import entropy_scores
 from muki_ray.labels import LabelSpace
@@ -23,6 +25,37 @@ FIGURE_ROWS = 20_000  # the uncertainty figure is drawn from a seeded sample of 
 
 def _fmt(x) -> str:
     return "-" if x is None or (isinstance(x, float) and np.isnan(x)) else (f"{x:.4f}" if isinstance(x, float) else str(x))
+
+
+def stage_headline(stage: str, info: dict, cfg) -> str:
+    """The figure that matters of a finished stage (its manifest `info`), for its console line."""
+    def acc(x):
+        return "-" if x is None or x != x else f"{x:.3f}"
+
+    if stage == "pool":
+        return f"{info['rows']} texts"
+    if stage == "prepare":
+        return "own-part test accuracy " + ", ".join(
+            f"{n} {acc(t.get('own_test_accuracy'))}" for n, t in info.get("teachers", {}).items())
+    if stage == "predictions":
+        k = sorted({t.mc.samples for t in cfg.teachers})
+        return (f"{len(info['teachers'])} teachers x {info['rows']} texts, K={'/'.join(map(str, k))}; computed "
+                f"{', '.join(info['computed']) or 'none'}" + (f", reused {', '.join(info['reused'])}"
+                                                              if info["reused"] else ""))
+    if stage == "targets":
+        sup = info.get("supervision")
+        return (f"{info['rows']} targets, {cfg.integration.strategy}" +
+                (f"; selection accuracy {acc(sup['selection_accuracy'])}, target accuracy "
+                 f"{acc(sup['target_accuracy'])}" if sup else ""))
+    if stage == "train":
+        m = info["metrics"]
+        return f"dev accuracy {acc(m['dev_accuracy'])} (best epoch {m['best_epoch']})"
+    if stage == "evaluate":
+        m = info["metrics"]
+        return f"test accuracy {acc(m.get('test_accuracy'))}" + (
+            " (" + ", ".join(f"{t} {acc(v)}" for t, v in m["test_accuracy_per_teacher"].items()) + ")"
+            if m.get("test_accuracy_per_teacher") else "")
+    return ""
 
 
 def uncertainty_figure(preds_table, space: LabelSpace, out: Path) -> dict:
@@ -179,6 +212,10 @@ def write_report(cfg, space: LabelSpace, run_dir: Path) -> dict:
     for s, mm in m.items():
         if mm:
             lines.append(f"| {s} | {mm['wall_time_s']:.1f} |")
+    log_path = run_log_path()
+    if log_path is not None:
+        rel = os.path.relpath(log_path, run_dir)
+        lines += ["", f"Full log of this run (Ray's and the libraries' lines included): [{rel}]({rel})"]
     text = "\n".join(lines) + "\n"
     tmp = run_dir / "report.md.tmp"
     tmp.write_text(text)

@@ -121,7 +121,7 @@ def run_within(jobs: list[Job], free: dict[str, float]) -> tuple[dict[str, Any],
                     budget[res] = budget.get(res, 0.0) - v
                 pending.remove(job)
                 timeline[job.name] = {"start": round(time.time() - t0, 3), "actors": k}
-                log.info("teacher %s: started with %d actor(s)", job.name, k)
+                log.debug("teacher %s: started with %d actor(s)", job.name, k)
                 running[pool.submit(job.run, k)] = (job, grant)
             done, _ = wait(running, return_when=FIRST_COMPLETED)
             for fut in done:

@@ -25,6 +25,7 @@ from typing import Optional
 import numpy as np
 
 from muki_ray.cluster import default_max_failures
+from muki_ray.progress import advance, track
 
 log = logging.getLogger("muki_ray.student")
 
@@ -37,12 +38,26 @@ LOSS_FOR_STRATEGY = {
 
 
 # ------------------------------------------------------------------ config
-def deepspeed_config(hyper, *, use_gpu: bool, bf16: bool, total_steps: int, user: Optional[dict] = None) -> dict:
-    """The DeepSpeed config for `hyper` (a TrainHyper); `user` keys override ours (deep merge)."""
+def deepspeed_config(hyper, *, use_gpu: bool, bf16: bool, total_steps: int, user: Optional[dict] = None,
+                     hidden: Optional[int] = None) -> dict:
+    """The DeepSpeed config for `hyper` (a TrainHyper); `user` keys override ours (deep merge).
+
+    `hidden`: the model's hidden size. ZeRO's communication buckets are then sized from it as
+    transformers' DeepSpeed integration does for "auto" (hidden², ...): DeepSpeed's defaults
+    (5e8 elements, 2 GB each in fp32) would cost more than the partitioning saves on a mid-size model.
+    """
     warmup = int(round(hyper.warmup_ratio * total_steps))
     zero: dict = {"stage": hyper.zero_stage}
     if hyper.offload_optimizer and hyper.zero_stage > 0:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": use_gpu}
+    if hidden and hyper.zero_stage in (2, 3):
+        zero["reduce_bucket_size"] = hidden * hidden
+    if hidden and hyper.zero_stage == 2:
+        zero["allgather_bucket_size"] = hidden * hidden
+    if hidden and hyper.zero_stage == 3:
+        zero.update(stage3_prefetch_bucket_size=int(0.9 * hidden * hidden),
+                    stage3_param_persistence_threshold=10 * hidden,
+                    stage3_max_live_parameters=30 * hidden * hidden)  # about 2.5 transformer layers
     if hyper.zero_stage == 3:
         # Gather the full weights at save time as well; export also works from the shards.
         zero["stage3_gather_16bit_weights_on_model_save"] = True
@@ -68,6 +83,13 @@ def deepspeed_config(hyper, *, use_gpu: bool, bf16: bool, total_steps: int, user
         "wall_clock_breakdown": False,
     }
     return deep_merge(cfg, user or {})
+
+
+def hidden_size(model_path: str) -> Optional[int]:
+    """The hidden size in a model folder's config.json (None when it names none)."""
+    cfg = json.loads((Path(model_path) / "config.json").read_text())
+    return next((int(cfg[k]) for k in ("hidden_size", "dim", "d_model", "n_embd") if isinstance(cfg.get(k), int)),
+                None)
 
 
 def deep_merge(base: dict, override: dict) -> dict:
@@ -98,6 +120,7 @@ class TrainJob:
     init_from: Optional[str] = None         # warm start: a previous student folder (head grown by label name)
     fault_step: Optional[str] = None        # test-only: "N:marker" kills rank 0 once at global step N
     trace_rows: Optional[str] = None        # test-only: a folder where each rank logs the row ids of each step
+    progress: Optional[str] = None          # the stage's progress counter (progress.track): rank 0 adds steps
     out_dir: Optional[str] = None           # the exported from_pretrained folder (rank 0 writes it)
 
 
@@ -146,8 +169,8 @@ def collate(batch: dict, device) -> dict:
             continue
         elif v.dtype == object:
             out[k] = torch.as_tensor(np.stack(v).astype(np.float32), device=device)
-        else:
-            out[k] = torch.as_tensor(v, device=device)
+        else:  # Ray hands out read-only views of its blocks; torch wants memory it may write
+            out[k] = torch.as_tensor(np.require(v, requirements="W"), device=device)
     return out
 
 
@@ -258,6 +281,8 @@ def train_loop_per_worker(config: dict) -> None:
                 log.info("epoch %d step %d/%d loss %.4f lr %.2e %.1f ex/s", epoch, step + 1,
                          job.steps_per_epoch, rec["loss"], rec["lr"], rate)
                 _append_log(job, rec)
+            if rank == 0:
+                advance(job.progress)
             _trace(job.trace_rows, rank, epoch, step, np_batch)
             if every and global_step % every == 0 and step + 1 < job.steps_per_epoch:
                 _checkpoint(engine, {"epoch": epoch, "step": step + 1, "global_step": global_step, "best": best},
@@ -527,7 +552,7 @@ def warm_start_folder(init_from: str, labels) -> str:
     dropped = [n for n in old if n not in set(labels)]
     if dropped:
         log.warning("warm start: labels no longer in the union are dropped: %s", ", ".join(dropped))
-    log.info("warm start from %s: %d of %d labels keep their head rows, %d new", src,
+    log.debug("warm start from %s: %d of %d labels keep their head rows, %d new", src,
              sum(n in old for n in labels), len(labels), sum(n not in old for n in labels))
     return str(src.resolve())
 
@@ -550,11 +575,12 @@ def with_gold(ds, names):
 
 def train_classifier(hyper, *, model_path: str, labels: list[str], loss: str, train_ds, dev_ds, rows: int,
                      run_dir: Path, name: str, out_dir: Path, parts: dict, trust_remote_code=False,
-                     allow_pickle=False, storage_path=None, **job_extra) -> dict:
+                     allow_pickle=False, storage_path=None, progress: Optional[str] = None, **job_extra) -> dict:
     """Ray Train + DeepSpeed fit of a classifier over `labels`, exported to `out_dir` (HF folder).
 
     Shared by the student (KD losses), the refine first students and the prepared teachers
-    (cross-entropy on gold labels). dev_ds: a labeled Ray Dataset {text, label}.
+    (cross-entropy on gold labels). dev_ds: a labeled Ray Dataset {text, label}. `progress`: the
+    label of its progress line (default: the run name).
     """
     shard = rows // hyper.num_workers
     if shard < 1:
@@ -562,7 +588,7 @@ def train_classifier(hyper, *, model_path: str, labels: list[str], loss: str, tr
 
         raise DataError(f"train {name}: {rows} training rows cannot feed num_workers={hyper.num_workers} workers")
     if shard < hyper.batch_size:  # else drop_last would leave every epoch with no step at all
-        log.info("train %s: %d rows per worker, fewer than batch_size %d: one batch of %d per epoch", name, shard,
+        log.debug("train %s: %d rows per worker, fewer than batch_size %d: one batch of %d per epoch", name, shard,
                  hyper.batch_size, shard)
         hyper = hyper.model_copy(update={"batch_size": shard})
     per_epoch = steps_per_epoch(rows, hyper.num_workers, hyper.batch_size)
@@ -572,25 +598,27 @@ def train_classifier(hyper, *, model_path: str, labels: list[str], loss: str, tr
     job = TrainJob(
         model_path=model_path, labels=list(labels), loss=loss, hyper=hyper.model_dump(),
         ds_config=deepspeed_config(hyper, use_gpu=hyper.use_gpu, bf16=bf16, total_steps=total_opt_steps,
-                                   user=user_ds),
+                                   user=user_ds, hidden=hidden_size(model_path)),
         steps_per_epoch=per_epoch, log_path=str(Path(run_dir) / "train_log.jsonl"), run_name=name, part_labels=parts,
         trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
         fault_step=os.environ.get("MUKI_FAULT_TRAIN_STEP"), trace_rows=os.environ.get("MUKI_TRACE_TRAIN_ROWS"),
         out_dir=str(Path(out_dir).resolve()), **job_extra)
     dev = tokenize(with_gold(dev_ds, labels).select_columns(["text", "gold"]), model_path, hyper.max_length,
                    trust_remote_code)
-    log.info("train %s: %d rows, %d workers x batch %d, %d steps/epoch, %d epochs, ZeRO-%d, loss %s", name,
+    log.debug("train %s: %d rows, %d workers x batch %d, %d steps/epoch, %d epochs, ZeRO-%d, loss %s", name,
              rows, hyper.num_workers, hyper.batch_size, per_epoch, hyper.epochs, hyper.zero_stage, loss)
     # Tokenize once, before training: a streamed map would re-run every epoch and compete with the
     # training workers for CPU. In input order, so a rerun's shards match its step checkpoints.
     train_ds.context.execution_options.preserve_order = True
     train_ds, dev = train_ds.materialize(), dev.materialize()
     t0 = time.time()
-    result = fit(job, train_ds, dev, run_dir=Path(run_dir), name=name, num_rows=rows,
-                 scaling={"num_workers": hyper.num_workers, "use_gpu": hyper.use_gpu,
-                          "resources_per_worker": dict(hyper.resources_per_worker)},
-                 max_failures=default_max_failures() if hyper.max_failures is None else hyper.max_failures,
-                 storage_path=storage_path)
+    with track(progress or name, per_epoch * hyper.epochs, "steps") as counter:
+        job.progress = counter
+        result = fit(job, train_ds, dev, run_dir=Path(run_dir), name=name, num_rows=rows,
+                     scaling={"num_workers": hyper.num_workers, "use_gpu": hyper.use_gpu,
+                              "resources_per_worker": dict(hyper.resources_per_worker)},
+                     max_failures=default_max_failures() if hyper.max_failures is None else hyper.max_failures,
+                     storage_path=storage_path)
     train_time = time.time() - t0
     if not (Path(out_dir) / "config.json").exists():
         raise RuntimeError(f"train {name}: the workers exported no model to {out_dir}")

@@ -36,6 +36,7 @@ from muki_ray.data import hash64, io_map, io_write, list_column
 from muki_ray.manifest import write_json_atomic
 from muki_ray.mc_dropout import AdaptiveK, check_sampling, mc_predict
 from muki_ray.pool import missing_rows, over_buckets
+from muki_ray.progress import advance
 
 FAULT_ENV = "MUKI_FAULT_TEACHER"
 log = logging.getLogger("muki_ray.teachers")
@@ -67,6 +68,7 @@ class TeacherSpec:
     threads: int = 1
     trust_remote_code: bool = False
     allow_pickle: bool = False
+    progress: Optional[str] = None          # the stage's progress counter (progress.track)
 
 
 class TeacherStage:
@@ -113,6 +115,7 @@ class TeacherStage:
         batch["node"] = np.full(len(texts), self.node, dtype=object)  # where each row was computed
         del batch["text"]  # the pool keeps the text; caches and the stream carry only predictions
         self.batches += 1
+        advance(self.spec.progress, len(texts))
         _maybe_fail(self.spec.name, self.batches)
         return batch
 

@@ -17,6 +17,7 @@ import yaml
 
 from muki_ray.config import load_config
 from muki_ray.jobs import storage_problem
+from tests.test_run import NOISE
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -175,6 +176,10 @@ def test_real_job_submission_with_token_auth(tmp_path, tiny_models):
             time.sleep(2)
         assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
         assert "succeeded" in submit.stdout.lower()  # "Job ... succeeded"
+        # `ray job logs` (streamed by submit) reads like the CLI: stage lines, no noise.
+        logs = submit.stdout.split("Tailing logs until the job exits")[-1].splitlines()
+        assert len(logs) <= 60 and any("train        done in" in line for line in logs), submit.stdout
+        assert not [n for n in NOISE if n in submit.stdout], submit.stdout
         run = tmp_path / "run"
         assert (run / "student" / "config.json").exists() and "test_accuracy" in json.loads(
             (run / "metrics.json").read_text())

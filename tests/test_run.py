@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import yaml
@@ -48,27 +51,47 @@ def stage_ids(run):
             for s in ("pool", "prepare", "predictions", "targets", "train", "evaluate")}
 
 
+NOISE = ("core_worker.cc", "LOAD REPORT", "UserWarning", "Traceback", "gcs_server", "FutureWarning")
+
+
 def test_run_end_to_end_resume_and_classify(run_config, ray_session, capsys):
     cfg_path, run = run_config
-    assert main(["run", str(cfg_path)]) == 0
-    out = capsys.readouterr().out
-    assert "test accuracy (union)" in out
+    # The first run as a user's: the CLI in its own process, output captured (not a terminal).
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run([sys.executable, "-m", "muki_ray.cli", "run", str(cfg_path)], env=env,
+                          capture_output=True, text=True, timeout=900)
+    screen = proc.stdout + proc.stderr
+    assert proc.returncode == 0, screen
+    lines = screen.splitlines()
+    assert len(lines) <= 60, screen
+    for stage in ("pool", "prepare", "predictions", "targets", "train", "evaluate"):
+        assert any(f"{stage:<12} started" in line for line in lines), (stage, screen)
+        assert any(f"{stage:<12} done in" in line for line in lines), (stage, screen)
+    assert "test accuracy (union)" in proc.stdout
+    assert not [n for n in NOISE if n in screen], screen
+    (log_file,) = (run / "logs").glob("run-*.log")  # the full log, Ray's and the workers' lines included
+    full = log_file.read_text()
+    assert "ray.workers" in full and "RayTrainWorker" in full and len(full.splitlines()) > 3 * len(lines)
     for path in ["prepare/first/config.json", "prepare/second/config.json", "predictions/data", "targets/data",
-                 "student/config.json", "metrics.json", "report.md", "supervision.json", "uncertainty.png"]:
+                 "student/config.json", "metrics.json", "report.md", "supervision.json", "uncertainty.png",
+                 "training.png"]:
         assert (run / path).exists(), path
     metrics = json.loads((run / "metrics.json").read_text())
     assert "test_accuracy" in metrics and set(metrics["test_accuracy_per_teacher"]) == {"first", "second"}
     report = (run / "report.md").read_text()
     assert "| first |" in report and "| second |" in report and "Supervision quality" in report
     assert "| teacher selection | rank calibration + label prototypes |" in report
+    assert "![training curves](training.png)" in report and f"({log_file.relative_to(run)})" in report
     teacher_cfg = json.loads((run / "prepare" / "first" / "config.json").read_text())
     assert list(teacher_cfg["id2label"].values()) == ["business", "entertainment"]  # sorted slice 1
     first = stage_ids(run)
 
-    # An identical rerun skips every stage.
-    assert main(["run", str(cfg_path)]) == 0
-    out = capsys.readouterr().out
-    assert out.count("skipped (up to date)") == 6  # pool, prepare, predictions, targets, train, evaluate
+    # An identical rerun skips every stage; --verbose shows Ray's own lines too.
+    capsys.readouterr()
+    assert main(["--verbose", "run", str(cfg_path)]) == 0
+    err = capsys.readouterr().err
+    assert err.count("up to date (skipped)") == 6  # pool, prepare, predictions, targets, train, evaluate
+    assert " ray.data" in err or " ray." in err, err
     assert stage_ids(run) == first
 
     # Changing only integration.temperature reruns combine, train and evaluate, not predict.

@@ -41,6 +41,7 @@ def teachers_cfg(tmp_path, tiny_models, names, pool, **resources):
            "teachers": [{"name": n, "model": str(tiny_models["news"]), "batch_size": 256, "max_length": 16,
                          "mc": {"samples": 2}, "resources": {"num_cpus": 0.5, **resources}} for n in names],
            "student": {"model": str(tiny_models["student"])}}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(raw))
     cfg = parse_config(raw)
     return cfg, LabelSpace.from_teachers({n: ["business", "politics"] for n in names})
 
@@ -118,7 +119,8 @@ def test_eight_teachers_on_two_cpus_complete_with_every_id_once(tmp_path, tiny_m
 
 
 def test_a_failing_teacher_keeps_the_others_caches_and_a_rerun_computes_only_it(
-        tmp_path, tiny_models, ray_session, monkeypatch):
+        tmp_path, tiny_models, ray_session, monkeypatch, capsys):
+    from muki_ray.cli import main
     from muki_ray.pipeline import predict_stage
 
     pool = write_pool(tmp_path / "pool.jsonl", 800)
@@ -126,6 +128,14 @@ def test_a_failing_teacher_keeps_the_others_caches_and_a_rerun_computes_only_it(
     for t in cfg.teachers:
         t.batch_size = 32
     monkeypatch.setenv("MUKI_FAULT_TEACHER", "b:3:raise")  # raise on b's 3rd batch
+    # Through the CLI: one line names the teacher and where the traceback is; none on the console.
+    capsys.readouterr()
+    assert main(["predict-teachers", str(tmp_path / "cfg.yaml")]) == 1
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "teacher 'b' failed: injected fault on batch 3" in errors[0], err
+    assert "Traceback" not in err
+    assert "Traceback" in Path(errors[0].split("full traceback in ")[1].rstrip(")")).read_text()
     with pytest.raises(TeacherFailed, match=r"teacher 'b' failed") as e:
         predict_stage(cfg, space, tmp_path / "run")
     assert list(e.value.failures) == ["b"]
