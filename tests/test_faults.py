@@ -72,9 +72,12 @@ def _output(proc, timeout=None) -> str:
     return "".join(proc.lines)
 
 
-def test_sigkill_mid_stage_then_rerun_resumes_and_leaks_no_secret(run_config, tmp_path):  # noqa: F811
+def test_sigkill_mid_stage_then_rerun_resumes_and_leaks_no_secret(run_config, tmp_path, tiny_models):  # noqa: F811
     cfg, run = run_config
     raw = yaml.safe_load(cfg.read_text())
+    raw.pop("prepare")  # teachers with their own folders: the stages after prepare are what is killed
+    for t, m in zip(raw["teachers"], ("news", "arts")):
+        t["model"] = str(tiny_models[m])
     cfg.write_text(yaml.safe_dump({**raw, "integration": {"preset": "paper"}}))  # selection is not the point here
     secrets = {"RAY_AUTH_TOKEN": "tok-3f9a7c1d-secret", "AWS_SECRET_ACCESS_KEY": "aws-8b2e4f6a-secret",
                "HF_TOKEN": "hf_5d1c9e7b-secret"}
@@ -95,7 +98,7 @@ def test_sigkill_mid_stage_then_rerun_resumes_and_leaks_no_secret(run_config, tm
     second = _cli("run", str(cfg), env=env)
     out = _output(second, timeout=600)
     assert second.returncode == 0, out
-    for stage in ("prepare", "predictions", "targets"):
+    for stage in ("predictions", "targets"):
         assert any(line.split()[1:5] == [stage, "up", "to", "date"] for line in out.splitlines()), out
     assert any(line.split()[1:4] == ["train", "done", "in"] for line in out.splitlines()), out
     assert not (run / "train" / "partial-junk.bin").exists()  # the stage was rebuilt, not patched

@@ -54,9 +54,8 @@ def test_add_a_teacher_recomputes_only_it(tmp_path, tiny_models, ray_session, ca
                for k, v in load_file(str(old_student / "model.safetensors")).items()}
     save_file(weights, str(old_student / "model.safetensors"), metadata={"format": "pt"})
 
-    # The warm start runs inside the workers, here partitioned (ZeRO-3, 2 workers).
-    b = write_cfg(tmp_path, "b", ["news", "arts", "misc"], tiny_models, init_from=str(old_student), zero_stage=3,
-                  num_workers=2)
+    # The warm start runs inside the workers (partitioned under ZeRO-3: test_student.py).
+    b = write_cfg(tmp_path, "b", ["news", "arts", "misc"], tiny_models, init_from=str(old_student))
     capsys.readouterr()
     assert main(["diff", str(a), str(b)]) == 0
     plan = capsys.readouterr().out

@@ -136,9 +136,7 @@ def test_a_failing_teacher_keeps_the_others_caches_and_a_rerun_computes_only_it(
     assert len(errors) == 1 and "teacher 'b' failed: injected fault on batch 3" in errors[0], err
     assert "Traceback" not in err
     assert "Traceback" in Path(errors[0].split("full traceback in ")[1].rstrip(")")).read_text()
-    with pytest.raises(TeacherFailed, match=r"teacher 'b' failed") as e:
-        predict_stage(cfg, space, tmp_path / "run")
-    assert list(e.value.failures) == ["b"]
+    assert "(and " not in errors[0]  # b alone failed
     expected = sorted(f"doc{i}" for i in range(800))
     assert sorted(cache_ids(cfg, space, 0)) == expected and sorted(cache_ids(cfg, space, 2)) == expected
     assert cache_ids(cfg, space, 1) == []  # the failed teacher left no part a rerun would read
@@ -205,6 +203,8 @@ def test_diff_and_run_agree_on_what_reruns(tmp_path, tiny_models, ray_session, m
         ("data.pool.limit", 10, {"pool", "predictions", "targets", "train", "evaluate"}),
         ("student.epochs", 2, {"targets", "train", "evaluate"}),
         ("integration.refine.resources.num_cpus", 0.5, set()),
+        ("student.checkpoint_every_steps", 5, set()),  # how training survives failures changes no result
+        ("student.max_failures", 2, set()),
     ]
     for key, value, expected in changes:
         a = parse_config(json.loads(json.dumps(base)))

@@ -30,7 +30,8 @@ def toy_rows(n, seed):
     return rows
 
 
-def prepare(tmp_path, strategy="muki_soft", n=64, zero=2, workers=2, epochs=2, weights=None, **student):
+def prepare(tmp_path, strategy="muki_soft", n=64, zero=2, workers=2, epochs=2, weights=None, base_labels=UNION,
+            **student):
     """Fake targets (one-hot of the toy label, so the task is learnable) and a labeled dev split."""
     run = tmp_path / "run"
     rows = toy_rows(n, 0)
@@ -48,7 +49,7 @@ def prepare(tmp_path, strategy="muki_soft", n=64, zero=2, workers=2, epochs=2, w
     finish_stage(run / "targets", config_hash="t", inputs={}, rows=n, started=0.0)
     dev = tmp_path / "dev.jsonl"
     dev.write_text("".join(json.dumps(r) + "\n" for r in toy_rows(24, 1)))
-    student_dir = make_tiny_model(tmp_path / "student", UNION, "bert", seed=5, hidden_dropout=0.0)
+    student_dir = make_tiny_model(tmp_path / "student", base_labels, "bert", seed=5, hidden_dropout=0.0)
     raw = {
         "output_dir": str(run),
         "data": {"pool": {"source": str(dev)}, "dev": {"source": str(dev)}, "test": {"source": str(dev)},
@@ -70,6 +71,7 @@ def train_log(run):
 @pytest.mark.parametrize("zero", [2, 3])
 def test_zero_stage_trains_and_exports(tmp_path, ray_session, zero, monkeypatch):
     import deepspeed.utils.zero_to_fp32 as consolidation
+    from safetensors.torch import load_file
     from transformers import pipeline
 
     from muki_ray.pipeline import evaluate_stage, train_stage
@@ -77,7 +79,13 @@ def test_zero_stage_trains_and_exports(tmp_path, ray_session, zero, monkeypatch)
     # The export runs on the workers: the driver never consolidates a checkpoint.
     monkeypatch.setattr(consolidation, "get_fp32_state_dict_from_zero_checkpoint",
                         lambda *a, **k: pytest.fail("the driver consolidated a checkpoint"))
-    cfg, run = prepare(tmp_path, zero=zero, n=128, epochs=3, lr=1e-2)
+    # The base's head has 2 labels: the union's head (4) is created fresh, which transformers'
+    # ZeRO-3 loading cannot do by itself. Under ZeRO-3 the workers also warm-start, partitioned,
+    # from a previous 4-label student.
+    extra = {}
+    if zero == 3:
+        extra["init_from"] = str(make_tiny_model(tmp_path / "previous", list(reversed(UNION)), "bert", seed=6))
+    cfg, run = prepare(tmp_path, zero=zero, n=128, epochs=3, lr=1e-2, base_labels=["x", "y"], **extra)
     info = train_stage(cfg, SPACE, run)
     evaluate_stage(cfg, SPACE, run)
     steps = [r for r in train_log(run) if "loss" in r]
@@ -89,6 +97,9 @@ def test_zero_stage_trains_and_exports(tmp_path, ray_session, zero, monkeypatch)
     created = next(r for r in train_log(run) if r.get("event") == "model_created")
     if zero == 3:  # partitioned creation: with 2 workers each rank holds about half the parameters
         assert 0.4 < created["local_fraction"] < 0.6, created
+        warm = next(r for r in train_log(run) if r.get("event") == "warm_start")
+        assert warm["head"] == ["classifier.bias", "classifier.weight"] and warm["copied_labels"] == UNION
+        assert warm["tensors"] == len(load_file(str(tmp_path / "previous" / "model.safetensors")))
     else:
         assert created["local_fraction"] == 1.0, created
     clf = pipeline("text-classification", model=str(run / "student"), device="cpu")
