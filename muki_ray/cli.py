@@ -267,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from muki_ray.console import configure
+    from muki_ray.console import configure, discard_run_log
 
     configure(args.verbose)
     from muki_ray.cluster import ClusterError
@@ -281,10 +281,12 @@ def main(argv: list[str] | None = None) -> int:
     except TeacherFailed as e:
         return _failed(e, str(e))
     except ConfigError as e:
+        discard_run_log()
         for line in e.errors:
             print(f"error: {line}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except (DataError, UsageError, ModelLoadError, ClusterError, OutputError, FileNotFoundError) as e:
+        discard_run_log()
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except OSError as e:  # mid-run: a full disk, a vanished mount; name the path, skip the traceback

@@ -162,6 +162,23 @@ def open_run_log(run_dir: Path) -> Path:
     return path
 
 
+def discard_run_log() -> None:
+    """A bad input found after the log opened (a pool row, say): the run never started, so its log
+    goes too and the run directory is left as it was."""
+    handler, path = _state.get("file"), _state.get("path")
+    pending = Pending()
+    _attach(pending)  # detaches the file handler from every logger
+    if handler is not None:
+        handler.close()
+    if path is not None:
+        path.unlink(missing_ok=True)
+        try:
+            path.parent.rmdir()
+        except OSError:  # logs of earlier runs stay
+            pass
+    _state.update(file=None, path=None, pending=pending)
+
+
 def run_log_path() -> Path | None:
     """The open run log, if any."""
     return _state.get("path")
