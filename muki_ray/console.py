@@ -73,7 +73,7 @@ def configure(verbose: bool) -> None:
         if isinstance(h, LiveStderr):
             h.setLevel(logging.DEBUG if verbose else logging.INFO)
     ours.setLevel(logging.DEBUG)
-    ours.propagate = False  # the root's console handler (verbose) would print our lines twice
+    ours.propagate = True  # (caplog and other root handlers see our lines; the root's console skips them)
     root = logging.getLogger()
     for h in list(root.handlers):
         if isinstance(h, (LiveStderr, logging.NullHandler)):
@@ -81,6 +81,7 @@ def configure(verbose: bool) -> None:
     if verbose:
         other = LiveStderr()
         other.setFormatter(logging.Formatter(LOG_FORMAT, "%H:%M:%S"))
+        other.addFilter(lambda r: not r.name.startswith("muki_ray"))  # ours has its own console handler
         root.addHandler(other)
     else:
         root.addHandler(logging.NullHandler())  # no handler at all would print warnings via lastResort
