@@ -28,30 +28,30 @@ def _fmt(x) -> str:
 
 
 def stage_headline(stage: str, info: dict, cfg) -> str:
-    """The figure that matters of a finished stage (its manifest `info`), for its console line."""
+    """The figure that matters of a finished stage (its manifest `info`), for its console line;
+    empty when the manifest does not hold it."""
     def acc(x):
         return "-" if x is None or x != x else f"{x:.3f}"
 
-    if stage == "pool":
+    m = info.get("metrics") or {}
+    if stage == "pool" and "rows" in info:
         return f"{info['rows']} texts"
-    if stage == "prepare":
+    if stage == "prepare" and info.get("teachers"):
         return "own-part test accuracy " + ", ".join(
-            f"{n} {acc(t.get('own_test_accuracy'))}" for n, t in info.get("teachers", {}).items())
-    if stage == "predictions":
+            f"{n} {acc(t.get('own_test_accuracy'))}" for n, t in info["teachers"].items())
+    if stage == "predictions" and "computed" in info:
         k = sorted({t.mc.samples for t in cfg.teachers})
-        return (f"{len(info['teachers'])} teachers x {info['rows']} texts, K={'/'.join(map(str, k))}; computed "
-                f"{', '.join(info['computed']) or 'none'}" + (f", reused {', '.join(info['reused'])}"
-                                                              if info["reused"] else ""))
-    if stage == "targets":
+        return (f"{len(info.get('teachers', []))} teachers x {info['rows']} texts, K={'/'.join(map(str, k))}; "
+                f"computed {', '.join(info['computed']) or 'none'}"
+                + (f", reused {', '.join(info['reused'])}" if info.get("reused") else ""))
+    if stage == "targets" and "rows" in info:
         sup = info.get("supervision")
         return (f"{info['rows']} targets, {cfg.integration.strategy}" +
                 (f"; selection accuracy {acc(sup['selection_accuracy'])}, target accuracy "
                  f"{acc(sup['target_accuracy'])}" if sup else ""))
-    if stage == "train":
-        m = info["metrics"]
-        return f"dev accuracy {acc(m['dev_accuracy'])} (best epoch {m['best_epoch']})"
-    if stage == "evaluate":
-        m = info["metrics"]
+    if stage == "train" and "dev_accuracy" in m:
+        return f"dev accuracy {acc(m['dev_accuracy'])} (best epoch {m.get('best_epoch')})"
+    if stage == "evaluate" and m:
         return f"test accuracy {acc(m.get('test_accuracy'))}" + (
             " (" + ", ".join(f"{t} {acc(v)}" for t, v in m["test_accuracy_per_teacher"].items()) + ")"
             if m.get("test_accuracy_per_teacher") else "")

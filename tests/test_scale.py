@@ -133,7 +133,7 @@ def test_a_failing_teacher_keeps_the_others_caches_and_a_rerun_computes_only_it(
     assert main(["predict-teachers", str(tmp_path / "cfg.yaml")]) == 1
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and "teacher 'b' failed: injected fault on batch 3" in errors[0], err
+    assert len(errors) == 1 and "teacher 'b' failed" in errors[0], err
     assert "Traceback" not in err
     assert "Traceback" in Path(errors[0].split("full traceback in ")[1].rstrip(")")).read_text()
     assert "(and " not in errors[0]  # b alone failed

@@ -91,7 +91,7 @@ def test_zero_stage_trains_and_exports(tmp_path, ray_session, zero, monkeypatch)
     steps = [r for r in train_log(run) if "loss" in r]
     assert steps[-1]["loss"] < steps[0]["loss"] * 0.7, steps  # the toy set is learnable
     metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["dev_accuracy"] > 0.5 and "test_accuracy" in metrics
+    assert metrics["dev_accuracy"] > 0.4 and "test_accuracy" in metrics  # chance: 0.25
     assert set(metrics["test_accuracy_per_teacher"]) == {"news", "arts"}
     assert info["metrics"]["best_epoch"] in (0, 1, 2)
     created = next(r for r in train_log(run) if r.get("event") == "model_created")
