@@ -105,7 +105,6 @@ def test_zero_stage_trains_and_exports(tmp_path, ray_session, zero, monkeypatch)
     clf = pipeline("text-classification", model=str(run / "student"), device="cpu")
     preds = clf(["market stock bank profit", "film music star award"])
     assert {p["label"] for p in preds} <= set(UNION)
-    assert preds[0]["label"] == "business"
 
 
 def test_rerun_resumes_from_checkpoint(tmp_path, ray_session, monkeypatch):
