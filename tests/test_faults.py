@@ -37,6 +37,12 @@ def test_a_worker_killed_mid_epoch_resumes_at_its_last_step_checkpoint(tmp_path,
     from muki_ray.pipeline import train_stage
 
     cfg, run = prepare(tmp_path, zero=0, workers=1, epochs=1, max_failures=1, checkpoint_every_steps=2)
+    # Several blocks: the order across blocks is what a resumed epoch relies on.
+    data = run / "targets" / "data"
+    table = pq.read_table(data / "part-0.parquet")
+    (data / "part-0.parquet").unlink()
+    for k in range(4):
+        pq.write_table(table.slice(16 * k, 16), data / f"part-{k}.parquet")
     marker, trace = tmp_path / "worker-died", tmp_path / "trace"
     trace.mkdir()
     monkeypatch.setenv("MUKI_FAULT_TRAIN_STEP", f"5:{marker}")  # killed after step 5 of 8
