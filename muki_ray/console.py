@@ -90,7 +90,7 @@ def configure(verbose: bool) -> None:
     for name in SELF_PRINTING:
         lg = logging.getLogger(name)
         for h in lg.handlers:
-            if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
+            if _console_stream(h):
                 h.setLevel(logging.INFO if verbose else logging.CRITICAL + 1)
     if not any(isinstance(h, LiveStderr) for h in logging.getLogger("ray.data").handlers):
         data_console = LiveStderr()  # Ray Data's console lines, which we route like the others
@@ -105,6 +105,13 @@ def configure(verbose: bool) -> None:
     hf_logging.set_verbosity_info() if verbose else hf_logging.set_verbosity_warning()
     if not verbose:
         hf_logging.disable_progress_bar()
+
+
+def _console_stream(h: logging.Handler) -> bool:
+    """A handler that prints to the terminal: not a file, and not a capture handler (pytest's
+    caplog handlers are StreamHandlers too, and Ray copies the root's handlers onto its loggers)."""
+    return (isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
+            and not type(h).__module__.startswith("_pytest"))
 
 
 class Pending(logging.Handler):
