@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import os
 
+from muki_ray.console import ray_starting
+
 log = logging.getLogger("muki_ray.cluster")
 
 
@@ -36,12 +38,14 @@ def connect(ray_cfg) -> None:
     quiet = dict(log_to_driver=True, configure_logging=False)
     if address:
         try:
-            ray.init(address=address, **quiet)
+            with ray_starting():
+                ray.init(address=address, **quiet)
         except (ConnectionError, RuntimeError, ValueError) as e:
             raise ClusterError(f"ray.address: no Ray cluster at {address} ({str(e).splitlines()[0]})") from None
         log.info("connected to Ray at %s: %s", address, ray.cluster_resources())
     else:
-        ctx = ray.init(num_cpus=ray_cfg.num_cpus, object_store_memory=ray_cfg.object_store_memory,
-                       include_dashboard=ray_cfg.include_dashboard, dashboard_host="127.0.0.1", **quiet)
+        with ray_starting():
+            ctx = ray.init(num_cpus=ray_cfg.num_cpus, object_store_memory=ray_cfg.object_store_memory,
+                           include_dashboard=ray_cfg.include_dashboard, dashboard_host="127.0.0.1", **quiet)
         log.info("started embedded Ray: %s%s", ray.cluster_resources(),
                  f"; dashboard http://{ctx.dashboard_url}" if ctx.dashboard_url else "")

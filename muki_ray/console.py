@@ -20,6 +20,7 @@ import os
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import ray.data  # noqa: F401  (Ray Data sets up its loggers on import; configure() adjusts them after)
@@ -219,6 +220,36 @@ def capture_ray_output() -> None:
     dispatcher.remove_handler("muki_run_log")
     dispatcher.add_handler("muki_run_log", to_log)
     worker.print_to_stdstream = to_log  # the cluster's error messages (e.g. an actor it failed to kill)
+
+
+class _HandlerlessRay(logging.Handler):
+    """Python's last-resort handler while `ray.init` runs: Ray empties its own logger's handlers
+    (configure_logging=False), so its start-up warnings (token authentication, say) would otherwise
+    print raw. They go to the run log, and to the console only with --verbose."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        logging.getLogger("ray.native").handle(record)
+        if _state["verbose"]:
+            sys.stderr.write(self.format(record) + "\n")
+
+
+@contextmanager
+def ray_starting():
+    """Wrap `ray.init`: what Ray logs while it starts reaches the run log, not the raw console,
+    and afterwards Ray's logger gets the run log's handler back (ray.init removed it)."""
+    previous = logging.lastResort
+    logging.lastResort = _HandlerlessRay(logging.DEBUG)
+    try:
+        yield
+    finally:
+        logging.lastResort = previous
+        current = _state.get("file") or _state.get("pending")
+        if current is not None:
+            _attach(current)
+        if _state["verbose"] and not any(isinstance(h, LiveStderr) for h in logging.getLogger("ray").handlers):
+            console = LiveStderr()
+            console.setFormatter(logging.Formatter(LOG_FORMAT, "%H:%M:%S"))
+            logging.getLogger("ray").addHandler(console)
 
 
 def capture_native_output() -> None:
