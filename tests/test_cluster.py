@@ -122,8 +122,7 @@ def tiny_job_config(tmp_path, tiny_models) -> Path:
     raw = {
         "output_dir": str(tmp_path / "run"),
         "data": {"pool": {"source": jsonl("pool.jsonl", toy_rows(32, 0))},
-                 "dev": {"source": jsonl("dev.jsonl", toy_rows(8, 1))},
-                 "test": {"source": jsonl("test.jsonl", toy_rows(8, 2))}},
+                 "dev": {"source": jsonl("dev.jsonl", toy_rows(8, 1))}},  # no test split: no evaluation pass
         "teachers": [{"name": "news", "model": str(tiny_models["news"]), "labels": ["business", "politics"],
                       "mc": {"samples": 2}, "max_length": 16, "resources": {"num_cpus": 0.25}},
                      {"name": "arts", "model": str(tiny_models["misc"]), "labels": ["entertainment", "sport"],
@@ -181,7 +180,7 @@ def test_real_job_submission_with_token_auth(tmp_path, tiny_models):
         assert len(logs) <= 60 and any("train        done in" in line for line in logs), submit.stdout
         assert not [n for n in NOISE if n in submit.stdout], submit.stdout
         run = tmp_path / "run"
-        assert (run / "student" / "config.json").exists() and "test_accuracy" in json.loads(
+        assert (run / "student" / "config.json").exists() and "dev_accuracy" in json.loads(
             (run / "metrics.json").read_text())
         # The token never lands in the run directory.
         for p in run.rglob("*"):
