@@ -259,7 +259,15 @@ def predict_teacher(spec: TeacherSpec, teacher, cache: TeacherCache, pool_root: 
     # Rows arrive in blocks of one bucket (the pool's files, or one anti-join task per bucket), so
     # the bucketed write makes about one file per input block, with no repartition (whose tasks
     # would need a CPU that the actors hold).
-    out.write_parquet(str(part / "data"), partition_cols=["bucket"], **io_write())
+    try:
+        out.write_parquet(str(part / "data"), partition_cols=["bucket"], **io_write())
+    except Exception as e:
+        # Ray Data raises a failed pipeline's error in the context of a StopIteration from its
+        # executor, whose frames hold the actors' handles: for as long as the error is kept (the
+        # failure report, a caller's log), the failed teacher's actors would keep their CPUs and
+        # GPUs. That context adds nothing to the error; dropped, the actors exit now.
+        e.__context__ = None
+        raise
     computed = sum(pq.ParquetFile(f).metadata.num_rows for f in (part / "data").rglob("*.parquet")) \
         if (part / "data").exists() else 0
     write_json_atomic(part / "manifest.json", {"rows": computed, "pool": pool_fp,

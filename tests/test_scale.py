@@ -140,6 +140,9 @@ def test_a_failing_teacher_keeps_the_others_caches_and_a_rerun_computes_only_it(
     expected = sorted(f"doc{i}" for i in range(800))
     assert sorted(cache_ids(cfg, space, 0)) == expected and sorted(cache_ids(cfg, space, 2)) == expected
     assert cache_ids(cfg, space, 1) == []  # the failed teacher left no part a rerun would read
+    # Its actors exited: every CPU is free again (a leaked actor would hold its share for good).
+    total = ray_session.cluster_resources()
+    assert settled_free(ray_session.available_resources, total)["CPU"] == total["CPU"]
     monkeypatch.delenv("MUKI_FAULT_TEACHER")
     info = predict_stage(cfg, space, tmp_path / "run")
     assert info["computed"] == ["b"] and info["reused"] == ["a", "c"]
