@@ -21,6 +21,20 @@ WORDS = (
 ).split()
 
 
+# Modules whose tests start a Ray of their own (a subprocess, a `ray start` head, the CLI) without the fixture.
+OWN_RAY = {"test_bad_inputs.py", "test_cluster.py", "test_faults.py"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """`ray`: a test that runs stages, actors, training or a cluster (the slow part of the suite);
+    `pytest -m "not ray"` is the quick run: math, config, labels, data readers. The readers' tests
+    take `ray_session` for Ray Data alone and stay unmarked."""
+    for item in items:
+        name = item.path.name
+        if name in OWN_RAY or ("ray_session" in item.fixturenames and name != "test_data.py"):
+            item.add_marker(pytest.mark.ray)
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     import ray

@@ -1,0 +1,44 @@
+"""The import direction: the MUKI math stays apart from Ray and the pipeline, the schema apart from
+the stages, and the package apart from the scripts around it (read from the source, every import,
+lazy ones inside functions included)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "muki_ray"
+MATH = ("integrate", "prototypes", "refine", "losses", "mc_dropout", "stats", "labels")
+STAGES = ("pool", "teachers", "embedding", "combiner", "student", "evaluate", "refine_stage", "pipeline", "schedule")
+
+
+def imports(module: str) -> set[str]:
+    """Every module name `muki_ray/<module>.py` imports, top-level or inside a function."""
+    tree = ast.parse((PACKAGE / f"{module}.py").read_text())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return names
+
+
+@pytest.mark.parametrize("module", MATH)
+def test_math_imports_neither_ray_nor_the_pipeline(module):
+    bad = {n for n in imports(module) if n.split(".")[0] in ("ray", "deepspeed")
+           or n.split(".")[0] == "muki_ray" and n.split(".")[1] not in MATH}
+    assert not bad, f"muki_ray/{module}.py imports {sorted(bad)}"
+
+
+def test_config_imports_no_stage():
+    bad = {n for n in imports("config") if n.split(".")[0] == "muki_ray" and n.split(".")[1] in STAGES}
+    assert not bad, f"muki_ray/config.py imports {sorted(bad)}"
+
+
+def test_the_package_never_imports_jobs_or_benchmarks():
+    for path in PACKAGE.glob("*.py"):
+        bad = {n for n in imports(path.stem) if n.split(".")[0] in ("jobs", "benchmarks", "tests")}
+        assert not bad, f"{path.name} imports {sorted(bad)}"
