@@ -15,7 +15,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
 import re
 import time
 from dataclasses import asdict, dataclass, field
@@ -24,6 +23,7 @@ from typing import Optional
 
 import numpy as np
 
+from muki_ray import faults
 from muki_ray.cluster import default_max_failures
 from muki_ray.progress import advance, track
 
@@ -118,8 +118,8 @@ class TrainJob:
     trust_remote_code: bool = False
     allow_pickle: bool = False
     init_from: Optional[str] = None         # warm start: a previous student folder (head grown by label name)
-    fault_step: Optional[str] = None        # test-only: "N:marker" kills rank 0 once at global step N
-    trace_rows: Optional[str] = None        # test-only: a folder where each rank logs the row ids of each step
+    fault_step: Optional[str] = None        # test-only hooks (faults.py)
+    trace_rows: Optional[str] = None
     progress: Optional[str] = None          # the stage's progress counter (progress.track): rank 0 adds steps
     out_dir: Optional[str] = None           # the exported from_pretrained folder (rank 0 writes it)
 
@@ -283,12 +283,12 @@ def train_loop_per_worker(config: dict) -> None:
                 _append_log(job, rec)
             if rank == 0:
                 advance(job.progress)
-            _trace(job.trace_rows, rank, epoch, step, np_batch)
+            faults.trace_step(job.trace_rows, rank, epoch, step, np_batch)
             if every and global_step % every == 0 and step + 1 < job.steps_per_epoch:
                 _checkpoint(engine, {"epoch": epoch, "step": step + 1, "global_step": global_step, "best": best},
                             {"epoch": epoch, "step": step + 1, "global_step": global_step,
                              "train_loss": float(np.mean(losses))})
-            _maybe_fail(global_step, job.fault_step)
+            faults.train_step(global_step, job.fault_step, rank)
         skip = 0
         train_s = time.time() - t0
         # 5. Dev evaluation (every rank evaluates its shard; counts are summed).
@@ -480,26 +480,6 @@ def _append_log(job: TrainJob, rec: dict) -> None:
             f.write(json.dumps({"time": round(time.time(), 3), "run": job.run_name, **rec}) + "\n")
 
 
-def _trace(folder: Optional[str], rank: int, epoch: int, step: int, np_batch: dict) -> None:
-    """Test-only (MUKI_TRACE_TRAIN_ROWS=folder in the driver): each rank logs the row ids of each step."""
-    if folder and "id" in np_batch:
-        with open(Path(folder) / f"rank{rank}.jsonl", "a") as f:
-            f.write(json.dumps({"pid": os.getpid(), "epoch": epoch, "step": step,
-                                "ids": [str(i) for i in np_batch["id"]]}) + "\n")
-
-
-def _maybe_fail(global_step: int, spec: Optional[str]) -> None:
-    """Test-only fault hook (MUKI_FAULT_TRAIN_STEP=N:marker in the driver): rank 0 exits once at step N."""
-    if spec:
-        step, marker = spec.split(":", 1)
-        import ray.train
-
-        if global_step == int(step) and ray.train.get_context().get_world_rank() == 0 and not os.path.exists(marker):
-            Path(marker).write_text("failed once")
-            time.sleep(3)  # let the controller register the last reported checkpoint first
-            os._exit(1)
-
-
 # ----------------------------------------------------------------- driver
 def fit(job: TrainJob, train_ds, dev_ds, *, run_dir: Path, name: str, num_rows: int, scaling: dict,
         max_failures: int, storage_path: Optional[str] = None) -> dict:
@@ -601,7 +581,7 @@ def train_classifier(hyper, *, model_path: str, labels: list[str], loss: str, tr
                                    user=user_ds, hidden=hidden_size(model_path)),
         steps_per_epoch=per_epoch, log_path=str(Path(run_dir) / "train_log.jsonl"), run_name=name, part_labels=parts,
         trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
-        fault_step=os.environ.get("MUKI_FAULT_TRAIN_STEP"), trace_rows=os.environ.get("MUKI_TRACE_TRAIN_ROWS"),
+        **faults.train_hooks(),
         out_dir=str(Path(out_dir).resolve()), **job_extra)
     dev = tokenize(with_gold(dev_ds, labels).select_columns(["text", "gold"]), model_path, hyper.max_length,
                    trust_remote_code)

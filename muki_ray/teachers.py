@@ -19,7 +19,6 @@ bucket by bucket (`pool.join_bucket`).
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,12 +32,12 @@ import ray.data
 
 from muki_ray.cache import TeacherCache
 from muki_ray.data import hash64, io_map, io_write, list_column
+from muki_ray import faults
 from muki_ray.manifest import write_json_atomic
 from muki_ray.mc_dropout import AdaptiveK, check_sampling, mc_predict
 from muki_ray.pool import missing_rows, over_buckets
 from muki_ray.progress import advance
 
-FAULT_ENV = "MUKI_FAULT_TEACHER"
 log = logging.getLogger("muki_ray.teachers")
 
 COLUMNS = ("logits", "probs", "entropy", "mc_probs", "mc_uncertainty", "mc_score")
@@ -116,7 +115,7 @@ class TeacherStage:
         del batch["text"]  # the pool keeps the text; caches and the stream carry only predictions
         self.batches += 1
         advance(self.spec.progress, len(texts))
-        _maybe_fail(self.spec.name, self.batches)
+        faults.teacher_batch(self.spec.name, self.batches)
         return batch
 
     def predict(self, texts: list[str], ids: Optional[list[str]] = None) -> dict[str, np.ndarray]:
@@ -164,29 +163,6 @@ class TeacherStage:
         self.passes += int(out.samples_used.sum())
         # Distributions as float32; entropies and the score keep float64 (MCOutput says why).
         return {f: getattr(out, f).cpu().numpy() for f in COLUMNS}
-
-
-def _maybe_fail(name: str, batches: int) -> None:
-    """Test-only fault hook: MUKI_FAULT_TEACHER=NAME:N[:MARKER] kills this actor after N batches
-    (only once when MARKER is given: the first death creates that file); NAME:N:raise raises."""
-    fault = os.environ.get(FAULT_ENV)
-    if not fault:
-        return
-    target, n, *marker = fault.split(":", 2)
-    if target != name or batches < int(n):
-        return
-    if marker == ["raise"]:
-        raise RuntimeError(f"injected fault on batch {batches}")
-    if marker:
-        if os.path.exists(marker[0]):
-            return
-        open(marker[0], "w").close()
-    os._exit(1)
-
-
-def _fault_hook_env() -> dict:
-    """Actors do not inherit the driver's environment: hand them the test-only fault hook."""
-    return {"runtime_env": {"env_vars": {FAULT_ENV: os.environ[FAULT_ENV]}}} if FAULT_ENV in os.environ else {}
 
 
 def stage_class(name: str, base: type = TeacherStage) -> type:
@@ -254,7 +230,7 @@ def predict_teacher(spec: TeacherSpec, teacher, cache: TeacherCache, pool_root: 
     rows.context.execution_options.resource_limits = ray.data.ExecutionResources(
         cpu=per["CPU"] * actors, gpu=per["GPU"] * actors)
     out = rows.map_batches(stage_class(spec.name), fn_constructor_kwargs={"spec": spec}, batch_size=teacher.batch_size,
-                           batch_format="numpy", **options, **_fault_hook_env())
+                           batch_format="numpy", **options, **faults.teacher_env())
     part = cache.new_part()
     # Rows arrive in blocks of one bucket (the pool's files, or one anti-join task per bucket), so
     # the bucketed write makes about one file per input block, with no repartition (whose tasks
