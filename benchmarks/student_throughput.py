@@ -39,7 +39,7 @@ def plain_loop(model_path: str, texts: list[str], targets, batch: int, bf16: boo
         enc = tok(texts[i * batch:(i + 1) * batch], truncation=True, max_length=128, padding=True, return_tensors="pt")
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             logits = model(**enc).logits.float()
-        loss = loss_fn(logits, t[i * batch:(i + 1) * batch])
+        loss = loss_fn(logits, {"target": t[i * batch:(i + 1) * batch]})
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -66,7 +66,7 @@ def ray_run(model_path: str, texts, targets, run_dir: Path, *, workers: int, zer
     per_epoch = steps_per_epoch(len(texts), workers, batch)
     table = pa.table({"text": texts, "target": [list(t) for t in targets[:len(texts)]], "weight": [1.0] * len(texts)})
     dev = pa.table({"text": texts[:16], "gold": [0] * 16})
-    job = TrainJob(model_path=model_path, labels=LABELS, loss="weighted_kl", hyper=hyper.model_dump(),
+    job = TrainJob(model_path=model_path, labels=LABELS, loss="WeightedKLLoss", hyper=hyper.model_dump(),
                    ds_config=deepspeed_config(hyper, use_gpu=False, bf16=bf16, total_steps=per_epoch),
                    steps_per_epoch=per_epoch, log_path=str(run_dir / "train_log.jsonl"),
                    part_labels={"all": list(range(len(LABELS)))})

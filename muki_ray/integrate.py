@@ -20,7 +20,6 @@ import numpy as np
 from muki_ray.stats import Sketch
 
 MARGIN_EPS = 1e-6
-SCORE_STRATEGIES = ("muki_hard", "muki_soft", "entropy_hard", "entropy_soft")  # select by per-teacher scores
 CALIBRATIONS = ("none", "zscore", "rank", "share")
 SHARE_POINTS = 512        # quantile points of a teacher's score distribution that its share is fitted to
 SHARE_SEPARATION = 2.0    # Ashman's D below which a teacher's two score modes are not told apart
@@ -252,59 +251,6 @@ class Calibration:
 def calibrate(scores: np.ndarray, method: str) -> np.ndarray:
     """`Calibration` fitted on `scores` (B, N) as the whole pool, applied to them."""
     return Calibration.fit(method, scores).apply(scores)
-
-
-def strategy_scores(strategy: str, probs: Sequence[np.ndarray], mc_score: Sequence[np.ndarray]) -> np.ndarray:
-    """(B, N) selection scores of `strategy`: entropy scores for entropy_*, else the MC scores."""
-    if strategy.startswith("entropy_"):
-        return np.stack([entropy_scores(np.asarray(p)) for p in probs], axis=1)
-    return np.stack([np.asarray(s, dtype=np.float64) for s in mc_score], axis=1)
-
-
-def integrate(strategy: str, *, probs, logits, mc_probs, mc_score, positions, num_union: int,
-              temperature: float = 0.2, kd_temperature: float = 5.0, reweight: bool = True,
-              target_probs: str = "deterministic", gold: Optional[np.ndarray] = None,
-              select_scores: Optional[np.ndarray] = None) -> Integrated:
-    """One strategy's targets for a batch. Lists are over teachers; see the module docstring.
-
-    Re-weighting (margin of the strategy's own scores) applies to the score-based strategies
-    (muki_*, entropy_*); the others get weight 1. `weights` are raw: normalize over the pool.
-    select_scores (B, N): replaces those strategies' scores, e.g. prototypes.prototype_scores.
-    """
-    dists = mc_probs if target_probs == "mc_mean" else probs
-    mc = np.stack([np.asarray(s, dtype=np.float64) for s in mc_score], axis=1)
-    b = mc.shape[0]
-    if select_scores is not None and strategy in SCORE_STRATEGIES:
-        scores = np.asarray(select_scores, dtype=np.float64)
-    else:
-        scores = strategy_scores(strategy, probs, mc_score)
-    if strategy in ("muki_hard", "entropy_hard"):
-        targets, teacher = hard_targets(dists, scores, positions, num_union)
-    elif strategy in ("muki_soft", "entropy_soft"):
-        targets, teacher = soft_targets(dists, scores, positions, num_union, temperature)
-    elif strategy == "vanilla_kd":
-        targets, teacher = vanilla_kd_targets(logits, positions, num_union, kd_temperature), mc.argmax(1)
-    elif strategy == "uhc":
-        # UHC trains on each teacher's own distribution (see losses.UHCLoss); this target is the
-        # plain average, kept for reporting only.
-        targets = sum(pad(p, pos, num_union) for p, pos in zip(dists, positions)) / len(dists)
-        teacher = mc.argmax(1)
-    elif strategy in ("oracle", "supervised"):
-        if gold is None:
-            raise ValueError(f"strategy {strategy!r} needs gold labels on the pool")
-        gold = np.asarray(gold)
-        if strategy == "oracle":
-            targets, teacher = oracle_targets(dists, mc, gold, positions, num_union)
-        else:
-            targets = np.zeros((b, num_union))
-            known = gold >= 0
-            targets[np.flatnonzero(known), gold[known]] = 1.0
-            targets[~known] = 1.0 / num_union
-            teacher = oracle_targets(dists, mc, gold, positions, num_union)[1]
-    else:
-        raise ValueError(f"unknown strategy {strategy!r}")
-    weights = margin_weights(scores) if (reweight and strategy in SCORE_STRATEGIES) else np.ones(b)
-    return Integrated(targets=targets, weights=weights, teacher=teacher, scores=scores)
 
 
 def selection_counts(scores: np.ndarray, dists: Sequence[np.ndarray], positions, num_union: int,

@@ -41,7 +41,8 @@ from muki_ray.progress import track
 from muki_ray.report import stage_headline, write_report
 from muki_ray.schedule import Job, refuse_oversized, run_within, settled_free
 from muki_ray.stats import add
-from muki_ray.student import LOSS_FOR_STRATEGY, tokenize, train_classifier, warm_start_folder, with_gold
+from muki_ray.strategies import STRATEGIES
+from muki_ray.student import tokenize, train_classifier, warm_start_folder, with_gold
 from muki_ray.teachers import actor_resources, cache_columns, column, predict_teacher, stage_options, teacher_specs
 
 log = logging.getLogger("muki_ray.pipeline")
@@ -136,7 +137,7 @@ def prepare_stage(cfg: RunConfig, space: LabelSpace, run_dir: Path) -> dict:
         if t.prepare is not None and t.prepare.texts is not None and t.prepare.texts < rows:
             own, rows = hashed_sample(own, t.prepare.texts, salt=f"{d.seed}:{t.name}"), t.prepare.texts
         train_ds = tokenize(with_gold(own, labels).select_columns(["text", "gold"]), model_path, settings.max_length)
-        info = train_classifier(settings, model_path=model_path, labels=labels, loss="cross_entropy",
+        info = train_classifier(settings, model_path=model_path, labels=labels, loss="SupervisedCELoss",
                                 train_ds=train_ds, dev_ds=only_labels(dev if dev is not None else data, labels),
                                 rows=rows, run_dir=run_dir,
                                 name=f"prepare-{t.name}-{fingerprint([config_hash, labels])}",
@@ -279,24 +280,26 @@ def train_stage(cfg: RunConfig, space: LabelSpace, run_dir: Path) -> dict:
     config_hash, inputs = stage_keys(cfg, space, run_dir, "train")
     stage_dir = begin_stage(run_dir / "train")
     s = cfg.student
-    loss = LOSS_FOR_STRATEGY[cfg.integration.strategy]
+    strategy = STRATEGIES[cfg.integration.strategy]
     model_path = str(resolve_model_path(s.model))
+    probs = [column(t, "probs") for t in space.teachers]
     keep = ["id", "text", "target", "weight"]  # id: not trained on (the test-only row trace reads it)
-    keep += [column(t, "probs") for t in space.teachers] if loss == "uhc" else []
-    keep += ["gold"] if loss == "cross_entropy" else []
+    keep += probs if "teacher_probs" in strategy.columns else []
+    keep += ["gold"] if "gold" in strategy.columns else []
     train_ds = tokenize(ray.data.read_parquet(str(run_dir / "targets" / "data"), columns=keep, **io_read()),
                         model_path, s.max_length, s.trust_remote_code)
     init_from = warm_start_folder(s.init_from, space.names) if s.init_from else None
     metrics = train_classifier(
-        s, model_path=model_path, labels=list(space.names), loss=loss, train_ds=train_ds,
+        s, model_path=model_path, labels=list(space.names), loss=strategy.loss, train_ds=train_ds,
         dev_ds=labeled(cfg, cfg.data.dev, space.names, "data.dev"), rows=targets_manifest["rows"],
         run_dir=run_dir, out_dir=run_dir / "student", storage_path=cfg.ray.storage_path,
         # The Ray Train run name pins config and inputs: an identical rerun resumes its checkpoints.
         name=f"student-{fingerprint([config_hash, inputs])}", progress="train",
         parts={t: p.tolist() for t, p in zip(space.teachers, space.positions)},
         trust_remote_code=s.trust_remote_code, allow_pickle=s.allow_pickle,
-        kd_temperature=cfg.integration.kd_temperature, uhc_positions=[p.tolist() for p in space.positions],
-        uhc_columns=[column(t, "probs") for t in space.teachers], init_from=init_from)
+        loss_context={"kd_temperature": cfg.integration.kd_temperature,
+                      "positions": [p.tolist() for p in space.positions], "prob_columns": probs},
+        init_from=init_from)
     metrics["strategy"] = cfg.integration.strategy
     log.debug("student: dev accuracy %.4f (epoch %s)", metrics["dev_accuracy"], metrics["best_epoch"])
     return finish_stage(stage_dir, config_hash=config_hash, inputs=inputs, rows=targets_manifest["rows"],

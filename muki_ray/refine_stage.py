@@ -23,7 +23,8 @@ from muki_ray.hardware import cluster_has_gpus
 from muki_ray.integrate import margin_weights, selection_counts
 from muki_ray.refine import high_margin, margin_cut, refine_scores, teacher_mass
 from muki_ray.stats import Sketch, add
-from muki_ray.student import LOSS_FOR_STRATEGY, tokenize, train_classifier
+from muki_ray.strategies import STRATEGIES
+from muki_ray.student import tokenize, train_classifier
 from muki_ray.teachers import stage_class, stage_options
 
 log = logging.getLogger("muki_ray.refine")
@@ -100,12 +101,12 @@ def self_train(cfg, space, run_dir: Path, stage_dir: Path, ds, dev_ds, name: str
                                     batch_format="numpy", **io_map()).select_columns(["text", "target", "weight"])
         first = stage_dir / "refine" / f"round{r}"
         metrics = train_classifier(
-            hyper, model_path=model_path, labels=list(space.names), loss=LOSS_FOR_STRATEGY[integ.strategy],
+            hyper, model_path=model_path, labels=list(space.names), loss=STRATEGIES[integ.strategy].loss,
             train_ds=tokenize(train_ds, model_path, s.max_length, s.trust_remote_code), dev_ds=dev_ds,
             rows=trained, run_dir=run_dir, name=f"refine{r}-{name}", out_dir=first, progress=f"targets: refine {r}",
             parts={t: p.tolist() for t, p in zip(space.teachers, space.positions)},
             trust_remote_code=s.trust_remote_code, allow_pickle=s.allow_pickle, storage_path=cfg.ray.storage_path,
-            kd_temperature=integ.kd_temperature)
+            loss_context={"kd_temperature": integ.kd_temperature})
         spec = ClassifierSpec(str(first), s.max_length, r_cfg.batch_size, r_cfg.resources.actor_threads,
                               s.trust_remote_code)
         judged = ds.map_batches(stage_class("first_student", Judge), fn_constructor_kwargs={

@@ -29,14 +29,6 @@ from muki_ray.progress import advance, track
 
 log = logging.getLogger("muki_ray.student")
 
-# Loss kinds, by integration strategy.
-LOSS_FOR_STRATEGY = {
-    "muki_soft": "weighted_kl", "muki_hard": "weighted_kl", "entropy_soft": "weighted_kl",
-    "entropy_hard": "weighted_kl", "oracle": "weighted_kl", "vanilla_kd": "vanilla_kd",
-    "uhc": "uhc", "supervised": "cross_entropy",
-}
-
-
 # ------------------------------------------------------------------ config
 def deepspeed_config(hyper, *, use_gpu: bool, bf16: bool, total_steps: int, user: Optional[dict] = None,
                      hidden: Optional[int] = None) -> dict:
@@ -105,15 +97,13 @@ class TrainJob:
 
     model_path: str
     labels: list[str]                       # output label names, head order
-    loss: str                               # weighted_kl | vanilla_kd | uhc | cross_entropy
+    loss: str                               # a class in losses.py (a strategy's row names it)
     hyper: dict                             # TrainHyper as a dict
     ds_config: dict
     steps_per_epoch: int                    # optimizer micro-steps per worker per epoch
     log_path: Optional[str] = None          # train_log.jsonl (rank 0 writes)
     run_name: str = ""                      # the Ray Train run: tags its train_log.jsonl lines
-    kd_temperature: float = 1.0
-    uhc_positions: list[list[int]] = field(default_factory=list)
-    uhc_columns: list[str] = field(default_factory=list)
+    loss_context: dict = field(default_factory=dict)  # losses.LossContext's fields
     part_labels: dict[str, list[int]] = field(default_factory=dict)  # part name -> union indices
     trust_remote_code: bool = False
     allow_pickle: bool = False
@@ -181,8 +171,8 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import torch
 
+    from muki_ray import losses
     from muki_ray.hardware import worker_threads
-    from muki_ray.losses import SupervisedCELoss, UHCLoss, VanillaKDLoss, WeightedKLLoss
 
     job = TrainJob(**config["job"])
     hyper = job.hyper
@@ -229,13 +219,7 @@ def train_loop_per_worker(config: dict) -> None:
             _append_log(job, {"event": "resumed", "epoch": start_epoch, "step": skip,
                                        "global_step": global_step})
 
-    loss_fn = {
-        "weighted_kl": WeightedKLLoss(),
-        "vanilla_kd": VanillaKDLoss(job.kd_temperature),
-        "uhc": UHCLoss(),
-        "cross_entropy": SupervisedCELoss(),
-    }[job.loss]
-    positions = [torch.as_tensor(p, dtype=torch.long, device=device) for p in job.uhc_positions]
+    loss_fn = getattr(losses, job.loss).build(losses.LossContext(**job.loss_context)).to(device)
 
     train_shard = ray.train.get_dataset_shard("train")
     dev_shard = ray.train.get_dataset_shard("dev")
@@ -247,8 +231,7 @@ def train_loop_per_worker(config: dict) -> None:
         #    shard's order is the same on every attempt (preserve_order, seeded local shuffle), so a
         #    resumed epoch skips exactly the rows trained before its checkpoint.
         engine.train()
-        t0, seen, losses = time.time(), 0, []
-        t_steady, seen_steady = None, 0  # from the end of the first step: start-up excluded
+        meter = EpochMeter(world)
         batches = train_shard.iter_batches(batch_size=micro, batch_format="numpy", drop_last=True,
                                            local_shuffle_buffer_size=max(4 * micro, 256),
                                            local_shuffle_seed=hyper["seed"] + epoch)
@@ -257,29 +240,14 @@ def train_loop_per_worker(config: dict) -> None:
                 break
             if step < skip:
                 continue
-            batch = collate(np_batch, device)
-            logits = engine(**_model_inputs(batch)).logits.float()
-            if job.loss == "weighted_kl":
-                loss = loss_fn(logits, batch["target"], batch["weight"])
-            elif job.loss == "vanilla_kd":
-                loss = loss_fn(logits, batch["target"])
-            elif job.loss == "uhc":
-                loss = loss_fn(logits, [batch[c] for c in job.uhc_columns], positions)
-            else:
-                loss = loss_fn(logits, batch["gold"])
-            engine.backward(loss)
-            engine.step()
+            loss = _loss_step(engine, loss_fn, collate(np_batch, device))
             global_step += 1
-            seen += len(batch["input_ids"])
-            if t_steady is None:
-                t_steady, seen_steady = time.time(), seen
-            losses.append(loss.item())
+            meter.add(len(np_batch["input_ids"]), loss.item())
             if rank == 0 and (global_step % 10 == 0 or step == job.steps_per_epoch - 1):
-                rate = seen * world / max(time.time() - t0, 1e-9)
-                rec = {"epoch": epoch, "global_step": global_step, "loss": float(np.mean(losses[-10:])),
-                       "lr": float(engine.get_lr()[0]), "examples_per_s": round(rate, 2)}
+                rec = {"epoch": epoch, "global_step": global_step, "loss": meter.recent_loss(),
+                       "lr": float(engine.get_lr()[0]), "examples_per_s": round(meter.rate(), 2)}
                 log.info("epoch %d step %d/%d loss %.4f lr %.2e %.1f ex/s", epoch, step + 1,
-                         job.steps_per_epoch, rec["loss"], rec["lr"], rate)
+                         job.steps_per_epoch, rec["loss"], rec["lr"], rec["examples_per_s"])
                 _append_log(job, rec)
             if rank == 0:
                 advance(job.progress)
@@ -287,18 +255,14 @@ def train_loop_per_worker(config: dict) -> None:
             if every and global_step % every == 0 and step + 1 < job.steps_per_epoch:
                 _checkpoint(engine, {"epoch": epoch, "step": step + 1, "global_step": global_step, "best": best},
                             {"epoch": epoch, "step": step + 1, "global_step": global_step,
-                             "train_loss": float(np.mean(losses))})
+                             "train_loss": meter.mean_loss()})
             faults.train_step(global_step, job.fault_step, rank)
         skip = 0
-        train_s = time.time() - t0
+        meter.end_training()
         # 5. Dev evaluation (every rank evaluates its shard; counts are summed).
         dev = evaluate_shard(engine, dev_shard, job, device, bf16)
-        steady_s = t0 + train_s - (t_steady or t0)
-        metrics = {"epoch": epoch, "global_step": global_step, "train_loss": float(np.mean(losses or [0.0])),
-                   "epoch_time_s": round(time.time() - t0, 2),
-                   "examples_per_s": round(seen * world / max(train_s, 1e-9), 2),
-                   "examples_per_s_steady": round((seen - seen_steady) * world / max(steady_s, 1e-9), 2),
-                   "peak_rss_mb": _peak_rss_mb(), "torch_threads": torch.get_num_threads(), **dev}
+        metrics = {"epoch": epoch, "global_step": global_step, **meter.summary(),
+                   "torch_threads": torch.get_num_threads(), **dev}
         # 6. Export the best epoch so far on dev (ties keep the earlier epoch), from the workers.
         if dev["dev_accuracy"] > best["dev_accuracy"]:
             best = {"dev_accuracy": dev["dev_accuracy"], "epoch": epoch, "metrics": metrics}
@@ -310,6 +274,49 @@ def train_loop_per_worker(config: dict) -> None:
         # 7. Checkpoint at the epoch's end.
         _checkpoint(engine, {"epoch": epoch, "step": job.steps_per_epoch, "global_step": global_step, "best": best},
                     metrics)
+
+
+class EpochMeter:
+    """One epoch's losses and throughput on this rank; rates in examples/s over all `world` ranks."""
+
+    def __init__(self, world: int):
+        self.world, self.t0, self.seen, self.losses = world, time.time(), 0, []
+        self.t_steady, self.seen_steady = None, 0  # from the end of the first step: start-up excluded
+        self.train_s = 0.0
+
+    def add(self, rows: int, loss: float) -> None:
+        self.seen += rows
+        self.losses.append(loss)
+        if self.t_steady is None:
+            self.t_steady, self.seen_steady = time.time(), self.seen
+
+    def recent_loss(self, n: int = 10) -> float:
+        return float(np.mean(self.losses[-n:]))
+
+    def mean_loss(self) -> float:
+        return float(np.mean(self.losses or [0.0]))
+
+    def rate(self) -> float:
+        return self.seen * self.world / max(time.time() - self.t0, 1e-9)
+
+    def end_training(self) -> None:
+        self.train_s = time.time() - self.t0
+
+    def summary(self) -> dict:
+        steady_s = self.t0 + self.train_s - (self.t_steady or self.t0)
+        return {"train_loss": self.mean_loss(), "epoch_time_s": round(time.time() - self.t0, 2),
+                "examples_per_s": round(self.seen * self.world / max(self.train_s, 1e-9), 2),
+                "examples_per_s_steady": round((self.seen - self.seen_steady) * self.world / max(steady_s, 1e-9), 2),
+                "peak_rss_mb": _peak_rss_mb()}
+
+
+def _loss_step(engine, loss_fn, batch: dict):
+    """One micro-step: forward, loss_fn(logits (B, Y), batch), backward, and the optimizer step
+    (DeepSpeed applies it at gradient-accumulation boundaries). Returns the loss, a scalar tensor."""
+    loss = loss_fn(engine(**_model_inputs(batch)).logits.float(), batch)
+    engine.backward(loss)
+    engine.step()
+    return loss
 
 
 def _checkpoint(engine, state: dict, metrics: dict) -> None:

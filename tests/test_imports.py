@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "muki_ray"
-MATH = ("integrate", "prototypes", "refine", "losses", "mc_dropout", "stats", "labels")
+MATH = ("integrate", "strategies", "prototypes", "refine", "losses", "mc_dropout", "stats", "labels")
 STAGES = ("pool", "teachers", "embedding", "combiner", "student", "evaluate", "refine_stage", "pipeline", "schedule")
 
 

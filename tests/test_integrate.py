@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from muki_ray.integrate import (entropy_scores, hard_targets, integrate, margin_weights, normalize_weights, pad,
+from muki_ray.integrate import (entropy_scores, hard_targets, margin_weights, normalize_weights, pad,
                                 selection_quality, soft_targets, teacher_weights, vanilla_kd_targets)
+from muki_ray.strategies import STRATEGIES, integrate
 
 # Two teachers: T1 owns union [a, b] (0, 1), T2 owns [c, d, e] (2, 3, 4).
 POS = [np.array([0, 1]), np.array([2, 3, 4])]
@@ -18,7 +19,8 @@ L2 = np.array([[0.0, 0.0, 1.0], [0.0, 0.0, 0.0]])
 
 
 def run(strategy, **kw):
-    args = dict(probs=[P1, P2], logits=[L1, L2], mc_probs=[P1, P2], mc_score=S, positions=POS, num_union=5)
+    args = dict(probs=[P1, P2], logits=[L1, L2], mc_probs=[P1, P2], mc_score=S, positions=POS, num_union=5,
+                temperature=0.2, kd_temperature=5.0)
     args.update(kw)
     return integrate(strategy, **args)
 
@@ -137,8 +139,7 @@ def test_normalized_weights_mean_one():
     np.testing.assert_allclose(normalize_weights(np.zeros(2)), [1, 1])
 
 
-@pytest.mark.parametrize("strategy", ["muki_hard", "muki_soft", "entropy_hard", "entropy_soft", "vanilla_kd",
-                                      "uhc", "oracle", "supervised"])
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
 def test_targets_sum_to_one_on_random_inputs(strategy):
     rng = np.random.default_rng(0)
     pos = [np.array([0, 1, 2]), np.array([2, 3]), np.array([4, 5, 6, 0])]
@@ -146,7 +147,7 @@ def test_targets_sum_to_one_on_random_inputs(strategy):
     probs = [np.exp(x) / np.exp(x).sum(1, keepdims=True) for x in logits]
     scores = [rng.random(50) for _ in pos]
     out = integrate(strategy, probs=probs, logits=logits, mc_probs=probs, mc_score=scores, positions=pos,
-                    num_union=7, gold=rng.integers(-1, 7, size=50))
+                    num_union=7, temperature=0.2, kd_temperature=5.0, gold=rng.integers(-1, 7, size=50))
     np.testing.assert_allclose(out.targets.sum(1), 1.0, atol=1e-9)
     assert (out.targets >= 0).all() and out.weights.shape == (50,) and (out.weights > 0).all()
 
@@ -224,3 +225,16 @@ def test_calibration_none_empty_and_unknown():
     np.testing.assert_array_equal(calibrate(np.array([[0.3, 0.3], [0.3, 0.3]]), "zscore"), np.zeros((2, 2)))
     with pytest.raises(ValueError, match="calibration must be one of"):
         calibrate(s, "platt")
+
+
+def test_every_strategy_row_is_complete():
+    """Each row names a loss class with the one call shape, a known score kind and known extra
+    columns, and the schema accepts the strategy."""
+    import muki_ray.losses as losses
+    from muki_ray.config import IntegrationConfig
+
+    for name, row in STRATEGIES.items():
+        assert issubclass(getattr(losses, row.loss), losses.StudentLoss), name
+        assert row.score in ("mc", "entropy") and set(row.columns) <= {"teacher_probs", "gold"}, name
+        assert IntegrationConfig(strategy=name).strategy == name
+    assert [n for n, r in STRATEGIES.items() if r.needs_gold] == ["oracle", "supervised"]

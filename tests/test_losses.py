@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from muki_ray.losses import SupervisedCELoss, UHCLoss, VanillaKDLoss, WeightedKLLoss
+from muki_ray.losses import LossContext, SupervisedCELoss, UHCLoss, VanillaKDLoss, WeightedKLLoss
 
 
 def manual_kl(t, logits):
@@ -26,29 +26,29 @@ def test_weighted_kl_direction_and_weights():
     w = torch.tensor([2.0, 0.5])
     kl = manual_kl(t, logits)
     expected = (2.0 * kl[0] + 0.5 * kl[1]) / 2
-    assert WeightedKLLoss()(logits, t, w).item() == pytest.approx(expected, rel=1e-5)
+    assert WeightedKLLoss()(logits, {"target": t, "weight": w}).item() == pytest.approx(expected, rel=1e-5)
     # KL(t || q) != KL(q || t): the reverse direction gives a different number.
     q = logits.softmax(-1)
     reverse = (q * (q.log() - t.clamp_min(1e-12).log())).sum(-1).mean().item()
-    assert abs(WeightedKLLoss()(logits, t).item() - reverse) > 1e-3
+    assert abs(WeightedKLLoss()(logits, {"target": t}).item() - reverse) > 1e-3
     # Zero when the student matches the target.
-    assert WeightedKLLoss()(torch.log(t + 1e-12), t.clone()).item() == pytest.approx(0.0, abs=1e-6)
+    assert WeightedKLLoss()(torch.log(t + 1e-12), {"target": t.clone()}).item() == pytest.approx(0.0, abs=1e-6)
 
 
 def test_zero_weight_row_has_zero_gradient():
     logits = torch.randn(3, 4, requires_grad=True)
     t = torch.softmax(torch.randn(3, 4), -1)
-    WeightedKLLoss()(logits, t, torch.tensor([1.0, 0.0, 2.0])).backward()
+    WeightedKLLoss()(logits, {"target": t, "weight": torch.tensor([1.0, 0.0, 2.0])}).backward()
     assert torch.equal(logits.grad[1], torch.zeros(4))
     assert logits.grad[0].abs().sum() > 0 and logits.grad[2].abs().sum() > 0
 
 
 def test_empty_batch_is_zero_with_graph():
     logits = torch.zeros(0, 3, requires_grad=True)
-    for loss in (WeightedKLLoss()(logits, torch.zeros(0, 3), torch.zeros(0)),
-                 VanillaKDLoss(2.0)(logits, torch.zeros(0, 3)),
-                 UHCLoss()(logits, [torch.zeros(0, 2)], [torch.tensor([0, 1])]),
-                 SupervisedCELoss()(logits, torch.zeros(0, dtype=torch.long))):
+    for loss in (WeightedKLLoss()(logits, {"target": torch.zeros(0, 3), "weight": torch.zeros(0)}),
+                 VanillaKDLoss(2.0)(logits, {"target": torch.zeros(0, 3)}),
+                 UHCLoss([[0, 1]], ["a"])(logits, {"a": torch.zeros(0, 2)}),
+                 SupervisedCELoss()(logits, {"gold": torch.zeros(0, dtype=torch.long)})):
         assert loss.item() == 0.0
         loss.backward()
 
@@ -58,23 +58,25 @@ def test_vanilla_kd_temperature_squared():
     t = torch.tensor([[0.5, 0.25, 0.25]])
     for temp in (2.0, 5.0):
         expected = temp**2 * manual_kl(t, logits / temp)[0]
-        assert VanillaKDLoss(temp)(logits, t).item() == pytest.approx(expected, rel=1e-5)
+        assert VanillaKDLoss(temp)(logits, {"target": t}).item() == pytest.approx(expected, rel=1e-5)
     with pytest.raises(ValueError):
         VanillaKDLoss(0.0)
+    assert VanillaKDLoss.build(LossContext(kd_temperature=2.0)).temperature == 2.0
 
 
 def test_uhc_against_formula():
     logits = torch.tensor([[1.0, 2.0, 0.0, -1.0, 0.5]])
-    p1, pos1 = torch.tensor([[0.8, 0.2]]), torch.tensor([0, 1])
-    p2, pos2 = torch.tensor([[0.1, 0.6, 0.3]]), torch.tensor([2, 3, 4])
+    p1, pos1 = torch.tensor([[0.8, 0.2]]), [0, 1]
+    p2, pos2 = torch.tensor([[0.1, 0.6, 0.3]]), [2, 3, 4]
     # S restricted to Y_i and renormalized = softmax of the gathered logits.
     expected = manual_kl(p1, logits[:, pos1])[0] + manual_kl(p2, logits[:, pos2])[0]
-    assert UHCLoss()(logits, [p1, p2], [pos1, pos2]).item() == pytest.approx(expected, rel=1e-5)
+    assert UHCLoss.build(LossContext(positions=[pos1, pos2], prob_columns=["t1", "t2"]))(
+        logits, {"t1": p1, "t2": p2}).item() == pytest.approx(expected, rel=1e-5)
 
 
 def test_supervised_ce_ignores_unknown():
     logits = torch.tensor([[2.0, 0.0], [0.0, 3.0]])
     gold = torch.tensor([0, -100])
     expected = -math.log(math.exp(2) / (math.exp(2) + 1))
-    assert SupervisedCELoss()(logits, gold).item() == pytest.approx(expected, rel=1e-5)
-    assert SupervisedCELoss()(logits, torch.tensor([0, -1])).item() == pytest.approx(expected, rel=1e-5)
+    assert SupervisedCELoss()(logits, {"gold": gold}).item() == pytest.approx(expected, rel=1e-5)
+    assert SupervisedCELoss()(logits, {"gold": torch.tensor([0, -1])}).item() == pytest.approx(expected, rel=1e-5)
