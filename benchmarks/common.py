@@ -37,7 +37,7 @@ def minilm_classifier(folder: Path, labels: list[str]) -> Path:
     """MiniLM-L6 with a fresh head over `labels`, saved as a from_pretrained folder (timing only)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from muki_ray.config import resolve_model_path
+    from muki_ray.hf_folder import resolve_model_path
 
     if (folder / "config.json").exists():
         return folder

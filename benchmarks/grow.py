@@ -75,7 +75,7 @@ def main() -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
-    from muki_ray.cli import label_space
+    from muki_ray.labels import label_space
     from muki_ray.cluster import connect
     from muki_ray.config import parse_config
     from muki_ray.manifest import is_current, read_manifest

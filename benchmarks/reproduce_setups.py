@@ -80,7 +80,7 @@ def main() -> None:
                         datefmt="%H:%M:%S")
     from common import table
     from muki_ray.cache import stage_keys
-    from muki_ray.cli import label_space
+    from muki_ray.labels import label_space
     from muki_ray.cluster import connect
     from muki_ray.config import Source, parse_config
     from muki_ray.manifest import is_current, read_manifest

@@ -67,7 +67,7 @@ def tiny_teacher(folder: Path, labels: list[str], seed: int) -> Path:
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig
 
-    from muki_ray.config import resolve_model_path
+    from muki_ray.hf_folder import resolve_model_path
 
     if (folder / "config.json").exists():
         return folder

@@ -30,7 +30,7 @@ def measure(shared: Path) -> dict:
     import pyarrow.parquet as pq
     from transformers import AutoConfig
 
-    from muki_ray.config import resolve_model_path
+    from muki_ray.hf_folder import resolve_model_path
     from muki_ray.embedding import EmbeddingSpec, EmbeddingStage
     from muki_ray.integrate import Calibration
     from muki_ray.prototypes import prototype_scores

@@ -48,7 +48,7 @@ def bert_large(folder: Path) -> Path:
     import torch
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-    from muki_ray.config import resolve_model_path
+    from muki_ray.hf_folder import resolve_model_path
 
     if (folder / "config.json").exists():
         return folder

@@ -90,7 +90,7 @@ def main() -> None:
     import ray
     import torch
 
-    from muki_ray.config import resolve_model_path
+    from muki_ray.hf_folder import resolve_model_path
 
     model_path = str(resolve_model_path("builtin:minilm-l6"))
     texts = bbc_texts(args.n)

@@ -372,7 +372,7 @@ def student_speed(args, res: dict) -> None:
 
     from student_throughput import plain_loop, ray_run
 
-    from muki_ray.config import resolve_model_path
+    from muki_ray.hf_folder import resolve_model_path
 
     base = str(resolve_model_path("builtin:minilm-l6"))
     stexts = texts_of("bbc_news", args.n_student)

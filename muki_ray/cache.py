@@ -19,8 +19,9 @@ import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from muki_ray.config import RunConfig, resolve_model_path, teacher_model_path
+from muki_ray.config import RunConfig, teacher_model_path
 from muki_ray.data import source_signature
+from muki_ray.hf_folder import resolve_model_path
 from muki_ray.labels import LabelSpace
 from muki_ray.manifest import MANIFEST, fingerprint, folder_fingerprint, read_manifest, write_json_atomic
 

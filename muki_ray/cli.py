@@ -10,8 +10,8 @@ import traceback
 from pathlib import Path
 from typing import Callable
 
-from muki_ray.config import ConfigError, RunConfig, load_config, teacher_labels, teacher_model_path
-from muki_ray.labels import LabelSpace
+from muki_ray.config import ConfigError, RunConfig, load_config, teacher_model_path
+from muki_ray.labels import LabelSpace, label_space
 
 EXIT_BAD_INPUT = 2
 log = logging.getLogger("muki_ray.cli")
@@ -21,25 +21,6 @@ class UsageError(Exception):
     """A one-line user-facing error (bad input, missing file, unreachable cluster)."""
 
 
-def label_space(cfg: RunConfig) -> LabelSpace:
-    """The union label space of a validated config (reads the prepare data's labels if needed)."""
-    prepare_labels = None
-    if cfg.prepare is not None and cfg.prepare.split == "contiguous":
-        from muki_ray.data import BUILTIN_DATASETS, builtin_part, scan_source
-
-        src = cfg.prepare.data
-        if src.source in BUILTIN_DATASETS:  # a bounded built-in: its labels are read here
-            labels = builtin_part(src.source, src.split, src.part, src.limit, cfg.data.seed).column("label").to_pylist()
-        else:  # a user's file is scanned by Ray Data
-            from muki_ray.cluster import connect
-
-            connect(cfg.ray)
-            labels = scan_source(src, on_bad_row=cfg.data.on_bad_row, seed=cfg.data.seed, require_label=True).labels
-        prepare_labels = sorted(set(labels))
-    lists = teacher_labels(cfg, prepare_labels)
-    return LabelSpace.from_teachers({t.name: labels for t, labels in zip(cfg.teachers, lists)})
-
-
 def connected(args) -> tuple[RunConfig, LabelSpace]:
     """Load and validate the config, check models and the output directory, join or start Ray,
     then check every labeled source (Ray Data scans) and the cluster's resources."""
@@ -47,9 +28,9 @@ def connected(args) -> tuple[RunConfig, LabelSpace]:
 
     from muki_ray.cluster import connect
     from muki_ray.console import capture_ray_output, open_run_log
-    from muki_ray.preflight import check_data, check_models, check_output_dir, check_resources
+    from muki_ray.preflight import check_data, check_models, check_output_dir, check_resources, load_checked
 
-    cfg = load_config(args.config, args.set)
+    cfg = load_checked(args.config, args.set)
     check_models(cfg)
     check_output_dir(Path(cfg.output_dir))
     connect(cfg.ray)
@@ -65,7 +46,9 @@ def connected(args) -> tuple[RunConfig, LabelSpace]:
 
 
 def cmd_validate(args) -> int:
-    cfg = load_config(args.config, args.set)
+    from muki_ray.preflight import load_checked  # here, not at the top: it loads Ray (start-up time)
+
+    cfg = load_checked(args.config, args.set)
     space = label_space(cfg)
     print(f"config OK: {args.config}")
     print(f"output_dir: {cfg.output_dir}")
@@ -124,8 +107,9 @@ def cmd_train(args) -> int:
 
 def cmd_prepare(args) -> int:
     from muki_ray.pipeline import prepare_stage
+    from muki_ray.preflight import load_checked
 
-    if load_config(args.config, args.set).prepare is None:
+    if load_checked(args.config, args.set).prepare is None:
         raise UsageError(f"{args.config}: no `prepare` section")
     cfg, space = connected(args)
     info = prepare_stage(cfg, space, Path(cfg.output_dir))
@@ -191,9 +175,10 @@ def cmd_classify(args) -> int:
 
 def cmd_diff(args) -> int:
     from muki_ray.cache import plan_changes
+    from muki_ray.preflight import load_checked
 
-    a = load_config(args.config_a, check_files=False)
-    b = load_config(args.config_b, args.set)
+    a = load_config(args.config_a)
+    b = load_checked(args.config_b, args.set)
     for line in plan_changes(a, label_space(a), b, label_space(b)):
         print(line)
     return 0
@@ -209,7 +194,7 @@ def cmd_datasets(args) -> int:
 def cmd_schema(args) -> int:
     import re
 
-    from muki_ray.config import schema_markdown
+    from muki_ray.schema_doc import schema_markdown
 
     md = schema_markdown()
     if args.update:

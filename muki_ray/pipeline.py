@@ -26,12 +26,13 @@ import ray.data
 
 from muki_ray.cache import STAGES, TeacherCache, prototypes_model, stage_keys
 from muki_ray.combiner import Combiner, select_scores, supervision
-from muki_ray.config import RunConfig, prepared_settings, resolve_model_path
+from muki_ray.config import RunConfig, prepared_settings
 from muki_ray.data import (DataError, check_labels, fold, hashed_sample, io_map, io_read, io_write, read_source,
                            scan_source)
 from muki_ray.embedding import EmbeddingSpec
 from muki_ray.evaluate import evaluate_dataset
 from muki_ray.hardware import cluster_has_gpus
+from muki_ray.hf_folder import resolve_model_path
 from muki_ray.labels import LabelSpace
 from muki_ray.manifest import begin_stage, finish_stage, fingerprint, is_current, read_manifest, stage_output, \
     write_json_atomic

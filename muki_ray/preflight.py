@@ -6,26 +6,89 @@ starts and before anything is written, instead of hours later in the middle of a
 
 from __future__ import annotations
 
+import os
+import re
 import shutil
-import socket
 import uuid
 from pathlib import Path
-from urllib.parse import urlparse
 
-import torch
 from safetensors import safe_open
 
 from muki_ray.cluster import ClusterError
-from muki_ray.config import RunConfig, prepared_settings, resolve_model_path, teacher_model_path
-from muki_ray.hf_folder import ModelLoadError, check_folder, load_tokenizer, model_skeleton, weight_format
+from muki_ray.config import (ConfigError, RunConfig, is_path_source, load_config, prepared_settings, sources,
+                             teacher_model_path)
+from muki_ray.hf_folder import (ModelLoadError, check_folder, head_labels, load_tokenizer, model_skeleton,
+                                read_hf_config, resolve_model_path, weight_format)
 from muki_ray.labels import LabelSpace
-from muki_ray.mc_dropout import check_sampling
 
 MIN_FREE_BYTES = 1024**3  # a student checkpoint (weights + optimizer state) plus predictions
 
 
 class OutputError(Exception):
     """The output directory cannot take the run's files."""
+
+
+GENERIC_LABEL = re.compile(r"^LABEL_\d+$")
+
+
+def load_checked(path: str | os.PathLike, overrides: list[str] = ()) -> RunConfig:
+    """`config.load_config`, then `check_config`: what every command that runs work loads."""
+    return check_config(load_config(path, overrides))
+
+
+def check_config(cfg: RunConfig) -> RunConfig:
+    """The folders and files a valid config names: one ConfigError listing every problem."""
+    errors = input_errors(cfg)
+    if errors:
+        raise ConfigError(errors)
+    return cfg
+
+
+def input_errors(cfg: RunConfig) -> list[str]:
+    """One line per problem with the folders and files the config names, each starting with its
+    YAML path: model folders (config.json, the head against `labels`, `mc.layers` against the
+    depth), `student.deepspeed_config`, and data files that do not exist."""
+    errors: list[str] = []
+    for i, t in enumerate(cfg.teachers):
+        if t.prepare is not None and t.prepare.model and cfg.prepare is not None and t.model is None:
+            try:
+                read_hf_config(resolve_model_path(t.prepare.model))
+            except ValueError as e:
+                errors.append(f"teachers[{i}].prepare.model: {e}")
+        if t.model is None or (t.labels is not None and len(t.labels) < 2):  # prepared, or refused by the schema
+            continue
+        try:
+            hf = read_hf_config(resolve_model_path(t.model))
+        except ValueError as e:
+            errors.append(f"teachers[{i}].model: {e}")
+            continue
+        size, names = head_labels(hf)
+        if t.labels is None:
+            if names is None or any(GENERIC_LABEL.match(n) for n in names):
+                errors.append(
+                    f"teachers[{i}].labels: the model's id2label has generic LABEL_k names; list the labels explicitly"
+                )
+            elif size < 2:
+                errors.append(f"teachers[{i}].labels: a teacher needs at least 2 labels, the model head has {size}")
+        elif len(t.labels) != size:
+            errors.append(f"teachers[{i}].labels: {len(t.labels)} labels given but the model head has {size} outputs")
+        depth = hf.get("num_hidden_layers", hf.get("n_layers"))
+        if t.mc.layers is not None and depth is not None and t.mc.layers > depth:
+            errors.append(f"teachers[{i}].mc.layers: {t.mc.layers} but the model has {depth} layers")
+    protos = cfg.integration.prototypes
+    for where, model in [("student.model", cfg.student.model)] + (
+        [("prepare.model", cfg.prepare.model)] if cfg.prepare else []
+    ) + ([("integration.prototypes.model", protos.model)] if protos and protos.model else []):
+        try:
+            read_hf_config(resolve_model_path(model))
+        except ValueError as e:
+            errors.append(f"{where}: {e}")
+    if cfg.student.deepspeed_config and not Path(cfg.student.deepspeed_config).is_file():
+        errors.append(f"student.deepspeed_config: file {cfg.student.deepspeed_config} not found")
+    for where, src in sources(cfg):
+        if is_path_source(src.source) and "://" not in src.source and not Path(src.source).exists():
+            errors.append(f"{where}.source: {src.source} does not exist")
+    return errors
 
 
 def check_data(cfg: RunConfig, space: LabelSpace) -> None:
@@ -48,6 +111,9 @@ def check_data(cfg: RunConfig, space: LabelSpace) -> None:
 
 def check_models(cfg: RunConfig) -> None:
     """Every model folder: config.json, weights in an allowed format, a loadable tokenizer, readable weights."""
+    import torch  # here, not at the top: `validate` reads folders without loading torch (start-up time)
+
+    from muki_ray.mc_dropout import check_sampling  # imports torch
     folders = [(f"teachers[{i}].model", teacher_model_path(cfg, t), t.allow_pickle, t.trust_remote_code)
                for i, t in enumerate(cfg.teachers) if t.model is not None]
     s = cfg.student
@@ -109,20 +175,6 @@ def check_output_dir(path: Path, min_free: int = MIN_FREE_BYTES) -> None:
     if free < min_free:
         raise OutputError(f"output_dir: only {free / 1024**2:.0f} MiB free on {probe_dir}; a run needs at least "
                           f"{min_free / 1024**3:.1f} GiB")
-
-
-def check_address(address: str, timeout_s: float = 5.0) -> None:
-    """Fail fast when nothing listens at a Ray address (ray.init would otherwise retry for minutes)."""
-    if address in ("auto", "local") or not address:
-        return
-    url = urlparse(address if "://" in address else f"gcs://{address}")
-    host, port = url.hostname, url.port
-    if not host or not port:
-        raise ClusterError(f"ray.address: {address!r} is not host:port or ray://host:port")
-    try:
-        socket.create_connection((host, port), timeout=timeout_s).close()
-    except OSError as e:
-        raise ClusterError(f"ray.address: no Ray cluster at {address} ({e.strerror or e})") from None
 
 
 def check_resources(cfg: RunConfig, total: dict) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from muki_ray.combiner import Combiner, _stack, teacher_arrays
-from muki_ray.config import resolve_model_path
+from muki_ray.hf_folder import resolve_model_path
 from muki_ray.data import fold, io_map, list_column
 from muki_ray.evaluate import ClassifierSpec, ClassifierStage
 from muki_ray.hardware import cluster_has_gpus

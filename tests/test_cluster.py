@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from muki_ray.config import load_config
 from muki_ray.jobs import storage_problem
+from muki_ray.preflight import load_checked
 from tests.test_run import NOISE
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,7 +49,7 @@ def test_rayjob_entrypoint_and_resources_are_consistent():
     argv = shlex.split(spec["entrypoint"])
     script, config = argv[1], argv[argv.index("--config") + 1]
     assert (REPO / script).is_file() and (REPO / config).is_file()
-    cfg = load_config(REPO / config)
+    cfg = load_checked(REPO / config)
     (worker,) = spec["rayClusterSpec"]["workerGroupSpecs"]
     pod = worker["template"]["spec"]
     limits = pod["containers"][0]["resources"]["limits"]
@@ -94,7 +94,7 @@ def test_a_jobs_relative_output_dir_is_resolved_on_shared_storage_or_refused(tmp
     raw = yaml.safe_load((REPO / "jobs" / "configs" / "cluster.yaml").read_text())
     del raw["teachers"][0]["resources"]["num_gpus"]
     with pytest.raises(ConfigError, match=r"teachers\[0\].resources.num_gpus: required with ray.autoscaling"):
-        parse_config(raw, check_files=False)
+        parse_config(raw)
 
 
 def test_local_paths_refused_on_multinode(tmp_path):

@@ -47,7 +47,7 @@ def make_cfg(tmp_path, **integration):
         "integration": integration,
         "student": {"model": "s"},
     }
-    return parse_config(raw, check_files=False)
+    return parse_config(raw)
 
 
 SPACE = LabelSpace.from_teachers({"zeta": ["sport", "tech"], "alpha": ["business", "politics"]})

@@ -12,7 +12,9 @@ import pytest
 import yaml
 
 from muki_ray.cli import main
-from muki_ray.config import ConfigError, apply_overrides, contiguous_split, load_config, schema_markdown
+from muki_ray.config import ConfigError, apply_overrides, load_config
+from muki_ray.labels import contiguous_split
+from muki_ray.schema_doc import schema_markdown
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -55,7 +57,7 @@ def test_valid_config_summary(tmp_path, base, capsys):
 
 def test_default_recipe_paper_preset_and_non_score_strategies(tmp_path, base, capsys):
     from muki_ray.cache import config_key
-    from muki_ray.cli import label_space
+    from muki_ray.labels import label_space
 
     cfg = load_config(write(tmp_path, base))  # no integration section: the default recipe
     assert cfg.integration.calibration == "rank" and cfg.integration.prototypes is not None

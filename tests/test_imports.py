@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "muki_ray"
-MATH = ("integrate", "strategies", "prototypes", "refine", "losses", "mc_dropout", "stats", "labels")
+MATH = ("integrate", "strategies", "prototypes", "refine", "losses", "mc_dropout", "stats")
 STAGES = ("pool", "teachers", "embedding", "combiner", "student", "evaluate", "refine_stage", "pipeline", "schedule")
 
 
@@ -42,3 +42,10 @@ def test_the_package_never_imports_jobs_or_benchmarks():
     for path in PACKAGE.glob("*.py"):
         bad = {n for n in imports(path.stem) if n.split(".")[0] in ("jobs", "benchmarks", "tests")}
         assert not bad, f"{path.name} imports {sorted(bad)}"
+
+
+def test_no_two_modules_import_each_other():
+    deps = {p.stem: {n.split(".")[1] for n in imports(p.stem) if n.startswith("muki_ray.")}
+            for p in PACKAGE.glob("*.py")}
+    cycles = sorted({tuple(sorted((a, b))) for a, ds in deps.items() for b in ds if a in deps.get(b, set())})
+    assert not cycles, f"modules that import each other: {cycles}"

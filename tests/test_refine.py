@@ -84,8 +84,8 @@ def test_combiner_stage_with_refine(tmp_path, ray_session, tiny_models):
                                                                "resources": {"num_cpus": 0.5}}},
            "student": {"model": str(tiny_models["student"]), "epochs": 1, "batch_size": 2, "lr": 1e-3,
                        "resources_per_worker": {"CPU": 1}}}
-    cfg = parse_config(raw, check_files=False)
-    off = parse_config({**raw, "integration": {"strategy": "muki_soft", "preset": "paper"}}, check_files=False)
+    cfg = parse_config(raw)
+    off = parse_config({**raw, "integration": {"strategy": "muki_soft", "preset": "paper"}})
     assert stage_keys(cfg, SPACE, tmp_path, "targets")[0] != stage_keys(off, SPACE, tmp_path, "targets")[0]
     combine_stage(cfg, SPACE, tmp_path)
 

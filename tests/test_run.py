@@ -117,7 +117,7 @@ def test_bad_force_stage(run_config, capsys):
 def test_per_teacher_prepare_settings_and_unowned_labels(tmp_path, tiny_models, ray_session):
     """A prepared teacher's own base model, epochs, lr and text count override `prepare`; texts of
     labels no teacher owns are skipped and counted, not refused."""
-    from muki_ray.cli import label_space
+    from muki_ray.labels import label_space
     from muki_ray.config import parse_config
     from muki_ray.data import hashed_sample, to_ray_dataset
     from muki_ray.pipeline import prepare_stage
@@ -137,7 +137,7 @@ def test_per_teacher_prepare_settings_and_unowned_labels(tmp_path, tiny_models, 
         "teachers": [{"name": "first", "labels": ["business", "entertainment"],
                       "prepare": {"model": str(tiny_models["arts"]), "epochs": 1, "lr": 1e-3, "texts": 7}},
                      {"name": "own", "model": str(tiny_models["misc"]), "labels": ["tech", "science"]}],
-        "student": {"model": str(base)}}, check_files=False)
+        "student": {"model": str(base)}})
     space = label_space(cfg)
     m = prepare_stage(cfg, space, tmp_path / "run")
     first = m["teachers"]["first"]

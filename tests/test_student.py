@@ -61,7 +61,7 @@ def prepare(tmp_path, strategy="muki_soft", n=64, zero=2, workers=2, epochs=2, w
                     "num_workers": workers, "resources_per_worker": {"CPU": 0.5}, "max_length": 16,
                     "warmup_ratio": 0.0, **{"lr": 5e-3, **student}},
     }
-    return parse_config(raw, check_files=False), run
+    return parse_config(raw), run
 
 
 def train_log(run):

@@ -9,6 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from muki_ray.config import parse_config
+from muki_ray.preflight import check_config
 from muki_ray.labels import LabelSpace
 from muki_ray.teachers import COLUMNS, TeacherSpec, TeacherStage, column, stage_class, stage_options, teacher_specs
 from tests.conftest import WORDS
@@ -35,7 +36,7 @@ def _cfg(tmp_path, tiny_models, n=300, replicas=2, **teacher_extra):
         "student": {"model": str(tiny_models["student"])},
     }
     (tmp_path / "cfg.yaml").write_text(__import__("yaml").safe_dump(raw))
-    cfg = parse_config(raw)
+    cfg = check_config(parse_config(raw))
     space = LabelSpace.from_teachers({"news": ["business", "politics"], "arts": ["entertainment", "sport", "tech"],
                                       "misc": ["tech", "science"]})
     return cfg, space
