@@ -10,7 +10,7 @@ driver's figures are not mixed between runs.
 
 How it measures:
 - worker RSS at init: each training worker's peak RSS right after the model is built (a Ray
-  `worker_process_setup_hook` wraps `student._build_model`, so it works on the baseline too);
+  `worker_process_setup_hook` wraps the model builder student.py calls, on the baseline too);
 - worker peak RSS: the same worker's peak RSS over the whole fit (export included);
 - driver export delta: the driver's RSS sampled every 50 ms during `train_classifier`, minus its RSS
   just before (the baseline consolidates and exports on the driver);
@@ -65,11 +65,12 @@ def bert_large(folder: Path) -> Path:
 
 # ------------------------------------------------------------------ inside the training workers
 def worker_hook() -> None:
-    """Ray worker_process_setup_hook: record this process's peak RSS right after `_build_model`."""
+    """Ray worker_process_setup_hook: record this process's peak RSS right after the model is built."""
     import muki_ray.student as student
 
     out = os.environ["MUKI_BENCH_RSS_DIR"]
-    build = student._build_model
+    name = "build_model" if hasattr(student, "build_model") else "_build_model"  # this commit / the baseline
+    build = getattr(student, name)
 
     def measured(*args, **kwargs):
         result = build(*args, **kwargs)
@@ -87,7 +88,7 @@ def worker_hook() -> None:
         threading.Thread(target=keep_peak, daemon=True).start()
         return result
 
-    student._build_model = measured
+    setattr(student, name, measured)
 
 
 # ------------------------------------------------------------------ one run (a child process)

@@ -205,6 +205,38 @@ def save_atomic(model, tokenizer, folder, state_dict: Optional[dict] = None) -> 
     return folder
 
 
+def save_shards_atomic(config, tokenizer, folder, shards) -> Path:
+    """As `save_atomic`, with the weights from an iterator of {name: tensor} shards, each written
+    (and dropped) before the next is asked for; an index maps tensors to files when there are
+    several, as `save_pretrained` does. `config`: the model's PretrainedConfig."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    written, total = [], 0
+    for i, shard in enumerate(shards):
+        save_file(shard, str(tmp / f"part-{i}.safetensors"), metadata={"format": "pt"})
+        written.append(list(shard))
+        total += sum(t.numel() * t.element_size() for t in shard.values())
+    n = len(written)
+    names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    for i, name in enumerate(names):  # Hugging Face's names say "of N": known once every shard is written
+        os.replace(tmp / f"part-{i}.safetensors", tmp / name)
+    if n > 1:
+        index = {"metadata": {"total_size": total},
+                 "weight_map": {k: name for keys, name in zip(written, names) for k in keys}}
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    config.save_pretrained(tmp)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
+    return folder
+
+
 def _first_line(e: Exception) -> str:
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0] if text else ''}"

@@ -25,6 +25,7 @@ import ray
 import ray.data
 
 from muki_ray.cache import STAGES, TeacherCache, prototypes_model, stage_keys
+from muki_ray.checkpoint import warm_start_folder
 from muki_ray.combiner import Combiner, select_scores, supervision
 from muki_ray.config import RunConfig, prepared_settings
 from muki_ray.data import (DataError, check_labels, fold, hashed_sample, io_map, io_read, io_write, read_source,
@@ -43,7 +44,7 @@ from muki_ray.report import stage_headline, write_report
 from muki_ray.schedule import Job, refuse_oversized, run_within, settled_free
 from muki_ray.stats import add
 from muki_ray.strategies import STRATEGIES
-from muki_ray.student import tokenize, train_classifier, warm_start_folder, with_gold
+from muki_ray.student import tokenize, train_classifier, with_gold
 from muki_ray.teachers import actor_resources, cache_columns, column, predict_teacher, stage_options, teacher_specs
 
 log = logging.getLogger("muki_ray.pipeline")

@@ -4,10 +4,10 @@ Used twice: the student on the integrated targets, and (in `prepare`) each teach
 labels of its own label subset. Tokenization happens in a Ray Data stage before the trainer;
 `train_loop_per_worker` reads top to bottom: build model -> deepspeed.initialize -> resume ->
 epochs (train, evaluate on dev, export when dev accuracy is the best so far, report with
-checkpoint). Under ZeRO-3 the model is created partitioned (transformers' `HfDeepSpeedConfig` set
-before `from_pretrained`, so `deepspeed.zero.Init` gives each rank only its shard), and the export
-gathers the 16-bit weights layer by layer to rank 0, which writes the `from_pretrained` folder
-(temporary name, then rename). The driver never builds the model or reads the checkpoint.
+checkpoint). The model's creation, checkpoints and export are in checkpoint.py: under ZeRO-3 each
+rank creates only its shard, and the export gathers the 16-bit weights a group at a time to rank 0,
+which writes the `from_pretrained` folder shard by shard. The driver never builds the model or
+reads the checkpoint.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Optional
 import numpy as np
 
 from muki_ray import faults
+from muki_ray.checkpoint import append_log, build_model, local_parameters, save_checkpoint, save_student
 from muki_ray.cluster import default_max_failures
 from muki_ray.progress import advance, track
 
@@ -49,7 +49,12 @@ def deepspeed_config(hyper, *, use_gpu: bool, bf16: bool, total_steps: int, user
     if hidden and hyper.zero_stage == 3:
         zero.update(stage3_prefetch_bucket_size=int(0.9 * hidden * hidden),
                     stage3_param_persistence_threshold=10 * hidden,
-                    stage3_max_live_parameters=30 * hidden * hidden)  # about 2.5 transformer layers
+                    stage3_max_live_parameters=30 * hidden * hidden,  # about 2.5 transformer layers
+                    # DeepSpeed's 1e9 default keeps every parameter gathered in the forward pass until the
+                    # backward reuses it: the whole model on every rank (measured: +1.4 GB per step on a
+                    # 335 M student). Re-gather instead, and step the optimizer in sub-groups of the same
+                    # size, so its flattened gradient copy and AdamW's temporaries are a few layers, not the shard.
+                    stage3_max_reuse_distance=30 * hidden * hidden, sub_group_size=30 * hidden * hidden)
     if hyper.zero_stage == 3:
         # Gather the full weights at save time as well; export also works from the shards.
         zero["stage3_gather_16bit_weights_on_model_save"] = True
@@ -172,28 +177,29 @@ def train_loop_per_worker(config: dict) -> None:
     import torch
 
     from muki_ray import losses
-    from muki_ray.hardware import worker_threads
+    from muki_ray.hardware import release_freed_memory, worker_threads
 
     job = TrainJob(**config["job"])
     hyper = job.hyper
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(hyper["seed"])
+    release_freed_memory()
     if not hyper["use_gpu"]:
         torch.set_num_threads(worker_threads())
 
     # 1. Model: the union label head; under ZeRO-3 created partitioned (`partitioned` must stay
     #    alive while the engine runs: transformers reads the ZeRO-3 state through it).
     bf16 = job.ds_config.get("bf16", {}).get("enabled", False)
-    model, partitioned = _build_model(job, rank, dtype=torch.bfloat16 if bf16 else None)
-    local, total = _local_parameters(model)
+    model, partitioned = build_model(job, rank, dtype=torch.bfloat16 if bf16 else None)
+    local, total = local_parameters(model)
     nodes = [ray.get_runtime_context().get_node_id()] * world
     if torch.distributed.is_initialized():
         torch.distributed.all_gather_object(nodes, nodes[0])
     if rank == 0:
         log.info("model created: %d parameters, %d on this rank (%.2f); %d workers on %d nodes", total, local,
                  local / max(total, 1), world, len(set(nodes)))
-        _append_log(job, {"event": "model_created", "parameters": total, "local_parameters": local,
+        append_log(job, {"event": "model_created", "parameters": total, "local_parameters": local,
                                    "local_fraction": local / max(total, 1), "rss_mb": _peak_rss_mb(),
                                    "worker_nodes": nodes})
 
@@ -216,7 +222,7 @@ def train_loop_per_worker(config: dict) -> None:
             start_epoch, skip = start_epoch + 1, 0
         if rank == 0:
             log.info("resumed from checkpoint at epoch %d step %d, global step %d", start_epoch, skip, global_step)
-            _append_log(job, {"event": "resumed", "epoch": start_epoch, "step": skip,
+            append_log(job, {"event": "resumed", "epoch": start_epoch, "step": skip,
                                        "global_step": global_step})
 
     loss_fn = getattr(losses, job.loss).build(losses.LossContext(**job.loss_context)).to(device)
@@ -248,12 +254,12 @@ def train_loop_per_worker(config: dict) -> None:
                        "lr": float(engine.get_lr()[0]), "examples_per_s": round(meter.rate(), 2)}
                 log.info("epoch %d step %d/%d loss %.4f lr %.2e %.1f ex/s", epoch, step + 1,
                          job.steps_per_epoch, rec["loss"], rec["lr"], rec["examples_per_s"])
-                _append_log(job, rec)
+                append_log(job, rec)
             if rank == 0:
                 advance(job.progress)
             faults.trace_step(job.trace_rows, rank, epoch, step, np_batch)
             if every and global_step % every == 0 and step + 1 < job.steps_per_epoch:
-                _checkpoint(engine, {"epoch": epoch, "step": step + 1, "global_step": global_step, "best": best},
+                save_checkpoint(engine, {"epoch": epoch, "step": step + 1, "global_step": global_step, "best": best},
                             {"epoch": epoch, "step": step + 1, "global_step": global_step,
                              "train_loss": meter.mean_loss()})
             faults.train_step(global_step, job.fault_step, rank)
@@ -270,9 +276,9 @@ def train_loop_per_worker(config: dict) -> None:
         metrics.update(best_epoch=best["epoch"], best_dev_accuracy=best["dev_accuracy"])
         if rank == 0:
             log.info("epoch %d done: %s", epoch, json.dumps(metrics))
-            _append_log(job, {"event": "epoch", **metrics})
+            append_log(job, {"event": "epoch", **metrics})
         # 7. Checkpoint at the epoch's end.
-        _checkpoint(engine, {"epoch": epoch, "step": job.steps_per_epoch, "global_step": global_step, "best": best},
+        save_checkpoint(engine, {"epoch": epoch, "step": job.steps_per_epoch, "global_step": global_step, "best": best},
                     metrics)
 
 
@@ -319,123 +325,6 @@ def _loss_step(engine, loss_fn, batch: dict):
     return loss
 
 
-def _checkpoint(engine, state: dict, metrics: dict) -> None:
-    """Every rank saves its DeepSpeed shard (with `state`: where to resume, the best epoch so far); Ray
-    Train merges them into one checkpoint. The reported metrics carry the best epoch's as `best/...`,
-    so the driver reads them from the last report."""
-    import tempfile
-
-    import ray.train
-
-    best = {f"best/{k}": v for k, v in state["best"]["metrics"].items()}
-    with tempfile.TemporaryDirectory() as tmp:
-        engine.save_checkpoint(tmp, tag="state", client_state=state)
-        ray.train.report({**metrics, **best}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-
-
-def _build_model(job: TrainJob, rank: int = 0, dtype=None):
-    """The classifier over the union labels, and the handle that keeps ZeRO-3's partitioned
-    creation on (None below stage 3). Under ZeRO-3 transformers creates every parameter inside
-    `deepspeed.zero.Init`, so a rank never holds more than its shard plus one layer being loaded."""
-    from muki_ray.hf_folder import head_keys, load_classifier, weight_format, weight_reader
-
-    names = list(job.labels)
-    zero3 = job.ds_config.get("zero_optimization", {}).get("stage") == 3
-    # Before ZeRO-3 is switched on: the skeletons must stay on the meta device, not be partitioned.
-    heads = head_keys(job.model_path, len(names), trust_remote_code=job.trust_remote_code) \
-        if job.init_from or zero3 else set()
-    rename = {}
-    if zero3 and weight_format(Path(job.model_path)) == "safetensors":
-        # transformers' ZeRO-3 loading ignores ignore_mismatched_sizes: a base head sized for another
-        # label count is renamed away, so it is skipped and the union head is created fresh.
-        with weight_reader(job.model_path) as w:
-            rename = {rf"^{re.escape(k)}$": f"discarded_head.{k}" for k in heads
-                      if k in w and w[k].get_shape()[0] != len(names)}
-    partitioned = None
-    if zero3:
-        from transformers.integrations import HfDeepSpeedConfig
-
-        partitioned = HfDeepSpeedConfig(job.ds_config)
-    model = load_classifier(job.model_path, trust_remote_code=job.trust_remote_code, allow_pickle=job.allow_pickle,
-                            num_labels=len(names), id2label=dict(enumerate(names)),
-                            label2id={n: i for i, n in enumerate(names)}, ignore_mismatched_sizes=True,
-                            **({"dtype": dtype} if dtype is not None else {}),
-                            **({"key_mapping": rename} if rename else {}))
-    if job.init_from:
-        _warm_start(model, job, rank, heads)
-    return model, partitioned
-
-
-def _warm_start(model, job: TrainJob, rank: int, heads: set[str]) -> None:
-    """Copy a previous student (`job.init_from`) into the new model: body tensors of the same name and
-    shape; head tensors (`heads`, first dim = label count) row by row by label name, so rows of new
-    labels keep their fresh init. Tensors are read one at a time; a ZeRO-3 parameter is gathered to
-    rank 0, written there and re-partitioned, so no rank ever holds the whole model."""
-    import contextlib
-    import itertools
-
-    import deepspeed
-    import torch
-
-    from muki_ray.hf_folder import label_names, weight_reader
-
-    old_labels = label_names(job.init_from)
-    rows = {j: old_labels.index(n) for j, n in enumerate(job.labels) if n in old_labels}
-    copied = []
-    with weight_reader(job.init_from) as old, torch.no_grad():
-        for name, p in itertools.chain(model.named_parameters(), model.named_buffers()):
-            if name not in old:
-                continue
-            sharded = hasattr(p, "ds_id")
-            with deepspeed.zero.GatheredParameters([p], modifier_rank=0) if sharded else contextlib.nullcontext():
-                if sharded and rank != 0:
-                    continue
-                t = old[name][:]
-                if name in heads:
-                    for j, i in rows.items():
-                        p.data[j] = t[i].to(p.dtype)
-                elif tuple(t.shape) == tuple(p.shape):
-                    p.data.copy_(t.to(p.dtype))
-                else:
-                    continue
-                copied.append(name)
-    if rank == 0:
-        kept = [job.labels[j] for j in rows]
-        log.info("warm start from %s: %d tensors copied; head rows copied by name: %s; new: %s", job.init_from,
-                 len(copied), ", ".join(kept), ", ".join(n for n in job.labels if n not in old_labels) or "none")
-        _append_log(job, {"event": "warm_start", "from": job.init_from, "tensors": len(copied),
-                                   "head": sorted(heads), "copied_labels": kept,
-                                   "new_labels": [n for n in job.labels if n not in old_labels]})
-
-
-def _local_parameters(model) -> tuple[int, int]:
-    """(parameters held by this rank, parameters of the model): ZeRO-3's `ds_tensor` shards and
-    `ds_numel` sizes, or every parameter when the model is not partitioned."""
-    local = total = 0
-    for p in model.parameters():
-        n = int(getattr(p, "ds_numel", p.numel()))
-        total += n
-        local += int(p.ds_tensor.numel()) if hasattr(p, "ds_tensor") else n
-    return local, total
-
-
-def save_student(engine, job: TrainJob, rank: int) -> None:
-    """Write the `from_pretrained` folder (union id2label, the base model's tokenizer) to
-    job.out_dir from the workers. Under ZeRO-3 every rank takes part in gathering the 16-bit
-    weights layer by layer to rank 0; below it, rank 0's module holds them all. Rank 0 writes
-    to a temporary name, then renames."""
-    from muki_ray.hf_folder import load_tokenizer, save_atomic
-
-    if not job.out_dir:  # the same on every rank: no rank enters the gather alone
-        return
-    zero3 = job.ds_config.get("zero_optimization", {}).get("stage") == 3
-    state = engine._zero3_consolidated_16bit_state_dict() if zero3 else None
-    if rank == 0:
-        state = state if state is not None else engine.module.state_dict()
-        save_atomic(engine.module, load_tokenizer(job.model_path, trust_remote_code=job.trust_remote_code),
-                    job.out_dir, state_dict=state)
-
-
 def _model_inputs(batch: dict) -> dict:
     return {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
 
@@ -480,13 +369,6 @@ def _peak_rss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
-def _append_log(job: TrainJob, rec: dict) -> None:
-    """One line of train_log.jsonl (rank 0), tagged with the Ray Train run it belongs to."""
-    if job.log_path:
-        with open(job.log_path, "a") as f:
-            f.write(json.dumps({"time": round(time.time(), 3), "run": job.run_name, **rec}) + "\n")
-
-
 # ----------------------------------------------------------------- driver
 def fit(job: TrainJob, train_ds, dev_ds, *, run_dir: Path, name: str, num_rows: int, scaling: dict,
         max_failures: int, storage_path: Optional[str] = None) -> dict:
@@ -525,23 +407,6 @@ def steps_per_epoch(num_rows: int, world: int, micro: int) -> int:
     """Micro-steps every worker can take on its equal shard, dropping the ragged tail (0 when a
     shard is smaller than one micro-batch: `train_classifier` shrinks the batch first)."""
     return (num_rows // world) // micro
-
-
-def warm_start_folder(init_from: str, labels) -> str:
-    """The student folder to warm-start from (a run directory's `student/`, or the folder itself); logs
-    which labels keep their trained head rows. The workers copy the weights (`_warm_start`)."""
-    from muki_ray.hf_folder import label_names
-
-    src = Path(init_from)
-    if (src / "student" / "config.json").exists():
-        src = src / "student"
-    old = label_names(src)
-    dropped = [n for n in old if n not in set(labels)]
-    if dropped:
-        log.warning("warm start: labels no longer in the union are dropped: %s", ", ".join(dropped))
-    log.debug("warm start from %s: %d of %d labels keep their head rows, %d new", src,
-             sum(n in old for n in labels), len(labels), sum(n not in old for n in labels))
-    return str(src.resolve())
 
 
 # ----------------------------------------------------------------- one fit, end to end

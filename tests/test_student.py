@@ -85,6 +85,9 @@ def test_zero_stage_trains_and_exports(tmp_path, ray_session, zero, monkeypatch)
     extra = {}
     if zero == 3:
         extra["init_from"] = str(make_tiny_model(tmp_path / "previous", list(reversed(UNION)), "bert", seed=6))
+        # A few thousand parameters live at a time (the tiny model has ~25k): the export is several shards.
+        (tmp_path / "ds.json").write_text(json.dumps({"zero_optimization": {"stage3_max_live_parameters": 4000}}))
+        extra["deepspeed_config"] = str(tmp_path / "ds.json")
     cfg, run = prepare(tmp_path, zero=zero, n=128, epochs=3, lr=1e-2, base_labels=["x", "y"], **extra)
     info = train_stage(cfg, SPACE, run)
     evaluate_stage(cfg, SPACE, run)
@@ -100,6 +103,10 @@ def test_zero_stage_trains_and_exports(tmp_path, ray_session, zero, monkeypatch)
         warm = next(r for r in train_log(run) if r.get("event") == "warm_start")
         assert warm["head"] == ["classifier.bias", "classifier.weight"] and warm["copied_labels"] == UNION
         assert warm["tensors"] == len(load_file(str(tmp_path / "previous" / "model.safetensors")))
+        # Exported shard by shard (a few layers gathered at a time), with the index that maps them.
+        index = json.loads((run / "student" / "model.safetensors.index.json").read_text())
+        shards = sorted(p.name for p in (run / "student").glob("model-*.safetensors"))
+        assert len(shards) > 1 and set(index["weight_map"].values()) == set(shards)
     else:
         assert created["local_fraction"] == 1.0, created
     clf = pipeline("text-classification", model=str(run / "student"), device="cpu")
