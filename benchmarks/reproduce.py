@@ -163,7 +163,7 @@ def low_margin_selection(run_dir: Path, shared: Path, space) -> dict:
     """
     import pyarrow.parquet as pq
 
-    from muki_ray.teachers import column
+    from muki_ray.stage import column
 
     preds = pq.read_table(shared / "predictions" / "data").to_pydict()
     scores = np.stack([np.asarray(preds[column(t, "mc_score")]) for t in space.teachers], axis=1)

@@ -118,14 +118,15 @@ def ray_seconds(spec, texts: list[str], actors: int, batch: int = 16) -> float:
     import ray
 
     from muki_ray.data import to_ray_dataset
-    from muki_ray.teachers import stage_class
+    from muki_ray.stage import stage_class
+    from muki_ray.teachers import TeacherStage
 
     threads = max(1, spec.threads // actors)
     table = pa.table({"id": [str(i) for i in range(len(texts))], "text": texts})
 
     def run():
         return to_ray_dataset(table, batch).map_batches(
-            stage_class("teacher"), fn_constructor_kwargs={"spec": replace(spec, threads=threads)},
+            stage_class("teacher", TeacherStage), fn_constructor_kwargs={"spec": replace(spec, threads=threads)},
             batch_size=batch, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors),
             num_cpus=2 / actors - 0.01).materialize()
 

@@ -29,7 +29,7 @@ from muki_ray.labels import LabelSpace
 from muki_ray.prototypes import _unit, assign_pass, kmeans, seed_responsibilities, teacher_scores
 from muki_ray.stats import add
 from muki_ray.strategies import STRATEGIES, integrate, strategy_scores
-from muki_ray.teachers import column, stage_class
+from muki_ray.stage import column, stage_class
 
 log = logging.getLogger("muki_ray.combiner")
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from muki_ray.data import list_column
+from muki_ray.stage import Stage
 
 
 @dataclass(frozen=True)
@@ -23,12 +24,10 @@ class EmbeddingSpec:
     allow_pickle: bool = False
 
 
-class EmbeddingStage:
-    """{"text": (B,), ...} -> the same batch plus "embedding" (B,) of (D,) float32 unit vectors."""
+class EmbeddingStage(Stage):
+    """Ray Data stage: {"text": (B,), ...} -> the same batch plus "embedding" (B,) of (D,) float32 unit vectors."""
 
-    def __init__(self, spec: EmbeddingSpec):
-        self.spec = spec
-        self.setup()
+    outputs = ("embedding",)
 
     def setup(self) -> None:
         from muki_ray.hardware import actor_device

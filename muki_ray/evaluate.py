@@ -19,7 +19,7 @@ from muki_ray.hf_folder import load_classifier, load_tokenizer
 from muki_ray.data import fold
 from muki_ray.progress import advance, track
 from muki_ray.stats import add
-from muki_ray.teachers import stage_class
+from muki_ray.stage import Stage, stage_class
 
 
 def predict_proba(model_dir, texts: list[str], *, max_length: int = 128, batch_size: int = 64,
@@ -39,12 +39,10 @@ class ClassifierSpec:
     progress: Optional[str] = None  # the stage's progress counter (progress.track)
 
 
-class ClassifierStage:
-    """Ray Data callable class: {"text": (B,), ...} -> the same batch plus "probs" (B, |Y|) float32."""
+class ClassifierStage(Stage):
+    """Ray Data stage: {"text": (B,), ...} -> the same batch plus "probs" (B, |Y|) float32."""
 
-    def __init__(self, spec: ClassifierSpec):
-        self.spec = spec
-        self.setup()
+    outputs = ("probs",)
 
     def setup(self) -> None:
         s = self.spec

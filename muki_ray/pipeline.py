@@ -45,7 +45,8 @@ from muki_ray.schedule import Job, refuse_oversized, run_within, settled_free
 from muki_ray.stats import add
 from muki_ray.strategies import STRATEGIES
 from muki_ray.student import tokenize, train_classifier, with_gold
-from muki_ray.teachers import actor_resources, cache_columns, column, predict_teacher, stage_options, teacher_specs
+from muki_ray.stage import actor_resources, column, stage_options
+from muki_ray.teachers import cache_columns, predict_teacher, teacher_specs
 
 log = logging.getLogger("muki_ray.pipeline")
 

@@ -25,14 +25,17 @@ from muki_ray.refine import high_margin, margin_cut, refine_scores, teacher_mass
 from muki_ray.stats import Sketch, add
 from muki_ray.strategies import STRATEGIES
 from muki_ray.student import tokenize, train_classifier
-from muki_ray.teachers import stage_class, stage_options
+from muki_ray.stage import stage_class, stage_options
 
 log = logging.getLogger("muki_ray.refine")
 
 
 class Judge(ClassifierStage):
-    """Ray Data callable class: rows below the cut get the first student's teacher masses mixed
+    """Ray Data stage: rows below the cut get the first student's teacher masses mixed
     into their `select_scores`; `judged` and `before` (the old choice) are kept for the round's fold."""
+
+    inputs = ("text", "select_scores")
+    outputs = ("select_scores", "judged", "before")
 
     def __init__(self, spec: ClassifierSpec, cut: float, positions: list, temperature: float, student_weight: float):
         self.cut, self.positions = cut, [np.asarray(p) for p in positions]

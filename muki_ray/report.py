@@ -18,7 +18,7 @@ from muki_ray.data import io_read
 from muki_ray.integrate import entropy_scores
 from muki_ray.labels import LabelSpace
 from muki_ray.manifest import read_manifest
-from muki_ray.teachers import column
+from muki_ray.stage import column
 
 FIGURE_ROWS = 20_000  # the uncertainty figure is drawn from a seeded sample of at most this many texts
 

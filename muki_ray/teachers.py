@@ -27,8 +27,8 @@ from typing import Optional
 import numpy as np
 import pyarrow.parquet as pq
 import ray
-import torch
 import ray.data
+import torch
 
 from muki_ray.cache import TeacherCache
 from muki_ray.data import hash64, io_map, io_write, list_column
@@ -37,16 +37,9 @@ from muki_ray.manifest import write_json_atomic
 from muki_ray.mc_dropout import AdaptiveK, check_sampling, mc_predict
 from muki_ray.pool import missing_rows, over_buckets
 from muki_ray.progress import advance
+from muki_ray.stage import COLUMNS, LIST_FIELDS, Stage, actor_resources, column, stage_class, stage_options
 
 log = logging.getLogger("muki_ray.teachers")
-
-COLUMNS = ("logits", "probs", "entropy", "mc_probs", "mc_uncertainty", "mc_score")
-LIST_FIELDS = ("logits", "probs", "mc_probs")  # (C,) float32 per row; the others are float64 scalars
-
-
-def column(teacher: str, field: str) -> str:
-    return f"{teacher}__{field}"
-
 
 @dataclass(frozen=True)
 class TeacherSpec:
@@ -70,18 +63,17 @@ class TeacherSpec:
     progress: Optional[str] = None          # the stage's progress counter (progress.track)
 
 
-class TeacherStage:
-    """Ray Data callable class: one teacher's MC-Dropout predictions for a batch of texts.
+class TeacherStage(Stage):
+    """Ray Data stage: one teacher's MC-Dropout predictions for a batch of texts.
 
     `setup()` loads the model and the teacher's own tokenizer; `__call__` maps a batch
-    {"text": (B,), ...} to the same batch plus this teacher's columns. Subclassed per teacher
-    (see `stage_class`) so that Ray Data's progress shows the teacher's name.
+    {"id", "text": (B,), ...} to the same batch plus this teacher's columns (NAME__F for F in
+    `outputs`) and `node`, without the text. Subclassed per teacher (`stage.stage_class`) so that
+    Ray Data's progress shows the teacher's name.
     """
 
-    def __init__(self, spec: TeacherSpec):
-        self.spec = spec
-        self.model = None
-        self.setup()
+    inputs = ("id", "text")
+    outputs = COLUMNS
 
     def setup(self) -> None:
         from muki_ray.hardware import actor_device, autocast_dtype, mc_batch_tokens
@@ -165,29 +157,6 @@ class TeacherStage:
         return {f: getattr(out, f).cpu().numpy() for f in COLUMNS}
 
 
-def stage_class(name: str, base: type = TeacherStage) -> type:
-    """A subclass named after the teacher: Ray Data labels a stage with its class name."""
-    return type(name, (base,), {"__module__": base.__module__, "__qualname__": name})
-
-
-def actor_resources(resources, num_gpus_default: float) -> dict[str, float]:
-    """Ray resources of one actor of a stage, from its `resources` config."""
-    num_gpus = resources.num_gpus if resources.num_gpus is not None else num_gpus_default
-    return {"CPU": resources.num_cpus, "GPU": num_gpus, **resources.custom}
-
-
-def stage_options(resources, num_gpus_default: float, actors: Optional[int] = None) -> dict:
-    """map_batches options for one actor pool (1 to `actors` or `replicas` actors), from its `resources`."""
-    per = actor_resources(resources, num_gpus_default)
-    return {
-        "compute": ray.data.ActorPoolStrategy(min_size=1, max_size=actors or resources.replicas),
-        "num_cpus": per["CPU"], "num_gpus": per["GPU"],
-        **({"resources": dict(resources.custom)} if resources.custom else {}),
-        # No max_restarts/max_task_retries here: Ray Data's actor pools already default both to
-        # -1, so a lost actor is restarted and its batch retried and the stream completes.
-    }
-
-
 def teacher_specs(cfg, space) -> list[TeacherSpec]:
     """One TeacherSpec per configured teacher, labels from the union label space."""
     from muki_ray.config import teacher_model_path
@@ -229,7 +198,7 @@ def predict_teacher(spec: TeacherSpec, teacher, cache: TeacherCache, pool_root: 
     # Cap this pipeline to its grant, so pools of teachers running side by side never compete.
     rows.context.execution_options.resource_limits = ray.data.ExecutionResources(
         cpu=per["CPU"] * actors, gpu=per["GPU"] * actors)
-    out = rows.map_batches(stage_class(spec.name), fn_constructor_kwargs={"spec": spec}, batch_size=teacher.batch_size,
+    out = rows.map_batches(stage_class(spec.name, TeacherStage), fn_constructor_kwargs={"spec": spec}, batch_size=teacher.batch_size,
                            batch_format="numpy", **options, **faults.teacher_env())
     part = cache.new_part()
     # Rows arrive in blocks of one bucket (the pool's files, or one anti-join task per bucket), so

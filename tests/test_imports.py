@@ -49,3 +49,16 @@ def test_no_two_modules_import_each_other():
             for p in PACKAGE.glob("*.py")}
     cycles = sorted({tuple(sorted((a, b))) for a, ds in deps.items() for b in ds if a in deps.get(b, set())})
     assert not cycles, f"modules that import each other: {cycles}"
+
+
+def test_one_stage_idiom():
+    """Every Ray Data stage subclasses stage.Stage, and only the pipeline imports the teacher stage."""
+    from muki_ray.embedding import EmbeddingStage
+    from muki_ray.evaluate import ClassifierStage
+    from muki_ray.refine_stage import Judge
+    from muki_ray.stage import Stage
+    from muki_ray.teachers import TeacherStage
+
+    assert all(issubclass(c, Stage) for c in (TeacherStage, EmbeddingStage, ClassifierStage, Judge))
+    users = {p.stem for p in PACKAGE.glob("*.py") if "muki_ray.teachers" in imports(p.stem)}
+    assert users == {"pipeline"}, users

@@ -11,7 +11,8 @@ import pytest
 from muki_ray.config import parse_config
 from muki_ray.preflight import check_config
 from muki_ray.labels import LabelSpace
-from muki_ray.teachers import COLUMNS, TeacherSpec, TeacherStage, column, stage_class, stage_options, teacher_specs
+from muki_ray.stage import COLUMNS, column, stage_class, stage_options
+from muki_ray.teachers import TeacherSpec, TeacherStage, teacher_specs
 from tests.conftest import WORDS
 
 
@@ -108,7 +109,7 @@ def test_head_size_mismatch_names_the_teacher(tiny_models):
 
 
 def test_stage_class_named_after_teacher():
-    cls = stage_class("news")
+    cls = stage_class("news", TeacherStage)
     assert cls.__name__ == "news" and issubclass(cls, TeacherStage)
 
 
