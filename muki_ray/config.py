@@ -25,6 +25,12 @@ GENERIC_LABEL = re.compile(r"^LABEL_\d+$")
 NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 
 
+def default(model: type[BaseModel], field: str):
+    """A schema field's default: what the stage specs (TeacherSpec, ...) default to, so that every
+    default is declared once, here."""
+    return model.model_fields[field].get_default(call_default_factory=True)
+
+
 class ConfigError(Exception):
     """One or more config errors; each line starts with its YAML path."""
 

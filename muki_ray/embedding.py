@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from muki_ray.config import PrototypesConfig, TeacherResources, default
 from muki_ray.data import list_column
 from muki_ray.stage import Stage
 
@@ -18,9 +19,9 @@ from muki_ray.stage import Stage
 @dataclass(frozen=True)
 class EmbeddingSpec:
     model_path: str
-    max_length: int = 128
-    threads: int = 1
-    trust_remote_code: bool = False
+    max_length: int = default(PrototypesConfig, "max_length")
+    threads: int = TeacherResources().actor_threads
+    trust_remote_code: bool = False  # the student's settings apply to its own model (pipeline.embedding_stage)
     allow_pickle: bool = False
 
 

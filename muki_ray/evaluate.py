@@ -32,10 +32,10 @@ def predict_proba(model_dir, texts: list[str], *, max_length: int = 128, batch_s
 @dataclass(frozen=True)
 class ClassifierSpec:
     model_dir: str
-    max_length: int = 128
-    batch_size: int = 64
-    threads: int = 0            # torch threads on CPU (0: leave torch's default)
-    trust_remote_code: bool = False
+    max_length: int
+    batch_size: int
+    threads: int                # torch threads on CPU (0: leave torch's default)
+    trust_remote_code: bool
     progress: Optional[str] = None  # the stage's progress counter (progress.track)
 
 

@@ -31,6 +31,7 @@ import ray.data
 import torch
 
 from muki_ray.cache import TeacherCache
+from muki_ray.config import MCConfig, Teacher, TeacherResources, default, teacher_model_path
 from muki_ray.data import hash64, io_map, io_write, list_column
 from muki_ray import faults
 from muki_ray.manifest import write_json_atomic
@@ -48,18 +49,18 @@ class TeacherSpec:
     name: str
     model_path: str
     labels: tuple[str, ...]
-    samples: int = 16
-    dropout: Optional[float] = None
-    attention_dropout: bool = False
-    seed: int = 0
-    max_batch_tokens: Optional[int] = None  # None: by device (hardware.mc_batch_tokens)
-    max_length: int = 128
-    layers: Optional[int] = None            # mc.layers: sample only the top N layers
-    adaptive: Optional[tuple[float, int]] = None  # mc.adaptive: (tolerance, round)
-    precision: str = "fp32"
-    threads: int = 1
-    trust_remote_code: bool = False
-    allow_pickle: bool = False
+    samples: int = default(MCConfig, "samples")
+    dropout: Optional[float] = default(MCConfig, "dropout")
+    attention_dropout: bool = default(MCConfig, "attention_dropout")
+    seed: int = default(MCConfig, "seed")
+    max_batch_tokens: Optional[int] = default(MCConfig, "max_batch_tokens")  # None: by device
+    max_length: int = default(Teacher, "max_length")
+    layers: Optional[int] = default(MCConfig, "layers")   # mc.layers: sample only the top N layers
+    adaptive: Optional[tuple[float, int]] = None          # mc.adaptive on: (tolerance, round)
+    precision: str = default(Teacher, "precision")
+    threads: int = TeacherResources().actor_threads
+    trust_remote_code: bool = default(Teacher, "trust_remote_code")
+    allow_pickle: bool = default(Teacher, "allow_pickle")
     progress: Optional[str] = None          # the stage's progress counter (progress.track)
 
 
@@ -158,9 +159,8 @@ class TeacherStage(Stage):
 
 
 def teacher_specs(cfg, space) -> list[TeacherSpec]:
-    """One TeacherSpec per configured teacher, labels from the union label space."""
-    from muki_ray.config import teacher_model_path
-
+    """One TeacherSpec per configured teacher, labels from the union label space: the one place a
+    teacher's config section becomes its stage's spec."""
     return [
         TeacherSpec(name=t.name, model_path=str(teacher_model_path(cfg, t)), labels=tuple(labels),
                     samples=t.mc.samples, dropout=t.mc.dropout, attention_dropout=t.mc.attention_dropout,
