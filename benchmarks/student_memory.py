@@ -126,7 +126,10 @@ def child(args) -> None:
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     t0 = time.time()
-    train_classifier(hyper, model_path=args.model, labels=LABELS, loss="WeightedKLLoss", train_ds=train_ds,
+    import muki_ray.losses as losses
+
+    loss = "WeightedKLLoss" if hasattr(losses, "StudentLoss") else "weighted_kl"  # this commit / the baseline
+    train_classifier(hyper, model_path=args.model, labels=LABELS, loss=loss, train_ds=train_ds,
                      dev_ds=to_ray_dataset(dev), rows=rows, run_dir=run_dir, name=f"mem-zero{args.zero}",
                      out_dir=run_dir / "student", parts={"all": list(range(len(LABELS)))})
     wall = time.time() - t0

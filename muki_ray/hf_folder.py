@@ -190,19 +190,27 @@ def load_tokenizer(folder, *, trust_remote_code: bool = False):
         raise ModelLoadError(f"{folder}: tokenizer failed to load: {_first_line(e)}") from e
 
 
-def save_atomic(model, tokenizer, folder, state_dict: Optional[dict] = None) -> Path:
-    """save_pretrained into a temporary sibling, then rename: a crash never leaves half a folder.
-    `state_dict`: the weights to write instead of the model's own (gathered ZeRO-3 shards)."""
+@contextlib.contextmanager
+def _atomic_folder(folder, tokenizer):
+    """Write into a temporary sibling; on success add the tokenizer and rename it to `folder`, so a
+    crash never leaves half a folder."""
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+    tmp.mkdir(parents=True)
+    yield tmp
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     if folder.exists():
         shutil.rmtree(folder)
     os.replace(tmp, folder)
-    return folder
+
+
+def save_atomic(model, tokenizer, folder) -> Path:
+    """`save_pretrained` of the model and its tokenizer, atomically (`_atomic_folder`)."""
+    with _atomic_folder(folder, tokenizer) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+    return Path(folder)
 
 
 def save_shards_atomic(config, tokenizer, folder, shards) -> Path:
@@ -211,30 +219,22 @@ def save_shards_atomic(config, tokenizer, folder, shards) -> Path:
     several, as `save_pretrained` does. `config`: the model's PretrainedConfig."""
     from safetensors.torch import save_file
 
-    folder = Path(folder)
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    written, total = [], 0
-    for i, shard in enumerate(shards):
-        save_file(shard, str(tmp / f"part-{i}.safetensors"), metadata={"format": "pt"})
-        written.append(list(shard))
-        total += sum(t.numel() * t.element_size() for t in shard.values())
-    n = len(written)
-    names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-    for i, name in enumerate(names):  # Hugging Face's names say "of N": known once every shard is written
-        os.replace(tmp / f"part-{i}.safetensors", tmp / name)
-    if n > 1:
-        index = {"metadata": {"total_size": total},
-                 "weight_map": {k: name for keys, name in zip(written, names) for k in keys}}
-        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    config.save_pretrained(tmp)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
-    return folder
+    with _atomic_folder(folder, tokenizer) as tmp:
+        written, total = [], 0
+        for i, shard in enumerate(shards):
+            save_file(shard, str(tmp / f"part-{i}.safetensors"), metadata={"format": "pt"})
+            written.append(list(shard))
+            total += sum(t.numel() * t.element_size() for t in shard.values())
+        n = len(written)
+        names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        for i, name in enumerate(names):  # Hugging Face's names say "of N": known once every shard is written
+            os.replace(tmp / f"part-{i}.safetensors", tmp / name)
+        if n > 1:
+            index = {"metadata": {"total_size": total},
+                     "weight_map": {k: name for keys, name in zip(written, names) for k in keys}}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        config.save_pretrained(tmp)
+    return Path(folder)
 
 
 def _first_line(e: Exception) -> str:
