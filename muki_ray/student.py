@@ -208,6 +208,9 @@ def train_loop_per_worker(config: dict) -> None:
                                                                           if p.requires_grad],
                                            config=job.ds_config)
     device = engine.device
+    shared = _share_fp32_partitions(engine)
+    if rank == 0 and shared:
+        append_log(job, {"event": "fp32_partitions_shared", "elements": shared, "rss_mb": _peak_rss_mb()})
 
     # 3. Resume from the latest checkpoint: an epoch's end, or a step inside it (after a worker failure,
     #    or a rerun of the same run). `skip` micro-batches of that epoch were trained already.
@@ -280,6 +283,25 @@ def train_loop_per_worker(config: dict) -> None:
         # 7. Checkpoint at the epoch's end.
         save_checkpoint(engine, {"epoch": epoch, "step": job.steps_per_epoch, "global_step": global_step, "best": best},
                     metrics)
+
+
+def _share_fp32_partitions(engine) -> int:
+    """ZeRO-3 without mixed precision: make the optimizer's fp32 "master" partitions the parameter
+    partitions themselves, which DeepSpeed means to do when they have the same dtype and device
+    (stage3.py: "we don't need another copy of the weights") but does not, as its check compares a
+    torch.device with a device-name string, never equal. Without this every rank keeps a second
+    copy of its shard (670 MB per rank on the 335 M student of benchmarks/student_memory.py); the
+    optimizer updates the shared storage in place, and DeepSpeed's copy back becomes a self-copy
+    (losses identical step by step). Returns the elements shared (0 under bf16 or offload)."""
+    opt = engine.optimizer
+    shared = 0
+    for low, master in zip(getattr(opt, "fp16_partitioned_groups_flat", []),
+                           getattr(opt, "fp32_partitioned_groups_flat", [])):
+        if (low.dtype, low.device, low.shape) == (master.dtype, master.device, master.shape) \
+                and low.data_ptr() != master.data_ptr():
+            master.data = low.data
+            shared += low.numel()
+    return shared
 
 
 class EpochMeter:

@@ -100,6 +100,9 @@ def test_zero_stage_trains_and_exports(tmp_path, ray_session, zero, monkeypatch)
     created = next(r for r in train_log(run) if r.get("event") == "model_created")
     if zero == 3:  # partitioned creation: with 2 workers each rank holds about half the parameters
         assert 0.4 < created["local_fraction"] < 0.6, created
+        # fp32: the optimizer's master partitions are the parameter partitions, not a second copy
+        shared = next(r for r in train_log(run) if r.get("event") == "fp32_partitions_shared")
+        assert 0.4 * created["parameters"] < shared["elements"] <= created["local_parameters"], (shared, created)
         warm = next(r for r in train_log(run) if r.get("event") == "warm_start")
         assert warm["head"] == ["classifier.bias", "classifier.weight"] and warm["copied_labels"] == UNION
         assert warm["tensors"] == len(load_file(str(tmp_path / "previous" / "model.safetensors")))
