@@ -120,7 +120,8 @@ def test_zero_stage_trains_and_exports(tmp_path, ray_session, zero, monkeypatch)
 def test_rerun_resumes_from_checkpoint(tmp_path, ray_session, monkeypatch):
     from muki_ray.pipeline import train_stage
 
-    cfg, run = prepare(tmp_path, strategy="uhc", zero=0, workers=1, epochs=2)  # (uhc's loss through the trainer)
+    # uhc's loss through the trainer; ZeRO-3, so its partitions (shared fp32 master, checkpointed) resume too
+    cfg, run = prepare(tmp_path, strategy="uhc", zero=3, workers=1, epochs=2)
     per_epoch = 64 // 8
     monkeypatch.setenv("MUKI_FAULT_TRAIN_STEP", f"{2 * per_epoch - 1}:{tmp_path / 'failed-once'}")
     with pytest.raises(Exception):
