@@ -1,4 +1,8 @@
-"""The `muki-ray` command. Bad input exits 2 with one line per error and no traceback."""
+"""The `muki-ray` command. Bad input exits 2 with one line per error and no traceback.
+
+Each command imports the stages it runs inside its function, not at the top: `muki-ray --help`,
+`validate`, `schema` and `diff` must start without loading Ray, torch or DeepSpeed (start-up time).
+"""
 
 from __future__ import annotations
 

@@ -13,6 +13,8 @@ import numpy as np
 
 from muki_ray.config import PrototypesConfig, TeacherResources, default
 from muki_ray.data import list_column
+from muki_ray.hardware import actor_device
+from muki_ray.hf_folder import load_encoder, load_tokenizer
 from muki_ray.stage import Stage
 
 
@@ -31,9 +33,6 @@ class EmbeddingStage(Stage):
     outputs = ("embedding",)
 
     def setup(self) -> None:
-        from muki_ray.hardware import actor_device
-        from muki_ray.hf_folder import load_encoder, load_tokenizer
-
         s = self.spec
         self.device = actor_device(s.threads)
         self.tokenizer = load_tokenizer(s.model_path, trust_remote_code=s.trust_remote_code)

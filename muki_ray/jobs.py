@@ -7,6 +7,13 @@ import os
 import sys
 from pathlib import Path
 
+import ray
+
+from muki_ray.cli import EXIT_BAD_INPUT, main
+from muki_ray.cluster import ClusterError, check_address
+from muki_ray.config import ConfigError, load_config
+from muki_ray.console import capture_native_output, configure
+
 SHARED_PREFIXES = ("/mnt/cluster_storage", "/mnt/shared", "/mnt/efs", "/mnt/nfs")
 
 
@@ -44,13 +51,6 @@ def job_output_dir(output_dir: str, roots, is_dir=os.path.isdir) -> tuple[str | 
 
 def job_main(command: str, argv: list[str]) -> int:
     """`python jobs/<entry>.py --config CONFIG [--set k=v ...]` -> `muki-ray <command> CONFIG ...`."""
-    import ray
-
-    from muki_ray.cli import EXIT_BAD_INPUT, main
-    from muki_ray.config import ConfigError, load_config
-
-    from muki_ray.console import capture_native_output, configure
-
     configure(verbose=False)  # before ray.init below: Ray's start-up lines go to the run log too
     capture_native_output()
     ap = argparse.ArgumentParser(prog=f"jobs/{command.replace('-', '_')}.py")
@@ -74,8 +74,6 @@ def job_main(command: str, argv: list[str]) -> int:
         cfg = load_config(args.config, args.set)
     # Inside a job RAY_ADDRESS points at the cluster; "auto" finds a local head otherwise. Never a new Ray.
     address = os.environ.get("RAY_ADDRESS") or cfg.ray.address or "auto"
-    from muki_ray.cluster import ClusterError, check_address
-
     try:
         check_address(address)  # ray.init would retry for minutes at a dead address
     except ClusterError as e:

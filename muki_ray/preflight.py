@@ -97,7 +97,7 @@ def check_data(cfg: RunConfig, space: LabelSpace) -> None:
 
     The pool is checked by its own stage, the first one to run.
     """
-    from muki_ray.data import check_labels, scan_source
+    from muki_ray.data import check_labels, scan_source  # here, not at the top: Ray Data (start-up time)
 
     sources = [("data.dev", cfg.data.dev), ("data.test", cfg.data.test)]
     if cfg.prepare is not None:

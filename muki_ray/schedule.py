@@ -27,6 +27,8 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from muki_ray.cluster import ClusterError
+
 log = logging.getLogger("muki_ray.schedule")
 
 
@@ -63,8 +65,6 @@ def actors_that_fit(job: Job, budget: dict[str, float]) -> int:
 
 def refuse_oversized(jobs: list[Job], total: dict[str, float], where: dict[str, str]) -> None:
     """A teacher one of whose actors needs more than the whole cluster has is refused up front."""
-    from muki_ray.cluster import ClusterError
-
     for job in jobs:
         for res, need in job.per_actor.items():
             if need > total.get(res, 0.0) + 1e-9:

@@ -25,6 +25,7 @@ import numpy as np
 from muki_ray import faults
 from muki_ray.checkpoint import append_log, build_model, local_parameters, save_checkpoint, save_student
 from muki_ray.cluster import default_max_failures
+from muki_ray.hf_folder import load_tokenizer
 from muki_ray.progress import advance, track
 
 log = logging.getLogger("muki_ray.student")
@@ -122,7 +123,6 @@ class TrainJob:
 # ------------------------------------------------------------ tokenization
 @functools.lru_cache(maxsize=4)
 def _tokenizer(model_path: str, trust_remote_code: bool):
-    from muki_ray.hf_folder import load_tokenizer
 
     return load_tokenizer(model_path, trust_remote_code=trust_remote_code)
 

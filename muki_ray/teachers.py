@@ -32,8 +32,10 @@ import torch
 
 from muki_ray.cache import TeacherCache
 from muki_ray.config import MCConfig, Teacher, TeacherResources, default, teacher_model_path
-from muki_ray.data import hash64, io_map, io_write, list_column
 from muki_ray import faults
+from muki_ray.data import hash64, io_map, io_write, list_column
+from muki_ray.hardware import actor_device, autocast_dtype, mc_batch_tokens
+from muki_ray.hf_folder import load_classifier, load_tokenizer
 from muki_ray.manifest import write_json_atomic
 from muki_ray.mc_dropout import AdaptiveK, check_sampling, mc_predict
 from muki_ray.pool import missing_rows, over_buckets
@@ -77,9 +79,6 @@ class TeacherStage(Stage):
     outputs = COLUMNS
 
     def setup(self) -> None:
-        from muki_ray.hardware import actor_device, autocast_dtype, mc_batch_tokens
-        from muki_ray.hf_folder import load_classifier, load_tokenizer
-
         s = self.spec
         self.device = actor_device(s.threads)
         self.tokenizer = load_tokenizer(s.model_path, trust_remote_code=s.trust_remote_code)
