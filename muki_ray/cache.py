@@ -19,7 +19,8 @@ import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from muki_ray.config import RunConfig, teacher_model_path
+from muki_ray.config import RunConfig
+from muki_ray.config_file import teacher_model_path
 from muki_ray.data import source_signature
 from muki_ray.hf_folder import resolve_model_path
 from muki_ray.labels import LabelSpace

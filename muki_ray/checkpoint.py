@@ -78,7 +78,7 @@ def _warm_start(model, job, rank: int, heads: set[str]) -> None:
     shape; head tensors (`heads`, first dim = label count) row by row by label name, so rows of new
     labels keep their fresh init. Tensors are read one at a time; a ZeRO-3 parameter is gathered to
     rank 0, written there and re-partitioned, so no rank ever holds the whole model."""
-    import deepspeed
+    import deepspeed  # inside the worker (start-up time): the driver imports this module without them
     import torch
 
     old_labels = label_names(job.init_from)
@@ -150,22 +150,30 @@ def _zero3_shards(module, rank: int, max_params: int):
     state-dict order: each group's ZeRO-3 parameters are gathered on every rank, copied to CPU on
     rank 0 (empty dicts elsewhere) and released before the next group. Persistent buffers are added
     to the groups as they are; a tied parameter is written once, under its first name."""
-    import deepspeed
+    import deepspeed  # inside the worker, as in student.train_loop_per_worker (start-up time)
 
     keys = set(module.state_dict().keys())
     tensors = [(n, p) for n, p in module.named_parameters() if n in keys]
     tensors += [(n, b) for n, b in module.named_buffers() if n in keys]
+    for group in _groups(tensors, max_params):
+        sharded = [t for _, t in group if hasattr(t, "ds_id")]
+        with deepspeed.zero.GatheredParameters(sharded, modifier_rank=None):
+            yield {k: t.detach().to("cpu", copy=True).contiguous() for k, t in group} if rank == 0 else {}
+
+
+def _groups(tensors: list, max_params: int):
+    """Consecutive runs of (name, tensor) of at most `max_params` elements each (ZeRO-3's full
+    `ds_numel`, not the local partition); a tensor larger than that is a group of its own."""
     group, size = [], 0
-    for name, t in tensors + [(None, None)]:
-        n = 0 if t is None else int(getattr(t, "ds_numel", t.numel()))
-        if group and (t is None or size + n > max_params):
-            sharded = [p for _, p in group if hasattr(p, "ds_id")]
-            with deepspeed.zero.GatheredParameters(sharded, modifier_rank=None):
-                yield {k: p.detach().to("cpu", copy=True).contiguous() for k, p in group} if rank == 0 else {}
+    for name, t in tensors:
+        n = int(getattr(t, "ds_numel", t.numel()))
+        if group and size + n > max_params:
+            yield group
             group, size = [], 0
-        if t is not None:
-            group.append((name, t))
-            size += n
+        group.append((name, t))
+        size += n
+    if group:
+        yield group
 
 
 def warm_start_folder(init_from: str, labels) -> str:

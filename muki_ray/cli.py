@@ -14,7 +14,8 @@ import traceback
 from pathlib import Path
 from typing import Callable
 
-from muki_ray.config import ConfigError, RunConfig, load_config, teacher_model_path
+from muki_ray.config import ConfigError, RunConfig
+from muki_ray.config_file import load_config, teacher_model_path
 from muki_ray.labels import LabelSpace, label_space
 
 EXIT_BAD_INPUT = 2

@@ -8,20 +8,15 @@ YAML path, e.g. ``teachers[1].labels: ...``.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import re
-from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Literal, Optional
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from muki_ray.hf_folder import resolve_model_path
 from muki_ray.integrate import CALIBRATIONS
 from muki_ray.strategies import SCORE_STRATEGIES, STRATEGIES
-GENERIC_LABEL = re.compile(r"^LABEL_\d+$")
+
 NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 
 
@@ -53,17 +48,14 @@ class Columns(Strict):
 class Source(Strict):
     source: str = Field(
         description="Built-in name (`bbc_news`, `20newsgroups`) or a path: .jsonl, .csv, .parquet, "
-        "or a Hugging Face `save_to_disk` folder."
-    )
+        "or a Hugging Face `save_to_disk` folder.")
     split: Optional[str] = Field(
-        None, description="Split: `train`/`dev`/`test` for built-ins, a split name for a saved DatasetDict."
-    )
+        None, description="Split: `train`/`dev`/`test` for built-ins, a split name for a saved DatasetDict.")
     part: tuple[float, float] = Field(
         (0.0, 1.0),
         description="Fraction range [lo, hi): disjoint ranges give disjoint parts (e.g. teachers' texts vs the "
         "student's pool). Built-ins: a slice of a seeded, stratified order. Files: the rows whose seeded id hash "
-        "falls in [lo, hi) (about that share of every label, not exactly).",
-    )
+        "falls in [lo, hi) (about that share of every label, not exactly).")
     limit: Optional[int] = Field(None, ge=1, description="At most this many rows of the part: stratified for "
                                  "built-ins, the smallest id hashes for files.")
     columns: Columns = Field(default_factory=Columns, description="Column mapping.")
@@ -82,44 +74,35 @@ class DataConfig(Strict):
     dev: Optional[Source] = Field(None, description="Labeled dev split: model selection only.")
     test: Optional[Source] = Field(None, description="Labeled test split: final evaluation only.")
     pool_gold_labels: bool = Field(
-        False,
-        description="The pool's label column holds gold labels. Used for analysis (supervision report), "
-        "and for training only by `oracle`/`supervised`.",
-    )
+        False, description="The pool's label column holds gold labels. Used for analysis (supervision report), "
+        "and for training only by `oracle`/`supervised`.")
     on_bad_row: Literal["error", "skip"] = Field(
-        "error", description="Empty/non-UTF-8 text or missing columns: fail naming the row, or skip and log the count."
-    )
+        "error", description="Empty/non-UTF-8 text or missing columns: fail naming the row, or skip and log the count.")
     seed: int = Field(0, description="Seed of the split: the stratified order of the built-ins, the id hash of files.")
     buckets: int = Field(
         32, ge=1, le=4096, description="Hash buckets of the pool's ids. Teacher caches and the predictions join work "
-        "one bucket at a time, so a task holds about pool / buckets rows; part of every teacher cache's key."
-    )
+        "one bucket at a time, so a task holds about pool / buckets rows; part of every teacher cache's key.")
 
 
 # ----------------------------------------------------------------- teachers
 class MCConfig(Strict):
     samples: int = Field(16, ge=1, description="K, the number of MC-Dropout passes.")
     dropout: Optional[float] = Field(
-        None, description="Dropout p in the MC passes; default: the model's own (hidden dropout)."
-    )
+        None, description="Dropout p in the MC passes; default: the model's own (hidden dropout).")
     attention_dropout: bool = Field(
         False, description="Sample attention-probability dropout too (the whole model in train mode for the K "
         "passes, as the authors' code; eager attention). Off: hidden dropout only, which measured as well or "
-        "better (README, Teacher stage)."
-    )
+        "better (README, Teacher stage).")
     seed: int = Field(0, description="Seed of the dropout masks (reproducible p̄).")
     max_batch_tokens: Optional[int] = Field(
         None, ge=1, description="At most this many (row x sample x token) per forward. Default by the actor's "
-        "device: 2048 on CPU (about one row's K samples per forward, faster there), 65536 on GPU."
-    )
+        "device: 2048 on CPU (about one row's K samples per forward, faster there), 65536 on GPU.")
     layers: Optional[int] = Field(
         None, ge=1, description="Cheaper estimate: run the lower layers once and sample dropout only in the top N "
-        "layers and the head. Default: every layer (exact MC)."
-    )
+        "layers and the head. Default: every layer (exact MC).")
     adaptive: bool = Field(
         False, description="Cheaper estimate: sample in rounds and stop a row once more passes cannot move its "
-        "score by more than `adaptive_tolerance` (normal-approximation bound, 99%)."
-    )
+        "score by more than `adaptive_tolerance` (normal-approximation bound, 99%).")
     adaptive_tolerance: float = Field(0.02, gt=0, le=1, description="ε of `adaptive`, in score units (s in [0, 1]).")
     adaptive_round: int = Field(4, ge=1, description="Passes per round of `adaptive`.")
 
@@ -133,17 +116,14 @@ class MCConfig(Strict):
 
 class TeacherResources(Strict):
     num_gpus: Optional[float] = Field(
-        None, ge=0, description="GPUs per actor; default 1 when the cluster has GPUs, else 0."
-    )
+        None, ge=0, description="GPUs per actor; default 1 when the cluster has GPUs, else 0.")
     num_cpus: float = Field(1.0, gt=0, description="CPUs per actor (fractional on small machines).")
     replicas: int = Field(1, ge=1, description="Actors in this teacher's pool.")
     threads: Optional[int] = Field(
-        None, ge=1, description="torch intra-op threads per CPU actor; default: ceil(num_cpus)."
-    )
+        None, ge=1, description="torch intra-op threads per CPU actor; default: ceil(num_cpus).")
     custom: dict[str, float] = Field(
         default_factory=dict, description="Custom Ray resources per actor, e.g. {accelerator_type_a100: 0.01} or "
-        "a node resource that pins actors to some nodes."
-    )
+        "a node resource that pins actors to some nodes.")
 
     @property
     def actor_threads(self) -> int:
@@ -159,33 +139,26 @@ class TeacherPrepare(Strict):
     lr: Optional[float] = Field(None, gt=0, description="Its peak learning rate (default `prepare.lr`).")
     texts: Optional[int] = Field(
         None, ge=1, description="Train on at most this many of `prepare.data`'s texts with its labels, picked by a "
-        "seeded hash of their ids (default: all of them)."
-    )
+        "seeded hash of their ids (default: all of them).")
 
 
 class Teacher(Strict):
     name: str = Field(description="Unique name; prefixes this teacher's prediction columns (`NAME__probs`).")
     model: Optional[str] = Field(
-        None,
-        description="Local Hugging Face folder (or `builtin:minilm-l6`). Optional with `prepare`: "
-        "defaults to `OUTPUT_DIR/prepare/NAME`.",
-    )
+        None, description="Local Hugging Face folder (or `builtin:minilm-l6`). Optional with `prepare`: "
+        "defaults to `OUTPUT_DIR/prepare/NAME`.")
     labels: Optional[list[str]] = Field(
-        None,
-        description="Label names in head order; default: the model's `id2label` (generic LABEL_k refused).",
-    )
+        None, description="Label names in head order; default: the model's `id2label` (generic LABEL_k refused).")
     mc: MCConfig = Field(default_factory=MCConfig, description="MC-Dropout settings.")
     batch_size: int = Field(32, ge=1, description="Rows per Ray Data batch.")
     max_length: int = Field(128, ge=2, description="Tokenizer truncation length.")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "fp32", description="Autocast dtype of the forward; `auto` picks bf16/fp16 on GPU, fp32 on CPU."
-    )
+        "fp32", description="Autocast dtype of the forward; `auto` picks bf16/fp16 on GPU, fp32 on CPU.")
     resources: TeacherResources = Field(default_factory=TeacherResources, description="Actor resources.")
     trust_remote_code: bool = Field(False, description="Allow the model folder's own code (off: safer).")
     allow_pickle: bool = Field(False, description="Allow pickle (`.bin`) weights; safetensors otherwise.")
     prepare: Optional[TeacherPrepare] = Field(
-        None, description="A prepared teacher's own settings, overriding the `prepare` section's."
-    )
+        None, description="A prepared teacher's own settings, overriding the `prepare` section's.")
 
     @field_validator("name")
     @classmethod
@@ -199,6 +172,9 @@ class Teacher(Strict):
     def _labels(cls, v):
         if v is not None and len(set(v)) != len(v):
             raise ValueError("duplicate label names")
+        if v is not None and len(v) < 2:
+            raise ValueError(f"a teacher needs at least 2 labels (its normalized MC score 1 - H/log|Y| is undefined "
+                             f"for 1), got {len(v)}")
         return v
 
 
@@ -206,16 +182,14 @@ class Teacher(Strict):
 class PrototypesConfig(Strict):
     model: Optional[str] = Field(
         None, description="Encoder for the text embeddings (mean-pooled last hidden state): a local Hugging Face "
-        "folder or `builtin:minilm-l6`. Default: `student.model`."
-    )
+        "folder or `builtin:minilm-l6`. Default: `student.model`.")
     tau: float = Field(1.0, gt=0, description="τ of the seed weights softmax(z/τ) over teachers' standardized scores.")
     kappa: float = Field(0.05, gt=0, description="κ of the label posterior softmax(cos/κ) that scores each teacher.")
     iterations: int = Field(20, ge=0, description="Spherical k-means rounds refining the label prototypes.")
     batch_size: int = Field(64, ge=1, description="Texts per embedding batch.")
     max_length: int = Field(128, ge=2, description="Tokenizer truncation length of the embedding pass.")
     resources: TeacherResources = Field(
-        default_factory=TeacherResources, description="Actors of the embedding pass (same fields as a teacher's)."
-    )
+        default_factory=TeacherResources, description="Actors of the embedding pass (same fields as a teacher's).")
 
 
 class RefineConfig(Strict):
@@ -231,8 +205,7 @@ class RefineConfig(Strict):
     batch_size: int = Field(64, ge=1, description="Texts per batch when a first student judges the rest.")
     resources: TeacherResources = Field(
         default_factory=TeacherResources, description="Actors that run the first student over the rest "
-        "(same fields as a teacher's)."
-    )
+        "(same fields as a teacher's).")
 
 
 # The selection options a preset fills in when the YAML leaves them out. `default` is what measured
@@ -249,31 +222,26 @@ class IntegrationConfig(Strict):
     preset: Literal[tuple(PRESETS)] = Field(  # type: ignore[valid-type]
         "default", description="Fills in `calibration` and `prototypes` when they are left out: `default` = rank "
         "calibration + label prototypes (the best measured label-free recipe); `paper` = the paper's MUKI exactly "
-        "(raw MC scores, no calibration, no prototypes). Options set explicitly win over the preset."
-    )
+        "(raw MC scores, no calibration, no prototypes). Options set explicitly win over the preset.")
     temperature: float = Field(0.2, description="τ of the soft teacher weights softmax(s/τ).")
     kd_temperature: float = Field(5.0, description="T of vanilla KD over concatenated logits (loss scaled by T²).")
     reweight: bool = Field(True, description="Weight each text by the top-2 score margin m = s(1) - s(2) + 1e-6.")
     reweight_normalize: bool = Field(True, description="Scale margin weights to mean 1 over the pool.")
     target_probs: Literal["deterministic", "mc_mean"] = Field(
-        "deterministic", description="Teacher distribution in the target: deterministic softmax or MC mean p̄."
-    )
+        "deterministic", description="Teacher distribution in the target: deterministic softmax or MC mean p̄.")
     calibration: Literal[CALIBRATIONS] = Field(  # type: ignore[valid-type]
         "rank", description="Compare teachers on pool-calibrated scores: `rank` (per-teacher quantile), `share` "
         "(the quantile against the teacher's share of the pool, estimated from its scores: for pools imbalanced "
         "across teachers), `zscore` (per-teacher mean 0, std 1 over the pool) or `none` (raw, as in the paper). "
-        "Default from `preset`."
-    )
+        "Default from `preset`.")
     prototypes: Optional[PrototypesConfig] = Field(
         default_factory=PrototypesConfig, description="Re-select each text's teacher by label prototypes in an "
         "embedding space (`muki_ray/prototypes.py`); the calibrated scores seed them. `null` turns them off. "
-        "Default from `preset`."
-    )
+        "Default from `preset`.")
     refine: Optional[RefineConfig] = Field(
         None, description="Beyond the paper: confidence-thresholded self-training (`muki_ray/refine.py`): a first "
         "student trained on the high-margin texts re-selects the teacher of the rest. Needs `data.dev`. Off (null) "
-        "by default."
-    )
+        "by default.")
     _ignored: list = PrivateAttr(default_factory=list)
 
     @model_validator(mode="after")
@@ -326,31 +294,25 @@ class TrainHyper(Strict):
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     zero_stage: int = Field(0, description="DeepSpeed ZeRO stage, 0-3.")
     precision: Literal["auto", "fp32", "bf16"] = Field(
-        "fp32", description="Training dtype; `auto` = bf16 where supported (GPU), else fp32."
-    )
+        "fp32", description="Training dtype; `auto` = bf16 where supported (GPU), else fp32.")
     num_workers: int = Field(1, ge=1, description="Ray Train workers.")
     use_gpu: bool = Field(False, description="One GPU per worker (NCCL); CPU workers use gloo.")
     resources_per_worker: dict[str, float] = Field(
-        default_factory=lambda: {"CPU": 1.0}, description="Ray resources per worker, e.g. {CPU: 0.5}."
-    )
+        default_factory=lambda: {"CPU": 1.0}, description="Ray resources per worker, e.g. {CPU: 0.5}.")
     offload_optimizer: bool = Field(False, description="ZeRO optimizer-state offload to CPU (GPU clusters).")
     deepspeed_config: Optional[str] = Field(
-        None, description="A DeepSpeed JSON whose keys override the generated config (deep merge)."
-    )
+        None, description="A DeepSpeed JSON whose keys override the generated config (deep merge).")
     max_failures: Optional[int] = Field(
         None, ge=-1, description="Ray Train FailureConfig.max_failures (-1: unlimited); default 1 on a cluster "
         "(`ray.address` or a job's RAY_ADDRESS: one lost worker or node resumes from the last checkpoint), 0 on "
-        "the embedded Ray (a crash there is a bug, rerunning it would only double the wait)."
-    )
+        "the embedded Ray (a crash there is a bug, rerunning it would only double the wait).")
     checkpoint_every_steps: Optional[int] = Field(
         None, ge=1, description="Also checkpoint every N optimizer steps inside an epoch; a restart resumes at "
-        "the last one, skipping exactly the rows already trained (default: once per epoch)."
-    )
+        "the last one, skipping exactly the rows already trained (default: once per epoch).")
     seed: int = Field(0, description="Seed of model init and data order.")
     eval_resources: TeacherResources = Field(
         default_factory=TeacherResources, description="Actors that score the test set after training (same "
-        "fields as a teacher's)."
-    )
+        "fields as a teacher's).")
 
     @field_validator("zero_stage")
     @classmethod
@@ -364,8 +326,7 @@ class StudentConfig(TrainHyper):
     model: str = Field(description="Base model: local Hugging Face folder or `builtin:minilm-l6`.")
     init_from: Optional[str] = Field(
         None, description="Warm start: a previous run directory (its `student/`) or a student HF folder; the "
-        "head is expanded to the new union by label name, body weights kept."
-    )
+        "head is expanded to the new union by label name, body weights kept.")
     trust_remote_code: bool = Field(False, description="Allow the model folder's own code.")
     allow_pickle: bool = Field(False, description="Allow pickle (`.bin`) weights.")
 
@@ -378,30 +339,23 @@ class PrepareConfig(TrainHyper):
     test: Optional[Source] = Field(None, description="Labeled texts for each teacher's own-part accuracy.")
     model: str = Field(description="Base model of every teacher.")
     split: Literal["explicit", "contiguous"] = Field(
-        "contiguous",
-        description="`contiguous`: sort the labels, give teacher i the i-th contiguous slice; "
-        "`explicit`: each teacher's `labels`.",
-    )
+        "contiguous", description="`contiguous`: sort the labels, give teacher i the i-th contiguous slice; "
+        "`explicit`: each teacher's `labels`.")
 
 
 # --------------------------------------------------------------------- ray
 class RayConfig(Strict):
     address: Optional[str] = Field(None, description="Ray address; absent: start an embedded local Ray.")
     num_cpus: Optional[int] = Field(None, ge=1, description="CPUs of the embedded Ray (default: all).")
-    object_store_memory: int = Field(
-        512 * 1024**2, ge=78643200, description="Object store bytes of the embedded Ray."
-    )
+    object_store_memory: int = Field(512 * 1024**2, ge=78643200, description="Object store bytes of the embedded Ray.")
     storage_path: Optional[str] = Field(
         None, description="Ray Train checkpoint storage: a shared path or an object-store URI (s3://, gs://); "
-        "default OUTPUT_DIR/ray_train."
-    )
+        "default OUTPUT_DIR/ray_train.")
     include_dashboard: bool = Field(
         True, description="Start the dashboard with the embedded Ray (on 127.0.0.1); Ray Train's "
-        "placement-group cleaner needs its state API."
-    )
+        "placement-group cleaner needs its state API.")
     autoscaling: bool = Field(
-        False, description="The cluster adds nodes on demand: skip the start-up check that GPUs asked for exist."
-    )
+        False, description="The cluster adds nodes on demand: skip the start-up check that GPUs asked for exist.")
 
 
 class RunConfig(Strict):
@@ -414,7 +368,7 @@ class RunConfig(Strict):
     ray: RayConfig = Field(default_factory=RayConfig, description="Where Ray runs.")
 
 
-# ----------------------------------------------------------------- loading
+# -------------------------------------------------------------- validation
 def _loc(loc: tuple) -> str:
     out = ""
     for part in loc:
@@ -438,110 +392,17 @@ def _format_pydantic(err: ValidationError) -> list[str]:
     return lines
 
 
-def read_yaml(path: str | os.PathLike) -> dict:
-    p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError([f"{p}: config file not found"]) from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError([f"{p}: cannot read config: {e.__class__.__name__}: {e}"]) from None
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError([f"{p}:{where} invalid YAML: {getattr(e, 'problem', e)}"]) from None
-    if not isinstance(raw, dict):
-        raise ConfigError([f"{p}: the config must be a YAML mapping, got {type(raw).__name__}"])
-    return raw
-
-
-def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """`a.b[1].c=value` overrides; the value is parsed as YAML (so `3`, `true`, `[a, b]` work)."""
-    raw = json.loads(json.dumps(raw))
-    errors = []
-    for item in overrides:
-        if "=" not in item:
-            errors.append(f"--set {item}: expected KEY=VALUE")
-            continue
-        key, value = item.split("=", 1)
-        tokens = re.findall(r"([^.\[\]]+)|\[(\d+)\]", key)
-        if not key or not tokens:
-            errors.append(f"--set {item}: empty key")
-            continue
-        try:
-            parsed = yaml.safe_load(value) if value != "" else None
-        except yaml.YAMLError:
-            parsed = value
-        node: Any = raw
-        path = [int(i) if i else n for n, i in tokens]
-        try:
-            for step, nxt in zip(path[:-1], path[1:]):
-                if isinstance(step, int):
-                    node = node[step]
-                else:
-                    if node.get(step) is None:
-                        node[step] = [] if isinstance(nxt, int) else {}
-                    node = node[step]
-            node[path[-1]] = parsed
-        except (IndexError, KeyError, TypeError, AttributeError):
-            errors.append(f"--set {item}: {key} does not exist in the config")
-    if errors:
-        raise ConfigError(errors)
-    return raw
-
-
-def parse_config(raw: dict, base_dir: Path | None = None) -> RunConfig:
-    """Validate a raw mapping (schema and cross-field rules; `preflight.check_config` reads the
-    folders and files it names). Relative paths resolve against `base_dir` (the YAML's folder)."""
+def parse_config(raw: dict) -> RunConfig:
+    """Validate a raw mapping: the schema, then the cross-field rules (`preflight.check_config`
+    reads the folders and files it names; `config_file.load_config` reads a YAML file)."""
     try:
         cfg = RunConfig.model_validate(raw)
     except ValidationError as e:
         raise ConfigError(_format_pydantic(e)) from None
-    if base_dir is not None:
-        _resolve_paths(cfg, base_dir)
     errors = semantic_errors(cfg)
     if errors:
         raise ConfigError(errors)
     return cfg
-
-
-def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> RunConfig:
-    """The YAML at `path` with `--set` overrides, validated by `parse_config`."""
-    raw = apply_overrides(read_yaml(path), list(overrides))
-    return parse_config(raw, base_dir=Path(path).resolve().parent)
-
-
-def is_path_source(s: str) -> bool:
-    """A source that names a file or folder (not a built-in dataset)."""
-    from muki_ray.data import BUILTIN_DATASETS  # here, not at the top: data.py loads Ray Data (start-up time)
-
-    return s not in BUILTIN_DATASETS
-
-
-def _resolve_paths(cfg: RunConfig, base: Path) -> None:
-    """Paths in the YAML are relative to the YAML file, except output_dir (relative to the CWD)."""
-
-    def fix(p: Optional[str]) -> Optional[str]:
-        if p is None or p.startswith("builtin:") or "://" in p or os.path.isabs(p):
-            return p
-        return str((base / p).resolve())
-
-    for src in [cfg.data.pool, cfg.data.dev, cfg.data.test] + (
-        [cfg.prepare.data, cfg.prepare.test] if cfg.prepare else []
-    ):
-        if src is not None and is_path_source(src.source):
-            src.source = fix(src.source)
-    for t in cfg.teachers:
-        t.model = fix(t.model)
-        if t.prepare is not None:
-            t.prepare.model = fix(t.prepare.model)
-    cfg.student.model = fix(cfg.student.model)
-    cfg.student.init_from = fix(cfg.student.init_from)
-    cfg.student.deepspeed_config = fix(cfg.student.deepspeed_config)
-    if cfg.prepare:
-        cfg.prepare.model = fix(cfg.prepare.model)
 
 
 def semantic_errors(cfg: RunConfig) -> list[str]:
@@ -571,36 +432,16 @@ def semantic_errors(cfg: RunConfig) -> list[str]:
         if t.prepare is not None and (cfg.prepare is None or t.model is not None):
             errors.append(f"teachers[{i}].prepare: only a prepared teacher (no `model`, with a `prepare` section) "
                           f"has preparation settings")
-        if t.labels is not None and len(t.labels) < 2:
-            errors.append(
-                f"teachers[{i}].labels: a teacher needs at least 2 labels (its normalized MC score "
-                f"1 - H/log|Y| is undefined for 1), got {len(t.labels)}"
-            )
 
     if cfg.integration.refine is not None and cfg.data.dev is None:
         errors.append("integration.refine: the first student picks its best epoch on a labeled dev split; "
                       "set data.dev")
     if STRATEGIES[cfg.integration.strategy].needs_gold and not cfg.data.pool_gold_labels:
-        errors.append(
-            f"integration.strategy: {cfg.integration.strategy!r} needs gold labels on the pool "
-            f"(set data.pool_gold_labels: true)"
-        )
+        errors.append(f"integration.strategy: {cfg.integration.strategy!r} needs gold labels on the pool "
+                      f"(set data.pool_gold_labels: true)")
     if cfg.prepare is not None:
         errors += _overlap_errors(cfg)
     return errors
-
-
-def sources(cfg: RunConfig) -> list[tuple[str, Source]]:
-    out = [("data.pool", cfg.data.pool)]
-    if cfg.data.dev:
-        out.append(("data.dev", cfg.data.dev))
-    if cfg.data.test:
-        out.append(("data.test", cfg.data.test))
-    if cfg.prepare:
-        out.append(("prepare.data", cfg.prepare.data))
-        if cfg.prepare.test:
-            out.append(("prepare.test", cfg.prepare.test))
-    return out
 
 
 def _overlap_errors(cfg: RunConfig) -> list[str]:
@@ -609,18 +450,9 @@ def _overlap_errors(cfg: RunConfig) -> list[str]:
     if a.source == b.source and a.split == b.split:
         lo, hi = max(a.part[0], b.part[0]), min(a.part[1], b.part[1])
         if lo < hi and not math.isclose(lo, hi):
-            return [
-                f"prepare.data.part: overlaps data.pool.part on the same split ({a.part} vs {b.part}); "
-                f"the teachers' training texts must be disjoint from the pool"
-            ]
+            return [f"prepare.data.part: overlaps data.pool.part on the same split ({a.part} vs {b.part}); "
+                    f"the teachers' training texts must be disjoint from the pool"]
     return []
-
-
-def teacher_model_path(cfg: RunConfig, teacher: Teacher) -> Path:
-    """The folder a teacher is loaded from (the prepare stage's output when `model` is unset)."""
-    if teacher.model is None:
-        return Path(cfg.output_dir) / "prepare" / teacher.name
-    return resolve_model_path(teacher.model)
 
 
 def prepared_settings(cfg: RunConfig, teacher: Teacher) -> PrepareConfig:

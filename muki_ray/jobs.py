@@ -11,7 +11,8 @@ import ray
 
 from muki_ray.cli import EXIT_BAD_INPUT, main
 from muki_ray.cluster import ClusterError, check_address
-from muki_ray.config import ConfigError, load_config
+from muki_ray.config import ConfigError
+from muki_ray.config_file import load_config
 from muki_ray.console import capture_native_output, configure
 
 SHARED_PREFIXES = ("/mnt/cluster_storage", "/mnt/shared", "/mnt/efs", "/mnt/nfs")

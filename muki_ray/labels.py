@@ -8,7 +8,8 @@ from typing import Optional
 
 import numpy as np
 
-from muki_ray.config import RunConfig, teacher_model_path
+from muki_ray.config import RunConfig
+from muki_ray.config_file import teacher_model_path
 from muki_ray.hf_folder import head_labels, read_hf_config
 
 

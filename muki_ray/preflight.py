@@ -15,8 +15,8 @@ from pathlib import Path
 from safetensors import safe_open
 
 from muki_ray.cluster import ClusterError
-from muki_ray.config import (ConfigError, RunConfig, is_path_source, load_config, prepared_settings, sources,
-                             teacher_model_path)
+from muki_ray.config import ConfigError, RunConfig, Source, prepared_settings
+from muki_ray.config_file import is_path_source, load_config, teacher_model_path
 from muki_ray.hf_folder import (ModelLoadError, check_folder, head_labels, load_tokenizer, model_skeleton,
                                 read_hf_config, resolve_model_path, weight_format)
 from muki_ray.labels import LabelSpace
@@ -32,7 +32,7 @@ GENERIC_LABEL = re.compile(r"^LABEL_\d+$")
 
 
 def load_checked(path: str | os.PathLike, overrides: list[str] = ()) -> RunConfig:
-    """`config.load_config`, then `check_config`: what every command that runs work loads."""
+    """`config_file.load_config`, then `check_config`: what every command that runs work loads."""
     return check_config(load_config(path, overrides))
 
 
@@ -44,23 +44,34 @@ def check_config(cfg: RunConfig) -> RunConfig:
     return cfg
 
 
+def model_folders(cfg: RunConfig) -> list[tuple[str, str, bool, bool]]:
+    """Every model the config names that exists before the run (a prepared teacher's does not yet):
+    (YAML path, folder or `builtin:NAME`, allow_pickle, trust_remote_code)."""
+    s, protos = cfg.student, cfg.integration.prototypes
+    out = [(f"teachers[{i}].model", t.model, t.allow_pickle, t.trust_remote_code)
+           for i, t in enumerate(cfg.teachers) if t.model is not None]
+    out += [(f"teachers[{i}].prepare.model", t.prepare.model, False, False)
+            for i, t in enumerate(cfg.teachers) if t.prepare is not None and t.prepare.model]
+    out.append(("student.model", s.model, s.allow_pickle, s.trust_remote_code))
+    out += [("prepare.model", cfg.prepare.model, False, False)] if cfg.prepare else []
+    out += [("integration.prototypes.model", protos.model, False, False)] if protos and protos.model else []
+    return out
+
+
 def input_errors(cfg: RunConfig) -> list[str]:
     """One line per problem with the folders and files the config names, each starting with its
     YAML path: model folders (config.json, the head against `labels`, `mc.layers` against the
     depth), `student.deepspeed_config`, and data files that do not exist."""
     errors: list[str] = []
-    for i, t in enumerate(cfg.teachers):
-        if t.prepare is not None and t.prepare.model and cfg.prepare is not None and t.model is None:
-            try:
-                read_hf_config(resolve_model_path(t.prepare.model))
-            except ValueError as e:
-                errors.append(f"teachers[{i}].prepare.model: {e}")
-        if t.model is None or (t.labels is not None and len(t.labels) < 2):  # prepared, or refused by the schema
-            continue
+    hf_configs = {}
+    for where, model, _, _ in model_folders(cfg):
         try:
-            hf = read_hf_config(resolve_model_path(t.model))
+            hf_configs[where] = read_hf_config(resolve_model_path(model))
         except ValueError as e:
-            errors.append(f"teachers[{i}].model: {e}")
+            errors.append(f"{where}: {e}")
+    for i, t in enumerate(cfg.teachers):
+        hf = hf_configs.get(f"teachers[{i}].model")
+        if hf is None:  # prepared (its folder does not exist yet), or unreadable (said above)
             continue
         size, names = head_labels(hf)
         if t.labels is None:
@@ -75,20 +86,26 @@ def input_errors(cfg: RunConfig) -> list[str]:
         depth = hf.get("num_hidden_layers", hf.get("n_layers"))
         if t.mc.layers is not None and depth is not None and t.mc.layers > depth:
             errors.append(f"teachers[{i}].mc.layers: {t.mc.layers} but the model has {depth} layers")
-    protos = cfg.integration.prototypes
-    for where, model in [("student.model", cfg.student.model)] + (
-        [("prepare.model", cfg.prepare.model)] if cfg.prepare else []
-    ) + ([("integration.prototypes.model", protos.model)] if protos and protos.model else []):
-        try:
-            read_hf_config(resolve_model_path(model))
-        except ValueError as e:
-            errors.append(f"{where}: {e}")
     if cfg.student.deepspeed_config and not Path(cfg.student.deepspeed_config).is_file():
         errors.append(f"student.deepspeed_config: file {cfg.student.deepspeed_config} not found")
     for where, src in sources(cfg):
         if is_path_source(src.source) and "://" not in src.source and not Path(src.source).exists():
             errors.append(f"{where}.source: {src.source} does not exist")
     return errors
+
+
+def sources(cfg: RunConfig) -> list[tuple[str, Source]]:
+    """Every data source the config names, with its YAML path."""
+    out = [("data.pool", cfg.data.pool)]
+    if cfg.data.dev:
+        out.append(("data.dev", cfg.data.dev))
+    if cfg.data.test:
+        out.append(("data.test", cfg.data.test))
+    if cfg.prepare:
+        out.append(("prepare.data", cfg.prepare.data))
+        if cfg.prepare.test:
+            out.append(("prepare.test", cfg.prepare.test))
+    return out
 
 
 def check_data(cfg: RunConfig, space: LabelSpace) -> None:
@@ -99,11 +116,8 @@ def check_data(cfg: RunConfig, space: LabelSpace) -> None:
     """
     from muki_ray.data import check_labels, scan_source  # here, not at the top: Ray Data (start-up time)
 
-    sources = [("data.dev", cfg.data.dev), ("data.test", cfg.data.test)]
-    if cfg.prepare is not None:
-        sources += [("prepare.data", cfg.prepare.data), ("prepare.test", cfg.prepare.test)]
-    for where, src in sources:
-        if src is not None:
+    for where, src in sources(cfg):
+        if where != "data.pool":
             info = scan_source(src, on_bad_row=cfg.data.on_bad_row, seed=cfg.data.seed, require_label=True)
             if where != "prepare.data":  # its texts of labels no teacher owns are skipped by prepare, counted
                 check_labels(info, space.names, where)
@@ -114,16 +128,8 @@ def check_models(cfg: RunConfig) -> None:
     import torch  # here, not at the top: `validate` reads folders without loading torch (start-up time)
 
     from muki_ray.mc_dropout import check_sampling  # imports torch
-    folders = [(f"teachers[{i}].model", teacher_model_path(cfg, t), t.allow_pickle, t.trust_remote_code)
-               for i, t in enumerate(cfg.teachers) if t.model is not None]
-    s = cfg.student
-    folders.append(("student.model", resolve_model_path(s.model), s.allow_pickle, s.trust_remote_code))
-    if cfg.prepare is not None:
-        folders.append(("prepare.model", resolve_model_path(cfg.prepare.model), False, False))
-        folders += [(f"teachers[{i}].prepare.model", resolve_model_path(t.prepare.model), False, False)
-                    for i, t in enumerate(cfg.teachers) if t.prepare is not None and t.prepare.model]
-    for where, folder, allow_pickle, remote in folders:
-        check_model_folder(where, Path(folder), allow_pickle, remote)
+    for where, model, allow_pickle, remote in model_folders(cfg):
+        check_model_folder(where, resolve_model_path(model), allow_pickle, remote)
     for i, t in enumerate(cfg.teachers):  # a prepared teacher has the structure of its base model
         folder = teacher_model_path(cfg, t) if t.model is not None else \
             resolve_model_path(prepared_settings(cfg, t).model)

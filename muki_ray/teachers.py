@@ -31,7 +31,8 @@ import ray.data
 import torch
 
 from muki_ray.cache import TeacherCache
-from muki_ray.config import MCConfig, Teacher, TeacherResources, default, teacher_model_path
+from muki_ray.config import MCConfig, Teacher, TeacherResources, default
+from muki_ray.config_file import teacher_model_path
 from muki_ray import faults
 from muki_ray.data import hash64, io_map, io_write, list_column
 from muki_ray.hardware import actor_device, autocast_dtype, mc_batch_tokens

@@ -89,6 +89,12 @@ def bad_tokenizer(raw, tmp_path, tiny_models):
     raw["teachers"][0]["model"] = str(folder)
 
 
+def bad_encoder_tokenizer(raw, tmp_path, tiny_models):
+    bad_tokenizer(raw, tmp_path, tiny_models)
+    raw["integration"] = {"prototypes": {"model": raw["teachers"][0].pop("model")}}
+    raw["teachers"][0]["model"] = str(tiny_models["news"])
+
+
 def bad_weights(raw, tmp_path, tiny_models):
     folder = model_copy(tmp_path, tiny_models)
     (folder / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00garbage!")
@@ -169,6 +175,7 @@ CASES = [
     ("no-dropout-to-sample", no_dropout, "teachers[0].mc: teacher 'news': no dropout with p > 0 runs in its "
                                          "forward, so its K MC-Dropout passes would be identical; set its mc.dropout"),
     ("tokenizer-does-not-load", bad_tokenizer, "teachers[0].model:"),
+    ("encoder-tokenizer-does-not-load", bad_encoder_tokenizer, "integration.prototypes.model:"),
     ("weights-do-not-load", bad_weights, "weights failed to load"),
     ("pickle-without-opt-in", pickle_weights, "holds only pickle weights; convert to safetensors or set "
      "allow_pickle: true"),

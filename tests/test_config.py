@@ -12,7 +12,8 @@ import pytest
 import yaml
 
 from muki_ray.cli import main
-from muki_ray.config import ConfigError, apply_overrides, load_config
+from muki_ray.config import ConfigError
+from muki_ray.config_file import apply_overrides, load_config
 from muki_ray.labels import contiguous_split
 from muki_ray.schema_doc import schema_markdown
 

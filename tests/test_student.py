@@ -8,7 +8,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
+from muki_ray.checkpoint import _groups
 from muki_ray.config import parse_config
 from muki_ray.labels import LabelSpace
 from muki_ray.manifest import finish_stage
@@ -167,3 +169,13 @@ def test_other_losses_run_through_the_same_trainer(tmp_path, ray_session):
     steps = [r for r in train_log(run) if "loss" in r]
     assert steps and np.isfinite(steps[-1]["loss"]) and steps[-1]["loss"] > 0
     assert info["metrics"]["global_step"] == 2
+
+
+def test_zero3_export_groups_stay_under_the_limit_in_order():
+    """The ZeRO-3 export gathers one group at a time: groups keep state-dict order, count a partitioned
+    parameter by its full size (`ds_numel`), and a tensor over the limit is a group of its own."""
+    big = torch.nn.Parameter(torch.zeros(1))
+    big.ds_numel = 9  # a ZeRO-3 partition of 1 element standing for 9
+    tensors = [("a", torch.zeros(3)), ("b", torch.zeros(4)), ("c", big), ("d", torch.zeros(1)), ("e", torch.zeros(5))]
+    assert [[n for n, _ in g] for g in _groups(tensors, 7)] == [["a", "b"], ["c"], ["d", "e"]]
+    assert list(_groups([], 7)) == []
