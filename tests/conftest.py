@@ -6,6 +6,10 @@ import os
 from pathlib import Path
 
 import pytest
+import ray
+import torch
+from transformers import (AutoModelForSequenceClassification, BertConfig, BertTokenizerFast, DistilBertConfig,
+                          RobertaConfig)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -37,8 +41,6 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def ray_session():
-    import ray
-
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=False, object_store_memory=256 * 1024**2,
                  log_to_driver=False, configure_logging=False)
@@ -49,10 +51,6 @@ def ray_session():
 def make_tiny_model(folder: Path, labels: list[str], arch: str = "bert", seed: int = 0,
                     hidden_dropout: float = 0.1) -> Path:
     """Write a tiny random `from_pretrained` folder (config, safetensors weights, own tokenizer)."""
-    import torch
-    from transformers import (AutoModelForSequenceClassification, BertConfig, BertTokenizerFast,
-                              DistilBertConfig, RobertaConfig)
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     id2label = {i: n for i, n in enumerate(labels)}

@@ -12,6 +12,9 @@ import pytest
 import yaml
 
 from muki_ray.cli import main
+from muki_ray.config import parse_config
+from muki_ray.preflight import check_resources
+from tests.conftest import make_tiny_model
 
 ROWS = [{"id": f"d{i}", "text": f"market stock {i}", "label": "business"} for i in range(6)]
 
@@ -63,14 +66,10 @@ def put(value, *path):
 
 
 def generic_labels(raw, tmp_path, tiny_models):
-    from tests.conftest import make_tiny_model
-
     raw["teachers"][0]["model"] = str(make_tiny_model(tmp_path / "generic", ["LABEL_0", "LABEL_1"]))
 
 
 def no_dropout(raw, tmp_path, tiny_models):
-    from tests.conftest import make_tiny_model
-
     raw["teachers"][0]["model"] = str(make_tiny_model(tmp_path / "nodrop", ["business", "politics"],
                                                       hidden_dropout=0.0))
 
@@ -234,7 +233,5 @@ def test_gpus_asked_on_a_cluster_without_any(tmp_path, base, capsys, ray_session
     assert not (tmp_path / "run").exists()
     base["ray"]["autoscaling"] = True  # GPU nodes may join later: the check steps aside
     base["teachers"][1]["resources"] = {"num_gpus": 0}  # on an autoscaling cluster every teacher says
-    from muki_ray.config import parse_config
-    from muki_ray.preflight import check_resources
 
     check_resources(parse_config(base), {"CPU": 2.0})

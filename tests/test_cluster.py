@@ -9,24 +9,27 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+import jsonschema
+import psutil
 import pytest
+import ray
 import yaml
 
-from muki_ray.jobs import storage_problem
+from muki_ray.config import ConfigError, parse_config
+from muki_ray.jobs import job_output_dir, storage_problem
 from muki_ray.preflight import load_checked
 from tests.test_run import NOISE
+from tests.test_student import toy_rows
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
 def test_cluster_launcher_config_matches_rays_schema():
-    import jsonschema
-    import ray
-
     schema = json.loads((Path(ray.__file__).parent / "autoscaler" / "ray-schema.json").read_text())
     cfg = yaml.safe_load((REPO / "cluster" / "ray-cluster.yaml").read_text())
     jsonschema.validate(cfg, schema)
@@ -84,9 +87,6 @@ def test_rayjob_entrypoint_and_resources_are_consistent():
 
 
 def test_a_jobs_relative_output_dir_is_resolved_on_shared_storage_or_refused(tmp_path):
-    from muki_ray.config import ConfigError, parse_config
-    from muki_ray.jobs import job_output_dir
-
     path, line = job_output_dir("runs/x", ("/nope", str(tmp_path)))
     assert path == str(tmp_path / "runs/x") and line.endswith(f"resolved against the shared storage root: {path}")
     path, line = job_output_dir("runs/x", ("/nope",))
@@ -112,8 +112,6 @@ def free_port() -> int:
 
 
 def tiny_job_config(tmp_path, tiny_models) -> Path:
-    from tests.test_student import toy_rows
-
     def jsonl(name, rows):
         p = tmp_path / name
         p.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -141,7 +139,6 @@ def test_real_job_submission_with_token_auth(tmp_path, tiny_models):
         pytest.skip("the ray CLI is not installed in this environment")
     home = tmp_path / "home"
     home.mkdir()
-    import tempfile
 
     temp_dir = Path(tempfile.mkdtemp(prefix="mr-", dir="/tmp"))  # Unix socket paths must stay < 108 bytes
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
@@ -203,12 +200,9 @@ def test_real_job_submission_with_token_auth(tmp_path, tiny_models):
 def stop_head(env: dict, temp_dir: Path) -> None:
     """`ray stop` ends every Ray on the machine; if this pytest process runs its own Ray, end only
     the processes of the head this test started (their command lines name its temp dir)."""
-    import ray
-
     if not ray.is_initialized():
         subprocess.run([BIN / "ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
         return
-    import psutil
 
     for proc in psutil.process_iter(["cmdline"]):
         try:

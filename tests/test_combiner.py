@@ -12,6 +12,7 @@ import pytest
 from muki_ray.config import parse_config
 from muki_ray.labels import LabelSpace
 from muki_ray.manifest import finish_stage
+from muki_ray.pipeline import combine_stage
 
 
 def fake_predictions(run_dir, with_gold=True):
@@ -59,8 +60,6 @@ def read_targets(run_dir):
 
 
 def test_hard_targets_schema_order_and_report(tmp_path, ray_session):
-    from muki_ray.pipeline import combine_stage
-
     fake_predictions(tmp_path)
     info = combine_stage(make_cfg(tmp_path, strategy="muki_hard", reweight=False), SPACE, tmp_path)
     rows = read_targets(tmp_path)
@@ -81,8 +80,6 @@ def test_hard_targets_schema_order_and_report(tmp_path, ray_session):
 
 
 def test_soft_with_normalized_margins(tmp_path, ray_session):
-    from muki_ray.pipeline import combine_stage
-
     fake_predictions(tmp_path)
     combine_stage(make_cfg(tmp_path, strategy="muki_soft", temperature=0.2), SPACE, tmp_path)
     rows = read_targets(tmp_path)
@@ -95,8 +92,6 @@ def test_soft_with_normalized_margins(tmp_path, ray_session):
 
 
 def test_uhc_passes_teacher_probs_and_supervised_passes_gold(tmp_path, ray_session):
-    from muki_ray.pipeline import combine_stage
-
     fake_predictions(tmp_path)
     combine_stage(make_cfg(tmp_path, strategy="uhc"), SPACE, tmp_path)
     rows = read_targets(tmp_path)
@@ -107,7 +102,5 @@ def test_uhc_passes_teacher_probs_and_supervised_passes_gold(tmp_path, ray_sessi
 
 
 def test_combine_without_predictions_is_a_clear_error(tmp_path, ray_session):
-    from muki_ray.pipeline import combine_stage
-
     with pytest.raises(FileNotFoundError, match="no complete predictions"):
         combine_stage(make_cfg(tmp_path), SPACE, tmp_path)

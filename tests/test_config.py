@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,11 +12,13 @@ from pathlib import Path
 import pytest
 import yaml
 
+from muki_ray.cache import config_key
 from muki_ray.cli import main
 from muki_ray.config import ConfigError
 from muki_ray.config_file import apply_overrides, load_config
-from muki_ray.labels import contiguous_split
+from muki_ray.labels import contiguous_split, label_space
 from muki_ray.schema_doc import schema_markdown
+from tests.conftest import make_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -57,9 +60,6 @@ def test_valid_config_summary(tmp_path, base, capsys):
 
 
 def test_default_recipe_paper_preset_and_non_score_strategies(tmp_path, base, capsys):
-    from muki_ray.cache import config_key
-    from muki_ray.labels import label_space
-
     cfg = load_config(write(tmp_path, base))  # no integration section: the default recipe
     assert cfg.integration.calibration == "rank" and cfg.integration.prototypes is not None
     assert cfg.integration.prototypes.model is None  # embeds with student.model
@@ -100,8 +100,6 @@ def test_overlap_marked(tmp_path, base, tiny_models, capsys):
 
 
 def test_explicit_names_override_generic_label_names(tmp_path, base, capsys):
-    from tests.conftest import make_tiny_model
-
     base["teachers"][0]["model"] = str(make_tiny_model(tmp_path / "generic", ["LABEL_0", "LABEL_1"]))
     base["teachers"][0]["labels"] = ["pos", "neg"]  # refused without them: tests/test_bad_inputs.py
     code, _, err = run_cli(capsys, "validate", write(tmp_path, base))
@@ -133,8 +131,6 @@ def test_overrides(tmp_path, base, capsys):
 
 
 def test_relative_paths_resolve_against_yaml(tmp_path, base, tiny_models):
-    import shutil
-
     shutil.copytree(tiny_models["news"], tmp_path / "cfgdir" / "m")
     base["teachers"][0]["model"] = "m"
     p = tmp_path / "cfgdir" / "c.yaml"

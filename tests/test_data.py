@@ -5,13 +5,23 @@ from __future__ import annotations
 import json
 from collections import Counter
 
+import datasets
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from muki_ray.cli import main
 from muki_ray.config import Source
-from muki_ray.data import DataError, check_labels, read_source, scan_source, stratified_order
+from muki_ray.data import (
+    BLOCK_ROWS,
+    DataError,
+    check_labels,
+    read_source,
+    scan_source,
+    stratified_order,
+    to_ray_dataset,
+)
 
 ROWS = [{"id": f"r{i}", "text": f"text number {i}", "label": "ab"[i % 2]} for i in range(10)]
 pytestmark = pytest.mark.usefixtures("ray_session")  # every source is read by Ray Data
@@ -57,8 +67,6 @@ def test_parquet_roundtrip_and_derived_ids(tmp_path):
 
 
 def test_hf_save_to_disk_dataset_and_dict(tmp_path):
-    import datasets
-
     ds = datasets.Dataset.from_list(ROWS)
     ds.save_to_disk(str(tmp_path / "one"))
     assert as_rows(read(src(tmp_path / "one"))) == sorted(ROWS, key=lambda r: r["id"])
@@ -118,8 +126,6 @@ def test_label_outside_union(tmp_path):
 
 def test_a_bad_row_is_named_in_a_file_of_many_blocks(tmp_path):
     """The reader yields blocks of BLOCK_ROWS rows; a bad row in a later block keeps its line number."""
-    from muki_ray.data import BLOCK_ROWS
-
     n = 2 * BLOCK_ROWS + 100
     rows = [{"id": f"r{i}", "text": "" if i in (n - 50, n - 10) else f"text {i}"} for i in range(n)]
     p = write_jsonl(tmp_path / "many.jsonl", rows)
@@ -194,8 +200,6 @@ def test_builtin_bad_split():
 
 
 def test_datasets_command(capsys):
-    from muki_ray.cli import main
-
     assert main(["datasets"]) == 0
     out = capsys.readouterr().out
     assert "bbc_news: 2225 docs in 5 classes" in out
@@ -203,8 +207,6 @@ def test_datasets_command(capsys):
 
 
 def test_to_ray_dataset(tmp_path):
-    from muki_ray.data import to_ray_dataset
-
     t = read(src(write_jsonl(tmp_path / "d.jsonl", ROWS)))
     ds = to_ray_dataset(t, 3)
     assert ds.num_blocks() == 4 and sorted(r["id"] for r in ds.take_all()) == sorted(r["id"] for r in ROWS)

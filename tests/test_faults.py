@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,15 +16,14 @@ import pyarrow.parquet as pq
 import yaml
 
 from muki_ray.cli import main
-from muki_ray.manifest import read_manifest
+from muki_ray.manifest import read_manifest, write_json_atomic
+from muki_ray.pipeline import predict_stage, train_stage
 from tests.test_run import run_config  # noqa: F401  (fixture)
 from tests.test_student import SPACE, prepare, train_log
 from tests.test_teachers import _cfg
 
 
 def test_teacher_actor_dies_mid_stream(tmp_path, tiny_models, ray_session, monkeypatch):
-    from muki_ray.pipeline import predict_stage
-
     cfg, space = _cfg(tmp_path, tiny_models, n=96, replicas=1, batch_size=8)
     marker = tmp_path / "news-died"
     monkeypatch.setenv("MUKI_FAULT_TEACHER", f"news:3:{marker}")  # exit after the 3rd batch, once
@@ -34,8 +34,6 @@ def test_teacher_actor_dies_mid_stream(tmp_path, tiny_models, ray_session, monke
 
 
 def test_a_worker_killed_mid_epoch_resumes_at_its_last_step_checkpoint(tmp_path, ray_session, monkeypatch):
-    from muki_ray.pipeline import train_stage
-
     cfg, run = prepare(tmp_path, strategy="vanilla_kd", zero=0, workers=1, epochs=1, max_failures=1,
                        checkpoint_every_steps=2)  # (vanilla_kd's loss through the trainer)
     # Several blocks: the order across blocks is what a resumed epoch relies on.
@@ -121,8 +119,6 @@ def test_sigkill_mid_stage_then_rerun_resumes_and_leaks_no_secret(run_config, tm
 
 
 def test_full_disk_is_refused_before_any_work(run_config, monkeypatch, capsys):  # noqa: F811
-    import shutil
-
     cfg, run = run_config
     real = shutil.disk_usage
     monkeypatch.setattr("muki_ray.preflight.shutil.disk_usage",
@@ -134,8 +130,6 @@ def test_full_disk_is_refused_before_any_work(run_config, monkeypatch, capsys): 
 
 
 def test_write_error_mid_run_names_the_path(run_config, ray_session, monkeypatch, capsys):  # noqa: F811
-    from muki_ray.manifest import write_json_atomic
-
     cfg, run = run_config
     target = run / "prepare" / "blocked" / "manifest.json"
 

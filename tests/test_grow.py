@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import shutil
 
+import torch
 import yaml
+from safetensors.torch import load_file, save_file
 
 from muki_ray.cli import main
 from muki_ray.manifest import read_manifest
@@ -36,9 +38,6 @@ def write_cfg(tmp_path, name, teachers, tiny_models, **student):
 
 
 def test_add_a_teacher_recomputes_only_it(tmp_path, tiny_models, ray_session, capsys):
-    import torch
-    from safetensors.torch import load_file, save_file
-
     run = tmp_path / "run"
     a = write_cfg(tmp_path, "a", ["news", "arts"], tiny_models)
     assert main(["run", str(a)]) == 0

@@ -1,5 +1,6 @@
 """Device/precision/backend selection: mock the GPU query, not the math."""
 
+import ray
 import torch
 
 from muki_ray import hardware
@@ -44,8 +45,6 @@ def test_mc_batch_tokens_by_device():
 
 
 def test_worker_threads_follow_the_cpus_ray_assigned(monkeypatch):
-    import ray
-
     class Context:
         def __init__(self, cpus):
             self.cpus = cpus

@@ -9,6 +9,12 @@ from pathlib import Path
 
 import pytest
 
+from muki_ray.embedding import EmbeddingStage
+from muki_ray.evaluate import ClassifierStage
+from muki_ray.refine_stage import Judge
+from muki_ray.stage import Stage
+from muki_ray.teachers import TeacherStage
+
 PACKAGE = Path(__file__).resolve().parents[1] / "muki_ray"
 MATH = ("integrate", "strategies", "prototypes", "refine", "losses", "mc_dropout", "stats")
 STAGES = ("pool", "teachers", "embedding", "combiner", "student", "evaluate", "refine_stage", "pipeline", "schedule")
@@ -53,12 +59,6 @@ def test_no_two_modules_import_each_other():
 
 def test_one_stage_idiom():
     """Every Ray Data stage subclasses stage.Stage, and only the pipeline imports the teacher stage."""
-    from muki_ray.embedding import EmbeddingStage
-    from muki_ray.evaluate import ClassifierStage
-    from muki_ray.refine_stage import Judge
-    from muki_ray.stage import Stage
-    from muki_ray.teachers import TeacherStage
-
     assert all(issubclass(c, Stage) for c in (TeacherStage, EmbeddingStage, ClassifierStage, Judge))
     users = {p.stem for p in PACKAGE.glob("*.py") if "muki_ray.teachers" in imports(p.stem)}
     assert users == {"pipeline"}, users

@@ -5,8 +5,24 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from muki_ray.integrate import (entropy_scores, hard_targets, margin_weights, normalize_weights, pad,
-                                selection_quality, soft_targets, teacher_weights, vanilla_kd_targets)
+import muki_ray.losses as losses
+from muki_ray.config import IntegrationConfig
+from muki_ray.integrate import (
+    Calibration,
+    calibrate,
+    entropy_scores,
+    hard_targets,
+    margin_weights,
+    normalize_weights,
+    pad,
+    quantile_ranks,
+    selection_quality,
+    soft_targets,
+    teacher_weights,
+    upper_mode_share,
+    vanilla_kd_targets,
+)
+from muki_ray.prototypes import seed_responsibilities
 from muki_ray.strategies import STRATEGIES, integrate
 
 # Two teachers: T1 owns union [a, b] (0, 1), T2 owns [c, d, e] (2, 3, 4).
@@ -163,8 +179,6 @@ def test_selection_quality_hand_example():
 
 
 def test_quantile_ranks_share_ties():
-    from muki_ray.integrate import quantile_ranks
-
     r = quantile_ranks(np.array([[0.5, 1.0], [0.1, 2.0], [0.5, 3.0], [0.9, 4.0]]))
     # column 0 sorted: 0.1 | 0.5 0.5 (ranks 1, 2 -> 1.5) | 0.9; quantile = (rank + 0.5) / 4
     np.testing.assert_allclose(r[:, 0], [0.5, 0.125, 0.5, 0.875])
@@ -173,8 +187,6 @@ def test_quantile_ranks_share_ties():
 
 @pytest.mark.parametrize("method", ["zscore", "rank"])
 def test_calibration_removes_a_teachers_offset(method):
-    from muki_ray.integrate import calibrate
-
     # Rows 0-1 belong to teacher A, rows 2-3 to B; B scores 0.1 higher everywhere, so raw argmax picks B.
     s = np.array([[0.88, 0.89], [0.89, 0.90], [0.80, 0.99], [0.79, 0.98]])
     assert s.argmax(1).tolist() == [1, 1, 1, 1]
@@ -182,8 +194,6 @@ def test_calibration_removes_a_teachers_offset(method):
 
 
 def test_upper_mode_share_hand_worked():
-    from muki_ray.integrate import upper_mode_share
-
     rng = np.random.default_rng(0)
     two = np.concatenate([rng.normal(5.0, 0.3, 80), rng.normal(0.0, 0.3, 20)])
     assert abs(upper_mode_share(two) - 0.8) < 0.01
@@ -195,9 +205,6 @@ def test_share_calibration_follows_an_unequal_share():
     """Teacher A owns texts 0-7, B texts 8-9. Text 0 is A's least sure own text (rank 0.25) and B's
     surest foreign one (rank 0.75): `rank` gives it to B. With the shares π = (0.8, 0.2) read off
     each teacher's two score modes, A's 0.25 - 0.2 = 0.05 beats B's 0.75 - 0.8 = -0.05."""
-    from muki_ray.integrate import Calibration, calibrate
-    from muki_ray.prototypes import seed_responsibilities
-
     a = np.array([0.990, 0.991, 0.992, 0.993, 0.994, 0.995, 0.996, 0.997, 0.50, 0.51])
     b = np.array([0.58, 0.50, 0.51, 0.52, 0.53, 0.54, 0.55, 0.56, 0.995, 0.996])
     s = np.stack([a, b], 1)
@@ -217,8 +224,6 @@ def test_share_calibration_follows_an_unequal_share():
 
 
 def test_calibration_none_empty_and_unknown():
-    from muki_ray.integrate import calibrate
-
     s = np.array([[0.2, 0.4]])
     np.testing.assert_array_equal(calibrate(s, "none"), s)
     assert calibrate(np.zeros((0, 3)), "rank").shape == (0, 3)
@@ -230,9 +235,6 @@ def test_calibration_none_empty_and_unknown():
 def test_every_strategy_row_is_complete():
     """Each row names a loss class with the one call shape, a known score kind and known extra
     columns, and the schema accepts the strategy."""
-    import muki_ray.losses as losses
-    from muki_ray.config import IntegrationConfig
-
     for name, row in STRATEGIES.items():
         assert issubclass(getattr(losses, row.loss), losses.StudentLoss), name
         assert row.score in ("mc", "entropy") and set(row.columns) <= {"teacher_probs", "gold"}, name

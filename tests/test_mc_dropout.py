@@ -8,8 +8,17 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, BertConfig, DistilBertConfig, RobertaConfig
 
-from muki_ray.mc_dropout import (AdaptiveK, check_sampling, dropout_sampling, entropy, mc_predict, normalized_score,
-                                  sampled_dropout, score_halfwidth, transformer_layers)
+from muki_ray.mc_dropout import (
+    AdaptiveK,
+    check_sampling,
+    dropout_sampling,
+    entropy,
+    mc_predict,
+    normalized_score,
+    sampled_dropout,
+    score_halfwidth,
+    transformer_layers,
+)
 
 
 def tiny(arch: str, p: float = 0.3, num_labels: int = 3):

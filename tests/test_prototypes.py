@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
-import numpy as np
+import json
 
+import numpy as np
+import pyarrow.parquet as pq
+
+from muki_ray.cache import stage_keys
+from muki_ray.pipeline import combine_stage
 from muki_ray.prototypes import prototype_scores, refine, seed_responsibilities, standardize, teacher_scores
+from tests.test_combiner import SPACE, fake_predictions, make_cfg
 
 
 def test_standardize_per_teacher_and_constant_column():
@@ -66,14 +72,6 @@ def test_prototypes_overrule_a_misleading_score():
 
 
 def test_combiner_stage_with_prototypes(tmp_path, ray_session, tiny_models):
-    import json
-
-    import pyarrow.parquet as pq
-
-    from muki_ray.cache import stage_keys
-    from muki_ray.pipeline import combine_stage
-    from tests.test_combiner import SPACE, fake_predictions, make_cfg
-
     fake_predictions(tmp_path)
     plain = make_cfg(tmp_path, strategy="muki_hard", reweight=False)
     cfg = make_cfg(tmp_path, strategy="muki_hard", reweight=False,
@@ -92,12 +90,6 @@ def test_combiner_stage_with_prototypes(tmp_path, ray_session, tiny_models):
 
 
 def test_combiner_stage_with_rank_calibration(tmp_path, ray_session):
-    import pyarrow.parquet as pq
-
-    from muki_ray.cache import stage_keys
-    from muki_ray.pipeline import combine_stage
-    from tests.test_combiner import SPACE, fake_predictions, make_cfg
-
     fake_predictions(tmp_path)
     plain = make_cfg(tmp_path, strategy="muki_hard", reweight=False)
     cfg = make_cfg(tmp_path, strategy="muki_hard", reweight=False, calibration="rank")

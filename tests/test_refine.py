@@ -6,11 +6,19 @@ import json
 import math
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
+from muki_ray.cache import stage_keys
+from muki_ray.config import ConfigError, parse_config
+from muki_ray.evaluate import predict_proba
 from muki_ray.integrate import margin_weights
+from muki_ray.manifest import read_manifest
+from muki_ray.pipeline import combine_stage
 from muki_ray.refine import high_margin, margin_cut, refine_scores, teacher_mass
+from muki_ray.refine import teacher_mass as mass_of
 from muki_ray.stats import Sketch
+from tests.test_combiner import SPACE, fake_predictions, make_cfg
 
 SCORES = np.array([[0.9, 0.2], [0.1, 0.8], [0.7, 0.1], [0.5, 0.5]])  # margins 0.7, 0.7, 0.6, 0.0
 
@@ -50,10 +58,6 @@ def test_refine_scores_mixes_the_student_into_judged_rows_only():
 
 
 def test_refine_needs_a_dev_split(tmp_path):
-    from muki_ray.config import ConfigError
-
-    from tests.test_combiner import make_cfg
-
     with pytest.raises(ConfigError, match=r"integration.refine: .* set data.dev"):
         make_cfg(tmp_path, refine={})
     with pytest.raises(ConfigError, match=r"integration.refine.fraction"):
@@ -61,16 +65,6 @@ def test_refine_needs_a_dev_split(tmp_path):
 
 
 def test_combiner_stage_with_refine(tmp_path, ray_session, tiny_models):
-    import pyarrow.parquet as pq
-
-    from muki_ray.config import parse_config
-    from muki_ray.evaluate import predict_proba
-    from muki_ray.manifest import read_manifest
-    from muki_ray.cache import stage_keys
-    from muki_ray.pipeline import combine_stage
-    from muki_ray.refine import teacher_mass as mass_of
-    from tests.test_combiner import SPACE, fake_predictions
-
     fake_predictions(tmp_path)
     dev = tmp_path / "dev.jsonl"
     dev.write_text("".join(json.dumps({"text": f"text {i}", "label": lab}) + "\n"

@@ -7,10 +7,16 @@ import os
 import subprocess
 import sys
 
+import pyarrow as pa
 import pytest
 import yaml
 
 from muki_ray.cli import main
+from muki_ray.config import parse_config
+from muki_ray.data import hashed_sample, to_ray_dataset
+from muki_ray.labels import label_space
+from muki_ray.manifest import read_manifest
+from muki_ray.pipeline import prepare_stage
 from tests.conftest import make_tiny_model
 from tests.test_student import toy_rows
 
@@ -45,8 +51,6 @@ def run_config(tmp_path):
 
 
 def stage_ids(run):
-    from muki_ray.manifest import read_manifest
-
     return {s: (read_manifest(run / s) or {}).get("output_id")
             for s in ("pool", "prepare", "predictions", "targets", "train", "evaluate")}
 
@@ -117,12 +121,6 @@ def test_bad_force_stage(run_config, capsys):
 def test_per_teacher_prepare_settings_and_unowned_labels(tmp_path, tiny_models, ray_session):
     """A prepared teacher's own base model, epochs, lr and text count override `prepare`; texts of
     labels no teacher owns are skipped and counted, not refused."""
-    from muki_ray.labels import label_space
-    from muki_ray.config import parse_config
-    from muki_ray.data import hashed_sample, to_ray_dataset
-    from muki_ray.pipeline import prepare_stage
-    import pyarrow as pa
-
     rows = toy_rows(48, 0)  # business, entertainment, politics, sport in turn
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -15,15 +15,20 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import transformers
 import yaml
 
-from muki_ray.cache import TeacherCache
+from muki_ray import pipeline
+from muki_ray.cache import TeacherCache, config_key, plan_changes, stage_keys
+from muki_ray.cli import main
+from muki_ray.cluster import ClusterError
 from muki_ray.config import parse_config
 from muki_ray.labels import LabelSpace
-from muki_ray.manifest import read_manifest
+from muki_ray.manifest import begin_stage, finish_stage, read_manifest
+from muki_ray.pipeline import predict_stage
 from muki_ray.schedule import Job, TeacherFailed, actors_that_fit, refuse_oversized, run_within, settled_free
 from tests.conftest import WORDS
-from tests.test_student import train_log
+from tests.test_student import toy_rows, train_log
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -78,8 +83,6 @@ def test_the_scheduler_stays_within_the_budget_and_keeps_going_after_a_failure()
     assert timeline["big"]["actors"] == 3 and timeline["b"]["start"] >= timeline["big"]["end"] - 1e-3
     assert actors_that_fit(Job("g", {"CPU": 1.0, "GPU": 1.0}, 8, work("g")), {"CPU": 16.0, "GPU": 2.0}) == 2
     # A teacher whose one actor needs more than the whole cluster is refused before any work.
-    from muki_ray.cluster import ClusterError
-
     with pytest.raises(ClusterError, match=r"teachers\[0\].resources: one actor of teacher 'g' asks for 1 GPU but the "
                                            r"whole cluster has 0"):
         refuse_oversized([Job("g", {"CPU": 1.0, "GPU": 1.0}, 1, work("g"))], {"CPU": 2.0},
@@ -100,8 +103,6 @@ def test_free_resources_are_read_once_finished_work_has_handed_them_back():
 def test_eight_teachers_on_two_cpus_complete_with_every_id_once(tmp_path, tiny_models, ray_session):
     """More teachers than slots (8 x 1 CPU on 2 CPUs) over a pool of many blocks: the chained
     design hung here; independent pipelines within the free resources cannot (schedule.py)."""
-    from muki_ray.pipeline import predict_stage
-
     pool = write_pool(tmp_path / "pool.jsonl", 1500)
     names = [f"t{i}" for i in range(8)]
     cfg, space = teachers_cfg(tmp_path, tiny_models, names, pool)
@@ -120,9 +121,6 @@ def test_eight_teachers_on_two_cpus_complete_with_every_id_once(tmp_path, tiny_m
 
 def test_a_failing_teacher_keeps_the_others_caches_and_a_rerun_computes_only_it(
         tmp_path, tiny_models, ray_session, monkeypatch, capsys):
-    from muki_ray.cli import main
-    from muki_ray.pipeline import predict_stage
-
     pool = write_pool(tmp_path / "pool.jsonl", 800)
     cfg, space = teachers_cfg(tmp_path, tiny_models, ["a", "b", "c"], pool)
     for t in cfg.teachers:
@@ -149,8 +147,6 @@ def test_a_failing_teacher_keeps_the_others_caches_and_a_rerun_computes_only_it(
 
 
 def test_a_grown_pool_computes_only_its_new_and_changed_rows(tmp_path, tiny_models, ray_session):
-    from muki_ray.pipeline import predict_stage
-
     pool = write_pool(tmp_path / "pool.jsonl", 300)
     cfg, space = teachers_cfg(tmp_path, tiny_models, ["a", "b"], pool)
     first = predict_stage(cfg, space, tmp_path / "run")
@@ -172,10 +168,6 @@ def test_diff_and_run_agree_on_what_reruns(tmp_path, tiny_models, ray_session, m
 
     The stages are replaced by instant fakes that write real manifests, so `run`'s own skip logic
     (cache.stage_keys against the manifests) decides, not the test."""
-    from muki_ray import pipeline
-    from muki_ray.cache import config_key, plan_changes, stage_keys
-    from muki_ray.manifest import begin_stage, finish_stage
-
     def fake(stage):
         def run_stage(cfg, space, run_dir):
             keys = stage_keys(cfg, space, run_dir, stage)
@@ -248,11 +240,6 @@ MULTINODE = textwrap.dedent("""
 
 def test_several_nodes_run_end_to_end_with_teachers_and_training_workers_on_different_nodes(
         tmp_path, tiny_models, ray_session):
-    from transformers import pipeline
-
-    from muki_ray.cli import main
-    from tests.test_student import toy_rows
-
     def jsonl(name, rows):
         p = tmp_path / name
         p.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -289,7 +276,7 @@ def test_several_nodes_run_end_to_end_with_teachers_and_training_workers_on_diff
     created = next(r for r in train_log(tmp_path / "multi") if r.get("event") == "model_created")
     assert sorted(created["worker_nodes"]) == sorted(result["workers"])  # rank 0 and rank 1 on the two nodes
     assert any((tmp_path / "shared" / "ray_train").rglob("*.pt"))  # the checkpoints went to the shared path
-    clf = pipeline("text-classification", model=str(tmp_path / "multi" / "student"), device="cpu")
+    clf = transformers.pipeline("text-classification", model=str(tmp_path / "multi" / "student"), device="cpu")
     assert clf("market stock bank profit")[0]["label"] in {"business", "politics", "entertainment", "sport"}
     # The same targets on one node (predictions and targets only: the targets are what is compared).
     assert main(["predict-teachers", str(single)]) == 0 and main(["combine", str(single)]) == 0

@@ -9,11 +9,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from safetensors.torch import load_file
+from transformers import pipeline
 
 from muki_ray.checkpoint import _groups
 from muki_ray.config import parse_config
 from muki_ray.labels import LabelSpace
 from muki_ray.manifest import finish_stage
+from muki_ray.pipeline import evaluate_stage, train_stage
 from tests.conftest import make_tiny_model
 
 UNION = ["business", "politics", "entertainment", "sport"]
@@ -72,11 +75,7 @@ def train_log(run):
 
 @pytest.mark.parametrize("zero", [2, 3])
 def test_zero_stage_trains_and_exports(tmp_path, ray_session, zero, monkeypatch):
-    import deepspeed.utils.zero_to_fp32 as consolidation
-    from safetensors.torch import load_file
-    from transformers import pipeline
-
-    from muki_ray.pipeline import evaluate_stage, train_stage
+    import deepspeed.utils.zero_to_fp32 as consolidation  # here: DeepSpeed's import takes seconds at collection
 
     # The export runs on the workers: the driver never consolidates a checkpoint.
     monkeypatch.setattr(consolidation, "get_fp32_state_dict_from_zero_checkpoint",
@@ -120,8 +119,6 @@ def test_zero_stage_trains_and_exports(tmp_path, ray_session, zero, monkeypatch)
 
 
 def test_rerun_resumes_from_checkpoint(tmp_path, ray_session, monkeypatch):
-    from muki_ray.pipeline import train_stage
-
     # uhc's loss through the trainer; ZeRO-3, so its partitions (shared fp32 master, checkpointed) resume too
     cfg, run = prepare(tmp_path, strategy="uhc", zero=3, workers=1, epochs=2)
     per_epoch = 64 // 8
@@ -139,10 +136,6 @@ def test_rerun_resumes_from_checkpoint(tmp_path, ray_session, monkeypatch):
 
 
 def test_zero_weight_rows_leave_the_model_unchanged_and_a_pool_under_one_batch_still_steps(tmp_path, ray_session):
-    import torch
-
-    from muki_ray.pipeline import train_stage
-
     # 5 rows, fewer than one batch of 8: the batch shrinks to 5, so the epoch still takes its step.
     cfg, run = prepare(tmp_path, n=5, zero=0, workers=1, epochs=1, weights=np.zeros(5), weight_decay=0.0,
                        resources_per_worker={"CPU": 1.5})
@@ -151,7 +144,6 @@ def test_zero_weight_rows_leave_the_model_unchanged_and_a_pool_under_one_batch_s
     assert [r["global_step"] for r in epochs] == [1]
     # The worker uses the CPUs Ray assigned it (1.5 -> 2 threads), not Ray's OMP_NUM_THREADS=1.
     assert [r["torch_threads"] for r in epochs] == [2]
-    from safetensors.torch import load_file
 
     before = load_file(str(tmp_path / "student" / "model.safetensors"))
     after = load_file(str(run / "student" / "model.safetensors"))
@@ -162,8 +154,6 @@ def test_zero_weight_rows_leave_the_model_unchanged_and_a_pool_under_one_batch_s
 def test_other_losses_run_through_the_same_trainer(tmp_path, ray_session):
     """supervised here; uhc in the resume test above, vanilla_kd in test_faults' mid-epoch resume
     (each strategy's loss runs through the one trainer without a Ray Train run of its own)."""
-    from muki_ray.pipeline import train_stage
-
     cfg, run = prepare(tmp_path, strategy="supervised", n=16, zero=0, workers=1, epochs=1)
     info = train_stage(cfg, SPACE, run)
     steps = [r for r in train_log(run) if "loss" in r]

@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import ray.data
 
-from muki_ray.config import parse_config
-from muki_ray.preflight import check_config
+from muki_ray import mc_dropout
+from muki_ray.cache import teacher_key
+from muki_ray.cli import main
+from muki_ray.config import ConfigError, parse_config
 from muki_ray.labels import LabelSpace
+from muki_ray.manifest import read_manifest
+from muki_ray.preflight import check_config
 from muki_ray.stage import COLUMNS, column, stage_class, stage_options
 from muki_ray.teachers import TeacherSpec, TeacherStage, teacher_specs
 from tests.conftest import WORDS
@@ -44,9 +50,6 @@ def _cfg(tmp_path, tiny_models, n=300, replicas=2, **teacher_extra):
 
 
 def test_three_heterogeneous_teachers_one_row_per_id(tmp_path, tiny_models, ray_session):
-    from muki_ray.cli import main
-    from muki_ray.manifest import read_manifest
-
     cfg, space = _cfg(tmp_path, tiny_models)
     assert main(["predict-teachers", str(tmp_path / "cfg.yaml")]) == 0
     pool = read_manifest(tmp_path / "run" / "pool")
@@ -88,10 +91,6 @@ def test_stage_output_is_a_plain_callable_with_teacher_columns(tiny_models):
 
 
 def test_forward_budget_defaults_by_device_and_bounds_each_forward(tiny_models, monkeypatch):
-    from dataclasses import replace
-
-    from muki_ray import mc_dropout
-
     spec = TeacherSpec(name="news", model_path=str(tiny_models["news"]), labels=("business", "politics"), samples=4)
     assert TeacherStage(spec).max_batch_tokens == 2048  # CPU default (hardware.mc_batch_tokens)
     stage = TeacherStage(replace(spec, max_batch_tokens=64))
@@ -115,8 +114,6 @@ def test_stage_class_named_after_teacher():
 
 def test_resources_reach_actor_pool_options(tmp_path, tiny_models):
     """Configured num_gpus/num_cpus/replicas/custom resources reach each pool's options (no GPU needed)."""
-    import ray.data
-
     cfg, space = _cfg(tmp_path, tiny_models, n=4, replicas=3)
     cfg.teachers[1].resources.num_gpus = 1
     cfg.teachers[2].resources.custom = {"teacher_slot": 1.0}
@@ -131,8 +128,6 @@ def test_resources_reach_actor_pool_options(tmp_path, tiny_models):
 
 
 def test_cheaper_mc_options_reach_the_stage_and_its_cache_key(tmp_path, tiny_models):
-    from muki_ray.cache import teacher_key
-
     cfg, space = _cfg(tmp_path, tiny_models, n=4, mc={"samples": 8, "dropout": 0.3, "layers": 1, "adaptive": True,
                                                       "adaptive_tolerance": 0.5, "adaptive_round": 2})
     spec = teacher_specs(cfg, space)[0]
@@ -148,8 +143,6 @@ def test_cheaper_mc_options_reach_the_stage_and_its_cache_key(tmp_path, tiny_mod
 
 
 def test_mc_layers_deeper_than_the_model_is_a_config_error(tmp_path, tiny_models):
-    from muki_ray.config import ConfigError
-
     with pytest.raises(ConfigError, match=r"teachers\[0\].mc.layers: 9 but the model has \d+ layers"):
         _cfg(tmp_path, tiny_models, n=4, mc={"samples": 2, "layers": 9})
 
@@ -157,8 +150,6 @@ def test_mc_layers_deeper_than_the_model_is_a_config_error(tmp_path, tiny_models
 def test_a_rows_mc_estimate_does_not_depend_on_its_batch(tiny_models):
     """Masks are seeded per row (mc.seed, teacher, id): the same row in three batch compositions,
     with other neighbours, other padding and other micro-batch splits, gets the same p̄."""
-    from dataclasses import replace
-
     spec = TeacherSpec(name="news", model_path=str(tiny_models["news"]), labels=("business", "politics"), samples=4)
     stage = TeacherStage(spec)
     row = "market stock bank profit the election"
