@@ -228,7 +228,9 @@ class _HandlerlessRay(logging.Handler):
     print raw. They go to the run log, and to the console only with --verbose."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        logging.getLogger("ray.native").handle(record)
+        native = logging.getLogger("ray.native")
+        if native.handlers:  # outside a run (a benchmark's own ray.init) nobody listens: dropped, not
+            native.handle(record)  # handed back to this last resort (which would recurse)
         if _state["verbose"]:
             sys.stderr.write(self.format(record) + "\n")
 
