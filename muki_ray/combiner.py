@@ -26,7 +26,9 @@ from muki_ray.data import fold, io_map, list_column
 from muki_ray.embedding import EmbeddingStage
 from muki_ray.integrate import Calibration, entropy_scores, normalize_weights, quality_from_counts, selection_counts
 from muki_ray.labels import LabelSpace
-from muki_ray.prototypes import _unit, assign_pass, kmeans, seed_responsibilities, teacher_scores
+from muki_ray.owners import OwnerModel, cluster_histograms, clusters_for, fit_owners, row_keys, seed_clusters, \
+    smallest_keys
+from muki_ray.prototypes import _unit, assign_pass, kmeans, owner_weights, seed_responsibilities, teacher_scores
 from muki_ray.stats import add
 from muki_ray.strategies import STRATEGIES, integrate, strategy_scores
 from muki_ray.stage import column, stage_class
@@ -98,11 +100,15 @@ class Combiner:
     def counts(self, batch: dict) -> dict:
         """Fold partial: the raw weights' sum and, with gold labels, the supervision counters."""
         out, arrays, _ = self.integrated(batch)
-        c = {"rows": len(out.weights), "weight": float(out.weights.sum())}
+        n = len(self.space.teachers)
+        c = {"rows": len(out.weights), "weight": float(out.weights.sum()),
+             "selected": np.bincount(out.teacher, minlength=n)}
         if "label" in batch:
             gold = self.space.encode(batch["label"])
             known = gold >= 0
-            owns = self.space.owner_mask()[:, np.clip(gold, 0, None)].T
+            owns = self.space.owner_mask()[:, np.clip(gold, 0, None)].T & known[:, None]  # (B, N)
+            picked = np.eye(n, dtype=bool)[out.teacher] & known[:, None]
+            c.update(owned=owns.sum(0), picked=picked.sum(0), picked_ok=(picked & owns).sum(0))
             pos, n = list(self.space.positions), len(self.space)
             c.update(known=int(known.sum()),
                      target_ok=int(((out.targets.argmax(1) == gold) & known).sum()),
@@ -113,16 +119,33 @@ class Combiner:
         return c
 
 
-def supervision(counts: dict) -> Optional[dict]:
+def selected_shares(counts: dict, teachers) -> dict:
+    """Each teacher's share of the pool's selections (no gold needed)."""
+    total = max(int(np.sum(counts["selected"])), 1)
+    return {t: float(v) / total for t, v in zip(teachers, counts["selected"])}
+
+
+def supervision(counts: dict, teachers) -> Optional[dict]:
     """Analysis only (gold labels never reach training here): how good are the targets?
 
-    The run's own targets and teacher choice, plus hard selection by MC scores and by plain
-    entropy side by side, so every run shows whether MC beats entropy on its data.
+    The run's own targets and teacher choice, per teacher its selection recall (of the texts it
+    owns, the share it was chosen for) and precision (of the texts it was chosen for, the share
+    it owns), plus hard selection by MC scores and by plain entropy side by side, so every run
+    shows whether MC beats entropy on its data.
     """
     if "known" not in counts or not counts["known"]:
         return None
     k = counts["known"]
+
+    def ratio(a, b):
+        return float(a) / float(b) if b else None
+
+    per_teacher = {t: {"recall": ratio(counts["picked_ok"][i], counts["owned"][i]),
+                       "precision": ratio(counts["picked_ok"][i], counts["picked"][i]),
+                       "true_share": float(counts["owned"][i]) / k}
+                   for i, t in enumerate(teachers)}
     return {"rows": k, "target_accuracy": counts["target_ok"] / k, "selection_accuracy": counts["selected_ok"] / k,
+            "per_teacher": per_teacher,
             "mc": quality_from_counts(counts["mc"]), "entropy": quality_from_counts(counts["entropy"])}
 
 
@@ -145,9 +168,11 @@ class SelectScores:
 
 
 def select_scores(preds_ds, space: LabelSpace, integration, embedding: Optional[tuple] = None):
-    """predictions Dataset -> the same rows plus `select_scores` (N,): calibrated and/or prototype
-    scores (the strategy's own scores when both are off). Lazy, except the prototypes' embeddings,
-    which are materialized once in the object store for their k-means folds.
+    """predictions Dataset -> (the same rows plus `select_scores` (N,), shares). The scores are
+    calibrated and/or prototype scores (the strategy's own scores when both are off); `shares`
+    (N,) are the teachers' estimated shares of the pool with `calibration: share`, else None.
+    Lazy, except the prototypes' embeddings, which are materialized once in the object store for
+    their folds (k-means, owners).
 
     `embedding` (EmbeddingSpec, map_batches options) is given when `integration.prototypes` is on.
     """
@@ -157,17 +182,20 @@ def select_scores(preds_ds, space: LabelSpace, integration, embedding: Optional[
         raw = SelectScores(space, integration.strategy, none)
         cal = fold(preds_ds, lambda b: Calibration.fit(integration.calibration, raw.scores(b)),
                    lambda a, b: a.merge(b))
-        if integration.calibration == "share":
-            log.info("targets: estimated shares of the pool: %s",
-                     ", ".join(f"{t} {v:.3f}" for t, v in zip(space.teachers, cal.shares)))
     ds = preds_ds.map_batches(SelectScores(space, integration.strategy, cal), batch_format="numpy", **io_map())
     if integration.prototypes is None:
-        return ds
+        return ds, None
     spec, options = embedding
     emb = ds.map_batches(stage_class("embed", EmbeddingStage), fn_constructor_kwargs={"spec": spec},
                          batch_size=integration.prototypes.batch_size, batch_format="numpy", **options).materialize()
-    protos = fit_prototypes(emb, space, integration.prototypes, integration.target_probs, cal.shares)
+    owners = fit_owner_model(emb, space, integration.prototypes.iterations) \
+        if integration.calibration == "share" else None
+    if owners is not None:
+        log.info("targets: estimated shares of the pool: %s",
+                 ", ".join(f"{t} {v:.3f}" for t, v in zip(space.teachers, owners[0].shares)))
+    protos = fit_prototypes(emb, space, integration.prototypes, integration.target_probs, owners)
     p = integration.prototypes
+    shares = owners[0].shares if owners is not None else None
 
     def rescore(batch: dict) -> dict:
         batch["select_scores"] = list_column(teacher_scores(_unit(_stack(batch["embedding"])), protos,
@@ -175,23 +203,57 @@ def select_scores(preds_ds, space: LabelSpace, integration, embedding: Optional[
         del batch["embedding"]
         return batch
 
-    return emb.map_batches(rescore, batch_format="numpy", **io_map())
+    return emb.map_batches(rescore, batch_format="numpy", **io_map()), shares
 
 
-def fit_prototypes(emb_ds, space: LabelSpace, p, target_probs: str, shares: Optional[np.ndarray] = None) -> np.ndarray:
+def fit_owner_model(emb_ds, space: LabelSpace, iterations: int) -> tuple[OwnerModel, np.ndarray]:
+    """The owners' latent-class model (`owners.py`) by folds over a materialized dataset with `id`,
+    `embedding` and `select_scores` (pool ranks) columns: the streaming form of
+    `owners.owner_posteriors` (same steps). Returns (model, cluster centers (K, D))."""
+    def sample(b):
+        return smallest_keys(row_keys(b["id"]), _unit(_stack(b["embedding"])))
+
+    keys, rows = fold(emb_ds, sample, lambda a, b: smallest_keys(np.concatenate([a[0], b[0]]),
+                                                                  np.concatenate([a[1], b[1]])))
+    centers = seed_clusters(rows, clusters_for(len(space), emb_ds.count()))
+
+    def one_pass(c, prev):
+        return fold(emb_ds, lambda b: assign_pass(_unit(_stack(b["embedding"])), c, prev), add, ordered=True)
+
+    centers = kmeans(one_pass, centers, iterations)
+    hist = fold(emb_ds, lambda b: cluster_histograms((_unit(_stack(b["embedding"])) @ centers.T).argmax(axis=1),
+                                                     _stack(b["select_scores"]), len(centers)), add)
+    return fit_owners(hist), centers
+
+
+def fit_prototypes(emb_ds, space: LabelSpace, p, target_probs: str,
+                   owners: Optional[tuple[OwnerModel, np.ndarray]] = None) -> np.ndarray:
     """Label prototypes (Y, D) by folds over a materialized dataset with `embedding` and
     `select_scores` columns: the streaming form of `prototypes.prototype_scores` (same steps);
-    `shares` (N,) the teachers' estimated pool shares, the seeds' prior (None: equal)."""
+    `owners` (model, cluster centers) from `fit_owner_model` seeds them with owner posteriors
+    (None: `owner_weights` of the standardized scores, equal shares)."""
     positions, n_union = list(space.positions), len(space)
 
     def dists(batch):
         arrays = teacher_arrays(batch, space)
         return arrays["mc_probs"] if target_probs == "mc_mean" else arrays["probs"]
 
-    z = fold(emb_ds, lambda b: Calibration.fit("zscore", _stack(b["select_scores"])), lambda a, b: a.merge(b))
-    seeds = fold(emb_ds, lambda b: seed_responsibilities(z.apply(_stack(b["select_scores"])), dists(b), positions,
-                                                         n_union, p.tau, shares).T @ _unit(_stack(b["embedding"])),
-                 add, ordered=True)
+    if owners is None:
+        z = fold(emb_ds, lambda b: Calibration.fit("zscore", _stack(b["select_scores"])), lambda a, b: a.merge(b))
+
+        def weights(b, emb):
+            return owner_weights(z.apply(_stack(b["select_scores"])), p.tau)
+    else:
+        model, centers = owners
+
+        def weights(b, emb):
+            return model.posterior((emb @ centers.T).argmax(axis=1), _stack(b["select_scores"]))
+
+    def seed_partial(b):
+        emb = _unit(_stack(b["embedding"]))
+        return seed_responsibilities(weights(b, emb), dists(b), positions, n_union).T @ emb
+
+    seeds = fold(emb_ds, seed_partial, add, ordered=True)
 
     def one_pass(protos, prev):
         return fold(emb_ds, lambda b: assign_pass(_unit(_stack(b["embedding"])), protos, prev), add, ordered=True)

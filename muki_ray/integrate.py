@@ -21,10 +21,6 @@ from muki_ray.stats import Sketch
 
 MARGIN_EPS = 1e-6
 CALIBRATIONS = ("none", "zscore", "rank", "share")
-SHARE_POINTS = 512        # quantile points of a teacher's score distribution that its share is fitted to
-SHARE_SEPARATION = 2.0    # Ashman's D below which a teacher's two score modes are not told apart
-SHARE_TOLERANCE = 0.15    # how far from 1 the teachers' independently read shares may sum
-SHARE_MIN_MODE = 0.04     # a mode lighter than this is a few outliers, not a share
 
 
 @dataclass
@@ -132,61 +128,6 @@ def quantile_ranks(scores: np.ndarray) -> np.ndarray:
     return Calibration.fit("rank", scores).apply(scores)
 
 
-def upper_mode_share(values: np.ndarray, iterations: int = 200) -> Optional[float]:
-    """The weight of the upper of two Gaussian modes fitted to values (M,) by EM, or None when the
-    two modes are not told apart (Ashman's D = √2 |μ₁ - μ₂| / √(σ₁² + σ₂²) < SHARE_SEPARATION),
-    one holds less than SHARE_MIN_MODE of the values, or there are fewer than 8 values. EM starts from Otsu's split (the threshold that maximizes the
-    between-class variance), so the fit is deterministic.
-    """
-    x = np.sort(np.asarray(values, dtype=np.float64))
-    if len(x) < 8 or x[-1] - x[0] < 1e-12:
-        return None
-    k = np.arange(1, len(x))
-    c = np.cumsum(x)
-    m0, m1 = c[:-1] / k, (c[-1] - c[:-1]) / (len(x) - k)
-    cut = int(np.argmax(k * (len(x) - k) * (m0 - m1) ** 2)) + 1
-    w = np.array([cut, len(x) - cut]) / len(x)
-    mu = np.array([x[:cut].mean(), x[cut:].mean()])
-    floor = 1e-3 * (x[-1] - x[0])
-    sd = np.array([x[:cut].std(), x[cut:].std()]) + floor
-    for _ in range(iterations):
-        dens = w * np.exp(-0.5 * ((x[:, None] - mu) / sd) ** 2) / sd
-        r = dens / np.maximum(dens.sum(1, keepdims=True), 1e-300)
-        w = r.mean(0)
-        mu = (r * x[:, None]).sum(0) / np.maximum(r.sum(0), 1e-300)
-        sd = np.sqrt((r * (x[:, None] - mu) ** 2).sum(0) / np.maximum(r.sum(0), 1e-300)) + floor
-    if math.sqrt(2.0) * abs(mu[1] - mu[0]) / math.sqrt(sd[0] ** 2 + sd[1] ** 2) < SHARE_SEPARATION:
-        return None
-    if w.min() < SHARE_MIN_MODE:
-        return None
-    return float(w[int(np.argmax(mu))])
-
-
-def pool_shares(sketches: Sequence[Sketch]) -> np.ndarray:
-    """(N,) each teacher's estimated share of the pool, summing to 1, from its score sketch.
-
-    Why it works: a teacher scores the texts it owns higher than the others, so over the pool its
-    scores form two modes, its own texts above, and the upper mode's weight is its share. The fit
-    is per teacher, on its own score scale (log-odds, where confident scores near 1 spread out),
-    so an over-confident teacher shifts both of its modes, not its share. Each text has exactly one
-    owner, so the N shares read off independently must add up to 1: only when every teacher shows
-    two modes and their weights sum to 1 within SHARE_TOLERANCE are they trusted (then normalized).
-    Otherwise the modes are not what this assumes (an over-confident teacher scores its own and
-    the others' texts alike, one skewed mode, a few outliers) and every teacher gets 1/N, which
-    makes `share` the plain `rank`. (Giving a lone undecided teacher the remainder was tried and
-    dropped: on the BBC teachers the other teacher's upper mode holds its over-confident foreign
-    texts too, so its share reads 0.65-0.91 whatever the truth, 0.05-0.95.)
-    """
-    n = len(sketches)
-    est = []
-    for sk in sketches:
-        q = np.clip(sk.quantiles(SHARE_POINTS), 1e-12, 1 - 1e-12)
-        est.append(upper_mode_share(np.log(q) - np.log1p(-q)) if sk.n else None)
-    if n == 0 or any(e is None for e in est) or abs(sum(est) - 1.0) > SHARE_TOLERANCE:
-        return np.full(n, 1.0 / max(n, 1))
-    return np.array(est) / sum(est)
-
-
 @dataclass
 class Calibration:
     """A pool-level map of each teacher's selection scores, fitted from per-block partials.
@@ -196,14 +137,13 @@ class Calibration:
     it does not own, so the raw argmax gives t2 90% of the pool (41% is t2's). Comparing each score
     with the same teacher's scores over the pool removes that offset. `zscore`: (s - mean) / std
     per teacher; `rank`: the per-teacher quantile (robust to skewed, saturated scores), from a
-    mergeable sketch; `share`: the rank minus the share of the pool the teacher does not own,
-    F_i(s) - (1 - π_i), with π_i from `pool_shares`; `none`: s. `fit` one block, `merge` the
-    blocks, then `apply` to any block.
+    mergeable sketch; `share`: the same ranks, which the combiner then turns into owner
+    posteriors with the teachers' estimated shares of the pool (`owners.py`, over the prototypes'
+    embedding clusters); `none`: s. `fit` one block, `merge` the blocks, then `apply` to any block.
 
-    Why `share`: a rank compares teachers as if each owned 1/N of the pool. A teacher owning 80%
-    of it has its own texts spread over ranks 0.2-1 and the others' over 0-0.8, so a text of the
-    major teacher at rank 0.3 loses to the minor teacher's 0.5. Subtracting 1 - π_i puts every
-    teacher's own-versus-foreign boundary at 0; with equal shares it is `rank` (the same argmax).
+    A rank alone compares teachers as if each owned 1/N of the pool: a teacher owning 5% of it
+    has its foreign texts over ranks 0-0.95 and wins about half of the other teachers' texts.
+    That is what `share` corrects.
     """
 
     method: str
@@ -211,7 +151,6 @@ class Calibration:
     sums: Optional[np.ndarray] = None      # (N,) Σ s
     squares: Optional[np.ndarray] = None   # (N,) Σ s²
     sketches: list = field(default_factory=list)  # per teacher, for `rank` and `share`
-    _shares: Optional[np.ndarray] = None          # `share`: π (N,), estimated once after merging
 
     @classmethod
     def fit(cls, method: str, scores: np.ndarray) -> "Calibration":
@@ -235,17 +174,7 @@ class Calibration:
             mean = self.sums / self.n
             std = np.sqrt(np.maximum(self.squares / self.n - mean ** 2, 0.0))
             return (s - mean) / np.where(std > 1e-12, std, 1.0)
-        ranks = np.stack([sk.mid_rank(s[:, t]) for t, sk in enumerate(self.sketches)], axis=1)
-        return ranks - (1.0 - self.shares) if self.method == "share" else ranks
-
-    @property
-    def shares(self) -> np.ndarray:
-        """(N,) each teacher's estimated share of the pool (`pool_shares`; equal shares unless
-        `share`). Computed once, so a fitted calibration ships to workers with it."""
-        if self._shares is None:
-            n = len(self.sums) if self.sums is not None else 0
-            self._shares = pool_shares(self.sketches) if self.method == "share" and self.n else np.full(n, 1 / max(n, 1))
-        return self._shares
+        return np.stack([sk.mid_rank(s[:, t]) for t, sk in enumerate(self.sketches)], axis=1)
 
 
 def calibrate(scores: np.ndarray, method: str) -> np.ndarray:

@@ -26,7 +26,7 @@ import ray.data
 
 from muki_ray.cache import STAGES, TeacherCache, prototypes_model, stage_keys
 from muki_ray.checkpoint import warm_start_folder
-from muki_ray.combiner import Combiner, select_scores, supervision
+from muki_ray.combiner import Combiner, select_scores, selected_shares, supervision
 from muki_ray.config import RunConfig, prepared_settings
 from muki_ray.data import (DataError, check_labels, fold, hashed_sample, io_map, io_read, io_write, read_source,
                            scan_source)
@@ -228,10 +228,10 @@ def combine_stage(cfg: RunConfig, space: LabelSpace, run_dir: Path) -> dict:
     config_hash, inputs = stage_keys(cfg, space, run_dir, "targets")
     stage_dir = begin_stage(run_dir / "targets")
     ds = ray.data.read_parquet(str(preds_dir / "data"), **io_read())
-    integ, rounds = cfg.integration, []
+    integ, rounds, shares = cfg.integration, [], None
     if integ.calibration != "none" or integ.prototypes is not None or integ.refine is not None:
         protos = integ.prototypes is not None
-        ds = select_scores(ds, space, integ, embedding_stage(cfg) if protos else None)
+        ds, shares = select_scores(ds, space, integ, embedding_stage(cfg) if protos else None)
         log.debug("targets: teachers selected by %s%s", integ.selection(),
                  f" (prototypes embed with {prototypes_model(cfg)})" if protos else "")
         if integ.refine is not None:
@@ -247,16 +247,23 @@ def combine_stage(cfg: RunConfig, space: LabelSpace, run_dir: Path) -> dict:
         rows = parquet_rows(tmp)
         if rows != preds_manifest["rows"]:
             raise RuntimeError(f"combine: wrote {rows} rows for {preds_manifest['rows']} predictions")
-    report = supervision(counts)
+    # Each teacher's estimated share of the pool: the owners' model's, else its share of the selections.
+    estimated = dict(zip(space.teachers, map(float, shares))) if shares is not None else \
+        selected_shares(counts, space.teachers)
+    report = supervision(counts, space.teachers)
     if report is not None:
         report = {"strategy": cfg.integration.strategy, **report}
+        for t, v in report["per_teacher"].items():
+            v["estimated_share"] = estimated[t]
         write_json_atomic(run_dir / "supervision.json", report)
         log.debug("supervision: target acc %.3f, selection acc %.3f (MC %.3f vs entropy %.3f)",
                  report["target_accuracy"], report["selection_accuracy"], report["mc"]["selection_accuracy"],
                  report["entropy"]["selection_accuracy"])
     mean_weight = 1.0 if mean else counts["weight"] / max(counts["rows"], 1)
     return finish_stage(stage_dir, config_hash=config_hash, inputs=inputs, rows=rows, started=started,
-                        extra={"mean_weight": mean_weight, "supervision": report, **({"refine": rounds} if rounds else {})})
+                        extra={"mean_weight": mean_weight, "supervision": report, "estimated_shares": estimated,
+                               "shares_from": "owners" if shares is not None else "selections",
+                               **({"refine": rounds} if rounds else {})})
 
 
 def embedding_stage(cfg: RunConfig) -> tuple:

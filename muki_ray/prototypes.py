@@ -8,7 +8,8 @@ and over such a group the owning teacher's evidence wins even where single texts
 1. standardize each teacher's scores over the pool (teachers of unequal strength and label count
    are not comparable raw: 20NG's comp teacher scores 0.41 on its own texts, rec 0.46 on others);
 2. seed one prototype per union label from the teachers' soft evidence: text i gives label y
-   (owned by teacher t) the weight softmax_t(z_i / tau) * p_t(y | x_i);
+   (owned by teacher t) the weight w_t(x_i) * p_t(y | x_i), with w = softmax_t(z_i / tau), or with
+   `calibration: share` the owner posteriors of `owners.py`, which know each teacher's share;
 3. refine the prototypes with spherical k-means over the pool (each label keeps its identity);
 4. score teacher t on text i by the probability mass of t's labels under softmax_y(cos(x_i, c_y) / kappa).
 
@@ -35,16 +36,20 @@ def _unit(a: np.ndarray) -> np.ndarray:
     return a / np.where(norm > 0, norm, 1.0)
 
 
-def seed_responsibilities(z: np.ndarray, dists: Sequence[np.ndarray], positions, num_union: int,
-                          tau: float, shares: Optional[np.ndarray] = None) -> np.ndarray:
-    """z (B, N), dists[t] (B, C_t) -> (B, Y) label weights softmax_t(z / tau + log π_t) * p_t(y);
-    rows sum to 1. π (N,): the teachers' estimated shares of the pool as a prior over owners
-    (None: equal, as z is standardized per teacher and so carries no share).
+def owner_weights(z: np.ndarray, tau: float) -> np.ndarray:
+    """(B, N) standardized scores -> (B, N) softmax_t(z / tau): each text's weight per owner when
+    the teachers' shares are not estimated (equal shares: z is standardized per teacher)."""
+    return _softmax(z / tau)
+
+
+def seed_responsibilities(w: np.ndarray, dists: Sequence[np.ndarray], positions, num_union: int) -> np.ndarray:
+    """w (B, N) owner weights (rows sum to 1), dists[t] (B, C_t) -> (B, Y) label weights
+    w_t * p_t(y); rows sum to 1. The weights are `owner_weights` or, with `calibration: share`,
+    the owner posteriors of `owners.py` (which carry the estimated shares of the pool).
 
     A label owned by several teachers collects the weight of each of them.
     """
-    w = _softmax(z / tau + (0.0 if shares is None else np.log(np.clip(shares, 1e-12, None))))
-    out = np.zeros((z.shape[0], num_union))
+    out = np.zeros((w.shape[0], num_union))
     for t, (p, pos) in enumerate(zip(dists, positions)):
         out[:, pos] += w[:, [t]] * np.asarray(p)
     return out
@@ -95,16 +100,17 @@ def teacher_scores(emb: np.ndarray, protos: np.ndarray, positions, kappa: float)
 
 def prototype_scores(emb: np.ndarray, scores: np.ndarray, dists: Sequence[np.ndarray], positions,
                      num_union: int, *, tau: float = 1.0, kappa: float = 0.05,
-                     iterations: int = 20, shares: Optional[np.ndarray] = None) -> np.ndarray:
+                     iterations: int = 20, owners: Optional[np.ndarray] = None) -> np.ndarray:
     """Teacher scores (B, N) from embeddings (B, D), uncertainty scores (B, N) and teacher dists.
 
-    The result replaces the uncertainty scores in selection and re-weighting (higher = this
-    teacher owns the text). An empty pool gives an empty (0, N) result.
+    `owners` (B, N): owner posteriors to seed from (`owners.owner_posteriors`); None seeds from
+    `owner_weights` of the standardized scores. The result replaces the uncertainty scores in
+    selection and re-weighting (higher = this teacher owns the text). An empty pool gives an
+    empty (0, N) result.
     """
     if emb.shape[0] == 0:
         return np.zeros((0, len(positions)))
     emb = _unit(np.asarray(emb, dtype=np.float64))
-    resp = seed_responsibilities(standardize(np.asarray(scores, dtype=np.float64)), dists, positions,
-                                 num_union, tau, shares)
-    protos, _ = refine(emb, resp, iterations)
+    w = owners if owners is not None else owner_weights(standardize(np.asarray(scores, dtype=np.float64)), tau)
+    protos, _ = refine(emb, seed_responsibilities(w, dists, positions, num_union), iterations)
     return teacher_scores(emb, protos, positions, kappa)

@@ -46,9 +46,12 @@ def stage_headline(stage: str, info: dict, cfg) -> str:
                 + (f", reused {', '.join(info['reused'])}" if info.get("reused") else ""))
     if stage == "targets" and "rows" in info:
         sup = info.get("supervision")
+        recalls = {t: v["recall"] for t, v in ((sup or {}).get("per_teacher") or {}).items() if v["recall"] is not None}
+        weakest = min(recalls, key=recalls.get) if recalls else None
         return (f"{info['rows']} targets, {cfg.integration.strategy}" +
                 (f"; selection accuracy {acc(sup['selection_accuracy'])}, target accuracy "
-                 f"{acc(sup['target_accuracy'])}" if sup else ""))
+                 f"{acc(sup['target_accuracy'])}" if sup else "") +
+                (f"; weakest recall {weakest} {acc(recalls[weakest])}" if weakest and len(recalls) > 1 else ""))
     if stage == "train" and "dev_accuracy" in m:
         return f"dev accuracy {acc(m['dev_accuracy'])} (best epoch {m.get('best_epoch')})"
     if stage == "evaluate" and m:
@@ -168,7 +171,19 @@ def write_report(cfg, space: LabelSpace, run_dir: Path) -> dict:
     for i, n in enumerate(space.names):
         lines.append(f"| {i} | {n} | {', '.join(space.owners[n])} |")
 
-    sup = (m["targets"] or {}).get("supervision")
+    targets = m["targets"] or {}
+    sup, estimated = targets.get("supervision"), targets.get("estimated_shares")
+    if estimated:
+        per = (sup or {}).get("per_teacher") or {}
+        source = ("the owners' model (calibration: share)" if targets.get("shares_from") == "owners"
+                  else "its share of the selections")
+        lines += ["", f"## Teachers' shares of the pool (estimated from {source})", "",
+                  "| teacher | estimated share | true share (gold) | selection recall | selection precision |",
+                  "|---|---|---|---|---|"]
+        for t in space.teachers:
+            g = per.get(t, {})
+            lines.append(f"| {t} | {_fmt(estimated.get(t))} | {_fmt(g.get('true_share'))} | {_fmt(g.get('recall'))} "
+                         f"| {_fmt(g.get('precision'))} |")
     figure = None
     if sup:
         lines += ["", f"## Supervision quality (strategy `{sup['strategy']}`, {sup['rows']} pool texts with gold)", "",

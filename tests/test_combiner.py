@@ -13,6 +13,7 @@ from muki_ray.config import parse_config
 from muki_ray.labels import LabelSpace
 from muki_ray.manifest import finish_stage
 from muki_ray.pipeline import combine_stage
+from muki_ray.report import stage_headline
 
 
 def fake_predictions(run_dir, with_gold=True):
@@ -77,6 +78,15 @@ def test_hard_targets_schema_order_and_report(tmp_path, ray_session):
     assert report["target_accuracy"] == 0.5  # r0 sport ok, r1 politics ok, r2 -> tech, r3 -> sport
     assert report["mc"]["selection_accuracy"] == 0.75
     assert "entropy" in report
+    # Per teacher: zeta owns r0, r3 and is chosen for r0, r2, r3; alpha owns r1, r2, chosen for r1.
+    per = report["per_teacher"]
+    assert (per["zeta"]["recall"], per["zeta"]["precision"]) == (1.0, pytest.approx(2 / 3))
+    assert (per["alpha"]["recall"], per["alpha"]["precision"]) == (0.5, 1.0)
+    assert per["zeta"]["true_share"] == per["alpha"]["true_share"] == 0.5
+    # Without the owners' model a teacher's estimated share is its share of the selections (no gold).
+    assert info["estimated_shares"] == {"zeta": 0.75, "alpha": 0.25} and info["shares_from"] == "selections"
+    assert per["zeta"]["estimated_share"] == 0.75
+    assert "weakest recall alpha 0.500" in stage_headline("targets", info, make_cfg(tmp_path, strategy="muki_hard"))
 
 
 def test_soft_with_normalized_margins(tmp_path, ray_session):

@@ -19,10 +19,8 @@ from muki_ray.integrate import (
     selection_quality,
     soft_targets,
     teacher_weights,
-    upper_mode_share,
     vanilla_kd_targets,
 )
-from muki_ray.prototypes import seed_responsibilities
 from muki_ray.strategies import STRATEGIES, integrate
 
 # Two teachers: T1 owns union [a, b] (0, 1), T2 owns [c, d, e] (2, 3, 4).
@@ -193,34 +191,11 @@ def test_calibration_removes_a_teachers_offset(method):
     assert calibrate(s, method).argmax(1).tolist() == [0, 0, 1, 1]
 
 
-def test_upper_mode_share_hand_worked():
-    rng = np.random.default_rng(0)
-    two = np.concatenate([rng.normal(5.0, 0.3, 80), rng.normal(0.0, 0.3, 20)])
-    assert abs(upper_mode_share(two) - 0.8) < 0.01
-    assert upper_mode_share(rng.normal(0.0, 1.0, 500)) is None  # one mode: no share to read
-    assert upper_mode_share(np.ones(50)) is None and upper_mode_share(two[:5]) is None
-
-
-def test_share_calibration_follows_an_unequal_share():
-    """Teacher A owns texts 0-7, B texts 8-9. Text 0 is A's least sure own text (rank 0.25) and B's
-    surest foreign one (rank 0.75): `rank` gives it to B. With the shares π = (0.8, 0.2) read off
-    each teacher's two score modes, A's 0.25 - 0.2 = 0.05 beats B's 0.75 - 0.8 = -0.05."""
-    a = np.array([0.990, 0.991, 0.992, 0.993, 0.994, 0.995, 0.996, 0.997, 0.50, 0.51])
-    b = np.array([0.58, 0.50, 0.51, 0.52, 0.53, 0.54, 0.55, 0.56, 0.995, 0.996])
-    s = np.stack([a, b], 1)
-    assert calibrate(s, "rank").argmax(1).tolist() == [1] + [0] * 7 + [1, 1]
-    cal = Calibration.fit("share", s[:6]).merge(Calibration.fit("share", s[6:]))  # two blocks
-    np.testing.assert_allclose(cal.shares, [0.8, 0.2], atol=0.01)
-    out = cal.apply(s)
-    np.testing.assert_allclose(out[0], [0.25 - 0.2, 0.75 - 0.8], atol=0.01)
-    assert out.argmax(1).tolist() == [0] * 8 + [1, 1]
-    # Equal shares when the modes are not told apart: then it is `rank`, shifted by a constant.
-    flat = np.random.default_rng(1).random((200, 2))
-    np.testing.assert_allclose(calibrate(flat, "share"), calibrate(flat, "rank") - 0.5)
-    # The prototypes' seeds take the shares as a prior over owners: softmax(z / τ + log π).
-    w = seed_responsibilities(np.zeros((1, 2)), [np.array([[1.0]]), np.array([[1.0]])],
-                              [np.array([0]), np.array([1])], 2, 1.0, np.array([0.8, 0.2]))
-    np.testing.assert_allclose(w, [[0.8, 0.2]])
+def test_share_calibration_gives_pool_ranks():
+    """`share` calibrates like `rank`; the shares enter after, in the owners' model (test_owners.py)."""
+    s = np.random.default_rng(1).random((50, 2))
+    cal = Calibration.fit("share", s[:20]).merge(Calibration.fit("share", s[20:]))  # two blocks
+    np.testing.assert_allclose(cal.apply(s), calibrate(s, "rank"))
 
 
 def test_calibration_none_empty_and_unknown():

@@ -6,11 +6,12 @@ import json
 
 import numpy as np
 import pyarrow.parquet as pq
+import pytest
 
 from muki_ray.cache import stage_keys
 from muki_ray.pipeline import combine_stage
-from muki_ray.prototypes import prototype_scores, refine, seed_responsibilities, standardize, teacher_scores
-from tests.test_combiner import SPACE, fake_predictions, make_cfg
+from muki_ray.prototypes import owner_weights, prototype_scores, refine, seed_responsibilities, standardize, teacher_scores
+from tests.test_combiner import SPACE, fake_predictions, make_cfg, read_targets
 
 
 def test_standardize_per_teacher_and_constant_column():
@@ -20,8 +21,8 @@ def test_standardize_per_teacher_and_constant_column():
 
 def test_seed_responsibilities_hand_example():
     # Equal z: each teacher gets weight 1/2, spread over its labels by its own probabilities.
-    resp = seed_responsibilities(np.zeros((1, 2)), [np.array([[0.8, 0.2]]), np.array([[0.6, 0.4]])],
-                                 [np.array([0, 1]), np.array([2, 3])], 4, tau=1.0)
+    resp = seed_responsibilities(owner_weights(np.zeros((1, 2)), tau=1.0), [np.array([[0.8, 0.2]]),
+                                 np.array([[0.6, 0.4]])], [np.array([0, 1]), np.array([2, 3])], 4)
     np.testing.assert_allclose(resp, [[0.4, 0.1, 0.3, 0.2]])
 
 
@@ -44,8 +45,8 @@ def test_refine_moves_prototypes_to_the_groups():
 def test_an_overlapping_label_collects_every_owners_weight():
     """Teachers A {x, y} and B {y, z} share y. Equal scores: w = (0.5, 0.5). Row: A says (0.2, 0.8),
     B says (0.6, 0.4), so x = 0.1, y = 0.4 + 0.3 = 0.7, z = 0.2; the row sums to 1."""
-    seeds = seed_responsibilities(np.zeros((1, 2)), [np.array([[0.2, 0.8]]), np.array([[0.6, 0.4]])],
-                                  [np.array([0, 1]), np.array([1, 2])], 3, tau=1.0)
+    seeds = seed_responsibilities(owner_weights(np.zeros((1, 2)), tau=1.0), [np.array([[0.2, 0.8]]),
+                                  np.array([[0.6, 0.4]])], [np.array([0, 1]), np.array([1, 2])], 3)
     np.testing.assert_allclose(seeds, [[0.1, 0.7, 0.2]])
     np.testing.assert_allclose(seeds.sum(1), 1.0)
 
@@ -102,3 +103,20 @@ def test_combiner_stage_with_rank_calibration(tmp_path, ray_session):
         np.testing.assert_allclose(rows[rid]["scores"], scores, atol=1e-6)
     # r3 is a raw tie (0.5, 0.5) that goes to zeta; its ranks give it to alpha.
     assert [rows[f"r{i}"]["teacher"] for i in range(4)] == ["zeta", "alpha", "zeta", "alpha"]
+
+
+def test_combiner_stage_with_the_default_share_recipe(tmp_path, ray_session, tiny_models):
+    """The default recipe (share calibration + prototypes) runs the owners' model in the stream:
+    the manifest and supervision.json carry its estimated shares, per teacher."""
+    fake_predictions(tmp_path)
+    cfg = make_cfg(tmp_path, preset="default", strategy="muki_hard", reweight=False,
+                   prototypes={"model": str(tiny_models["news"]), "resources": {"num_cpus": 0.5}})
+    assert cfg.integration.calibration == "share"
+    info = combine_stage(cfg, SPACE, tmp_path)
+    assert info["shares_from"] == "owners"
+    assert set(info["estimated_shares"]) == {"zeta", "alpha"}
+    assert sum(info["estimated_shares"].values()) == pytest.approx(1.0)
+    report = json.loads((tmp_path / "supervision.json").read_text())
+    for t in ("zeta", "alpha"):
+        assert report["per_teacher"][t]["estimated_share"] == info["estimated_shares"][t]
+    assert len(read_targets(tmp_path)) == 4
