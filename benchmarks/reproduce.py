@@ -57,13 +57,12 @@ BEYOND = {"muki_soft+reweight+rank": {"calibration": "rank"},
               "refine": {"resources": {"num_cpus": 0.5, "threads": 2}}},
           "muki_soft+reweight+refine": {"refine": {"resources": {"num_cpus": 0.5, "threads": 2}}}}
 METHODS.update({m: {**METHODS["muki_soft+reweight"], **extra} for m, extra in BEYOND.items()})
-METHODS["muki_soft+reweight+share"] = {**METHODS["muki_soft+reweight"], "calibration": "share"}
 # Every row above is the paper's selection plus what the row names; "default" is the shipped
 # default recipe, exactly as a config without selection options gets it (integration.preset).
 METHODS = {m: {"preset": "paper", **v} for m, v in METHODS.items()}
 METHODS["default"] = {"strategy": "muki_soft", "reweight": True, "reweight_normalize": True,
                       "prototypes": {"resources": {"num_cpus": 0.5, "threads": 2}}}
-METHODS["default+share"] = {**METHODS["default"], "calibration": "share"}  # the default, share-aware ranks
+METHODS["default_before"] = {**METHODS["default"], "calibration": "rank"}  # the default before #32 (equal shares)
 LOW_MARGIN = 0.3  # the share of the pool with the smallest MC top-2 margin: "low-margin texts"
 BASELINES = ("vanilla_kd", "uhc", "entropy_hard", "entropy_soft")
 NG_FAMILIES = {

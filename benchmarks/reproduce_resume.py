@@ -261,7 +261,8 @@ def assemble(args, pieces: Pieces, names: list[str], teachers_of: list[str]) -> 
     return result
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
+    """The driver's arguments: the credible sizes by default (benchmarks/shares.py reads them too)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dataset", choices=["20newsgroups", "bbc_news"], default="20newsgroups")
     ap.add_argument("--seeds", type=int, default=3)
@@ -279,7 +280,18 @@ def main() -> None:
     ap.add_argument("--max-hours", type=float, default=None, help="start no new piece after this many hours")
     ap.add_argument("--only", default=None, help="comma-separated pieces to run (default: the whole plan)")
     ap.add_argument("--assemble-only", action="store_true")
-    args = ap.parse_args()
+    return ap
+
+
+def run_config(args) -> dict:
+    """The shared stages' raw config of a dataset at the given sizes (teachers, pool, dev, test)."""
+    raw = base_config(args.dataset, args)
+    raw["integration"] = {"strategy": "muki_soft"}
+    return raw
+
+
+def main() -> None:
+    args = parser().parse_args()
     args.results = args.results.resolve()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
@@ -292,9 +304,7 @@ def main() -> None:
 
     work = Path(args.work).resolve() / args.dataset
     shared = work / "shared"
-    raw = base_config(args.dataset, args)
-    raw["output_dir"] = str(shared)
-    raw["integration"] = {"strategy": "muki_soft"}
+    raw = {**run_config(args), "output_dir": str(shared)}
     cfg = parse_config(raw)
     space = label_space(cfg)
     pieces = Pieces(args.results / "runs" / args.dataset, sizes(args))

@@ -20,9 +20,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_results  # noqa: E402
 from reproduce import LOW_MARGIN  # noqa: E402
+from shares import selection_scores  # noqa: E402
 
 # option -> (calibration, prototypes on)
-OPTIONS = {"mc": ("none", False), "zscore": ("zscore", False), "rank": ("rank", False), "share": ("share", False),
+OPTIONS = {"mc": ("none", False), "zscore": ("zscore", False), "rank": ("rank", False),
            "prototypes": ("none", True), "rank+prototypes": ("rank", True), "share+prototypes": ("share", True)}
 
 
@@ -33,6 +34,7 @@ def measure(shared: Path) -> dict:
     from muki_ray.hf_folder import resolve_model_path
     from muki_ray.embedding import EmbeddingSpec, EmbeddingStage
     from muki_ray.integrate import Calibration
+    from muki_ray.owners import row_keys
     from muki_ray.prototypes import prototype_scores
 
     preds = pq.read_table(shared / "predictions" / "data").to_pydict()
@@ -51,12 +53,14 @@ def measure(shared: Path) -> dict:
     texts = preds["text"]
     emb = np.concatenate([stage.embed(texts[i:i + 64]) for i in range(0, len(texts), 64)])
     embed_seconds = time.perf_counter() - t0
-    scores = {}
+    scores, est = {}, None
     for name, (method, protos) in OPTIONS.items():
+        if method == "share":  # the default recipe: the owners' model seeds the prototypes
+            scores[name], est = selection_scores("default", emb, mc, probs, positions, start, row_keys(preds["id"]))
+            continue
         cal = Calibration.fit(method, mc)
-        scores[name] = prototype_scores(emb, cal.apply(mc), probs, positions, start, shares=cal.shares) \
-            if protos else cal.apply(mc)
-    res_shares = {n: float(v) for n, v in zip(teachers, Calibration.fit("share", mc).shares)}
+        scores[name] = prototype_scores(emb, cal.apply(mc), probs, positions, start) if protos else cal.apply(mc)
+    res_shares = {n: float(v) for n, v in zip(teachers, est)}
     top2 = np.sort(mc, axis=1)[:, -2:]
     margin = top2[:, 1] - top2[:, 0]
     low = margin <= np.quantile(margin, LOW_MARGIN)
