@@ -176,12 +176,31 @@ def _groups(tensors: list, max_params: int):
         yield group
 
 
-def warm_start_folder(init_from: str, labels) -> str:
-    """The student folder to warm-start from (a run directory's `student/`, or the folder itself); logs
-    which labels keep their trained head rows. The workers copy the weights (`_warm_start`)."""
+def student_folder(init_from: str) -> Path:
+    """A run directory's `student/`, or the folder itself."""
     src = Path(init_from)
-    if (src / "student" / "config.json").exists():
-        src = src / "student"
+    return src / "student" if (src / "student" / "config.json").exists() else src
+
+
+def growth(init_from: str, space) -> dict:
+    """What a warm-started student grows from: the previous student's labels (old) and the rest
+    of the union (new), the teachers whose labels are all old, the others (new), and the previous
+    run's test figures when its metrics.json is beside its student folder (before the growth)."""
+    src = student_folder(init_from)
+    old = set(label_names(src))
+    previous = src.parent / "metrics.json"
+    before = json.loads(previous.read_text()) if previous.exists() else {}
+    return {"from": str(src.resolve()), "old_labels": [n for n in space.names if n in old],
+            "new_labels": [n for n in space.names if n not in old],
+            "old_teachers": [t for t, labels in zip(space.teachers, space.teacher_labels) if set(labels) <= old],
+            "new_teachers": [t for t, labels in zip(space.teachers, space.teacher_labels) if not set(labels) <= old],
+            "before": {k: before[k] for k in ("test_accuracy", "test_accuracy_per_teacher") if k in before}}
+
+
+def warm_start_folder(init_from: str, labels) -> str:
+    """The student folder to warm-start from (`student_folder`); logs which labels keep their
+    trained head rows. The workers copy the weights (`_warm_start`)."""
+    src = student_folder(init_from)
     old = label_names(src)
     dropped = [n for n in old if n not in set(labels)]
     if dropped:

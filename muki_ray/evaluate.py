@@ -97,22 +97,31 @@ def accuracy_report(pred: np.ndarray, gold: np.ndarray, parts: dict[str, np.ndar
 
 
 def evaluate_dataset(model_dir, ds, space, *, max_length: int = 128, prefix: str = "test_", options: dict,
-                     threads: int = 1, trust_remote_code: bool = False, label: str = "evaluate") -> dict:
+                     threads: int = 1, trust_remote_code: bool = False, label: str = "evaluate",
+                     groups: Optional[dict] = None) -> dict:
     """Accuracy of a classifier folder on a labeled Ray Dataset {text, label}, over the union and per
-    teacher part (labels matched by name). `options`: the actor pool's map_batches options."""
+    teacher part (labels matched by name). `options`: the actor pool's map_batches options.
+    `groups` (name -> union indices) adds `{prefix}accuracy_per_group`, e.g. a grown student's old
+    and new labels."""
     names = load_classifier_names(model_dir)
     parts = {t: pos for t, pos in zip(space.teachers, space.positions)}
+    extra = {f"group:{g}": np.asarray(idx, dtype=np.int64) for g, idx in (groups or {}).items()}
 
     def counts(batch: dict) -> dict:
         pred = space.encode(np.asarray(names)[np.stack(batch["probs"]).argmax(1)].tolist())
-        return accuracy_counts(pred, space.encode(batch["label"]), parts)
+        return accuracy_counts(pred, space.encode(batch["label"]), {**parts, **extra})
 
     ds = ds.materialize()  # read once: its row count sizes the progress line
     with track(label, ds.count(), "texts") as counter:
         spec = ClassifierSpec(str(model_dir), max_length, 64, threads, trust_remote_code, progress=counter)
         scored = ds.map_batches(stage_class("evaluate", ClassifierStage), fn_constructor_kwargs={"spec": spec},
                                 batch_size=256, batch_format="numpy", **options)
-        return report_from_counts(fold(scored, counts, add), parts, prefix)
+        c = fold(scored, counts, add)
+    out = report_from_counts(c, parts, prefix)
+    if groups:
+        out[f"{prefix}accuracy_per_group"] = report_from_counts(c, extra)["accuracy_per_teacher"]
+        out[f"{prefix}accuracy_per_group"] = {k.split(":", 1)[1]: v for k, v in out[f"{prefix}accuracy_per_group"].items()}
+    return out
 
 
 def load_classifier_names(model_dir) -> list[str]:

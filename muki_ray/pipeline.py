@@ -25,7 +25,7 @@ import ray
 import ray.data
 
 from muki_ray.cache import STAGES, TeacherCache, prototypes_model, stage_keys
-from muki_ray.checkpoint import warm_start_folder
+from muki_ray.checkpoint import growth, warm_start_folder
 from muki_ray.combiner import Combiner, select_scores, selected_shares, supervision
 from muki_ray.config import RunConfig, prepared_settings
 from muki_ray.data import (DataError, check_labels, fold, hashed_sample, io_map, io_read, io_write, read_source,
@@ -324,11 +324,17 @@ def evaluate_stage(cfg: RunConfig, space: LabelSpace, run_dir: Path) -> dict:
     stage_dir = begin_stage(run_dir / "evaluate")
     metrics = dict(read_manifest(run_dir / "train")["metrics"])
     s = cfg.student
+    grown = growth(s.init_from, space) if s.init_from else None
+    groups = {g: [space.index[n] for n in grown[f"{g}_labels"]] for g in ("old", "new")} if grown else None
     if cfg.data.test is not None:
         metrics.update(evaluate_dataset(run_dir / "student", labeled(cfg, cfg.data.test, space.names, "data.test"),
                                         space, max_length=s.max_length, options=stage_options(
                                             s.eval_resources, gpu_default()), threads=s.eval_resources.actor_threads,
-                                        trust_remote_code=s.trust_remote_code))
+                                        trust_remote_code=s.trust_remote_code, groups=groups))
+    if grown:  # forgetting: the old labels before (the previous run) and after, and the new labels
+        per_group = metrics.pop("test_accuracy_per_group", {})
+        metrics["growth"] = {**grown, "old_labels_accuracy": per_group.get("old"),
+                             "new_labels_accuracy": per_group.get("new")}
     write_json_atomic(run_dir / "metrics.json", metrics)
     log.debug("student: test accuracy %s", metrics.get("test_accuracy"))
     return finish_stage(stage_dir, config_hash=config_hash, inputs=inputs, rows=None, started=started,

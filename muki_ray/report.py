@@ -27,6 +27,25 @@ def _fmt(x) -> str:
     return "-" if x is None or (isinstance(x, float) and np.isnan(x)) else (f"{x:.4f}" if isinstance(x, float) else str(x))
 
 
+def growth_lines(metrics: dict) -> list[str]:
+    """report.md's growth section of a warm-started student: its old labels' accuracy before (the
+    previous run's metrics) and after, and the new labels'; empty when it did not grow."""
+    grown = metrics.get("growth")
+    if not grown:
+        return []
+    before = grown["before"].get("test_accuracy_per_teacher", {})
+    after = metrics.get("test_accuracy_per_teacher") or {}
+    lines = ["", f"## Growth (warm start from `{grown['from']}`)", "",
+             f"Old labels: {', '.join(grown['old_labels'])}. New labels: {', '.join(grown['new_labels']) or 'none'}. "
+             "Before: the previous run's own test figures (its test split).", "",
+             "| labels | before | after |", "|---|---|---|",
+             f"| old labels | {_fmt(grown['before'].get('test_accuracy'))} | {_fmt(grown['old_labels_accuracy'])} |",
+             f"| new labels | - | {_fmt(grown['new_labels_accuracy'])} |"]
+    lines += [f"| {t}'s labels (old teacher) | {_fmt(before.get(t))} | {_fmt(after.get(t))} |"
+              for t in grown["old_teachers"]]
+    return lines + [f"| {t}'s labels (new teacher) | - | {_fmt(after.get(t))} |" for t in grown["new_teachers"]]
+
+
 def stage_headline(stage: str, info: dict, cfg) -> str:
     """The figure that matters of a finished stage (its manifest `info`), for its console line;
     empty when the manifest does not hold it."""
@@ -214,6 +233,7 @@ def write_report(cfg, space: LabelSpace, run_dir: Path) -> dict:
         rows += [("teacher selection", cfg.integration.selection())]
     lines += ["", "## Student", ""] + [f"| {a} | {b} |" for a, b in rows[:1]] + ["|---|---|"] + \
              [f"| {a} | {b} |" for a, b in rows[1:]]
+    lines += growth_lines(metrics)
     curves = None
     train_run = ((m["train"] or {}).get("metrics") or {}).get("train_run")
     if train_run and (run_dir / "train_log.jsonl").exists():

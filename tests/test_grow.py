@@ -9,12 +9,15 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+from muki_ray.checkpoint import growth
 from muki_ray.cli import main
+from muki_ray.labels import LabelSpace
 from muki_ray.manifest import read_manifest
+from muki_ray.report import growth_lines
 from tests.test_student import toy_rows, train_log
 
 
-def write_cfg(tmp_path, name, teachers, tiny_models, **student):
+def write_cfg(tmp_path, name, teachers, tiny_models, test=False, **student):
     def jsonl(fname, rows):
         p = tmp_path / fname
         if not p.exists():
@@ -32,6 +35,8 @@ def write_cfg(tmp_path, name, teachers, tiny_models, **student):
         "student": {"model": str(tiny_models["student"]), "epochs": 1, "batch_size": 8, "max_length": 16,
                     "resources_per_worker": {"CPU": 0.5}, **student},
     }
+    if test:  # an evaluation pass: the grown student's old and new labels are measured
+        raw["data"]["test"] = {"source": jsonl("test.jsonl", toy_rows(16, 2))}
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
@@ -53,7 +58,7 @@ def test_add_a_teacher_recomputes_only_it(tmp_path, tiny_models, ray_session, ca
     save_file(weights, str(old_student / "model.safetensors"), metadata={"format": "pt"})
 
     # The warm start runs inside the workers (partitioned under ZeRO-3: test_student.py).
-    b = write_cfg(tmp_path, "b", ["news", "arts", "misc"], tiny_models, init_from=str(old_student))
+    b = write_cfg(tmp_path, "b", ["news", "arts", "misc"], tiny_models, test=True, init_from=str(old_student))
     capsys.readouterr()
     assert main(["diff", str(a), str(b)]) == 0
     plan = capsys.readouterr().out
@@ -77,9 +82,37 @@ def test_add_a_teacher_recomputes_only_it(tmp_path, tiny_models, ray_session, ca
     assert new["classifier.weight"][-1].abs().max() < 0.5  # science: a fresh row, not a copied one
     warm = next(r for r in train_log(run) if r.get("event") == "warm_start")
     assert warm["new_labels"] == ["science"] and "classifier.weight" in warm["head"]
-    assert "dev_accuracy" in json.loads((run / "metrics.json").read_text())
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert "dev_accuracy" in metrics
+    grown = metrics["growth"]  # forgetting measured: the old labels after, the new labels
+    assert grown["new_labels"] == ["science"] and grown["new_teachers"] == ["misc"]
+    assert grown["old_teachers"] == ["news", "arts"] and 0.0 <= grown["old_labels_accuracy"] <= 1.0
+    assert "## Growth (warm start from" in (run / "report.md").read_text()
 
     # Changing one teacher's mc.samples recomputes only that teacher.
     assert main(["predict-teachers", str(b), "--set", "teachers[0].mc.samples=3"]) == 0
     m = read_manifest(run / "predictions")
     assert m["computed"] == ["news"] and m["reused"] == ["arts", "misc"]
+
+
+def test_growth_figures_come_from_the_previous_run_and_reach_the_report(tmp_path):
+    """A student grown from a 2-teacher run: old labels, new labels and teachers by name; the old
+    labels' accuracy before is the previous run's metrics.json, read back into report.md's lines."""
+    prev = tmp_path / "prev"
+    (prev / "student").mkdir(parents=True)
+    (prev / "student" / "config.json").write_text(json.dumps(
+        {"id2label": {"0": "business", "1": "politics", "2": "entertainment"}}))
+    (prev / "metrics.json").write_text(json.dumps(
+        {"test_accuracy": 0.9, "test_accuracy_per_teacher": {"news": 0.95, "arts": 0.8}}))
+    space = LabelSpace.from_teachers({"news": ["business", "politics"], "arts": ["entertainment"],
+                                      "misc": ["tech", "science"]})
+    g = growth(str(prev), space)
+    assert g["old_labels"] == ["business", "politics", "entertainment"] and g["new_labels"] == ["tech", "science"]
+    assert g["old_teachers"] == ["news", "arts"] and g["new_teachers"] == ["misc"]
+    assert g["before"] == {"test_accuracy": 0.9, "test_accuracy_per_teacher": {"news": 0.95, "arts": 0.8}}
+    lines = growth_lines({"growth": {**g, "old_labels_accuracy": 0.88, "new_labels_accuracy": 0.4},
+                          "test_accuracy_per_teacher": {"news": 0.9, "arts": 0.85, "misc": 0.4}})
+    assert "| old labels | 0.9000 | 0.8800 |" in lines and "| new labels | - | 0.4000 |" in lines
+    assert "| news's labels (old teacher) | 0.9500 | 0.9000 |" in lines
+    assert "| misc's labels (new teacher) | - | 0.4000 |" in lines
+    assert growth_lines({"test_accuracy": 0.5}) == []
