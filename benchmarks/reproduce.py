@@ -62,7 +62,7 @@ METHODS.update({m: {**METHODS["muki_soft+reweight"], **extra} for m, extra in BE
 METHODS = {m: {"preset": "paper", **v} for m, v in METHODS.items()}
 METHODS["default"] = {"strategy": "muki_soft", "reweight": True, "reweight_normalize": True,
                       "prototypes": {"resources": {"num_cpus": 0.5, "threads": 2}}}
-METHODS["default_before"] = {**METHODS["default"], "calibration": "rank"}  # the default before #32 (equal shares)
+METHODS["default+share"] = {**METHODS["default"], "calibration": "share"}  # the default with the owners' EM
 LOW_MARGIN = 0.3  # the share of the pool with the smallest MC top-2 margin: "low-margin texts"
 BASELINES = ("vanilla_kd", "uhc", "entropy_hard", "entropy_soft")
 NG_FAMILIES = {

@@ -29,7 +29,7 @@ from common import RESULTS, hardware  # noqa: E402
 from reproduce import METHODS, add_run_args, base_config, method_row  # noqa: E402
 from selection import OPTIONS, measure  # noqa: E402
 
-STUDENT_METHODS = ("supervised", "oracle", "uhc", "muki_soft+reweight", "default", "default_before")
+STUDENT_METHODS = ("supervised", "oracle", "uhc", "muki_soft+reweight", "default", "default+share")
 PAPER, DEFAULT = "muki_soft+reweight", "default"
 
 

@@ -10,10 +10,10 @@ label), each teacher's selection recall, and its estimated against its true shar
 Methods, through the same math the combiner runs (in memory: `owners.owner_posteriors`,
 `prototypes.prototype_scores`, `integrate.calibrate`):
 - `paper`: raw MC scores (preset: paper);
-- `default_before`: rank calibration + prototypes seeded with equal shares (the default before #32);
-- `default`: share calibration (the owners' latent-class EM) + prototypes seeded with its posteriors;
+- `default`: rank calibration + prototypes seeded with equal shares (the default recipe);
+- `share`: share calibration (the owners' latent-class EM) + prototypes seeded with its posteriors;
 - `oracle`: the teacher that owns the gold label.
-A method's estimated share is the owners' model's π for `default` and its share of the selections
+A method's estimated share is the owners' model's π for `share` and its share of the selections
 otherwise. Students: see `--students` (pieces in results/runs/shares/, resumable).
 
     python benchmarks/shares.py                        # every dataset whose predictions are stored
@@ -37,10 +37,10 @@ from common import RESULTS, hardware  # noqa: E402
 from reproduce_resume import Pieces, commit, parser, run_config, write_atomic  # noqa: E402
 
 SHARES = (0.02, 0.05, 0.10, 0.25, 0.50, 0.75, 0.90, 0.98)
-METHODS = ("paper", "default_before", "default", "oracle")
+METHODS = ("paper", "default", "share", "oracle")
 SWEPT = {"bbc_news": "t1", "20newsgroups": "sci"}  # the teacher whose share is swept
 STUDENT_METHODS = {"paper": {"preset": "paper", "strategy": "muki_soft", "reweight": True, "reweight_normalize": True},
-                   "default_before": {"calibration": "rank"}, "default": {}}
+                   "default": {}, "share": {"calibration": "share"}}
 
 
 def load(dataset: str, sizes: list[str]) -> dict:
@@ -88,7 +88,7 @@ def selection_scores(method: str, emb: np.ndarray, mc: np.ndarray, probs: list, 
     if method == "paper":
         return mc, None
     ranks = calibrate(mc, "rank")
-    if method == "default_before":
+    if method == "default":
         return prototype_scores(emb, ranks, probs, positions, n_union), None
     post, model = owner_posteriors(emb, ranks, n_union, keys=keys)
     return prototype_scores(emb, ranks, probs, positions, n_union, owners=post), model.shares
@@ -215,7 +215,7 @@ def write(result: dict) -> None:
           f"`python benchmarks/shares.py` (commit {result['commit']}; {result['hardware']}). One shared MC pass per "
           "dataset (the reproduction's `predictions` piece), subsampled with seed 0 so that the swept teacher owns "
           "each share; selection through the combiner's own math. Estimated share: the owners' model's for "
-          "`default`, the share of the selections otherwise.", "", "![selection against share](shares.png)", ""]
+          "`share`, the share of the selections otherwise.", "", "![selection against share](shares.png)", ""]
     for dataset, r in result["datasets"].items():
         teachers = list(r["own_accuracy"])
         md += [f"## {dataset} (swept teacher: {SWEPT[dataset]})", "",
@@ -236,23 +236,26 @@ def write(result: dict) -> None:
 
 
 def goals(rows: list[dict], dataset: str) -> list[str]:
+    """The issue's goals for a share-robust selection, judged on `share` (the candidate) and on
+    `default` (the shipped recipe)."""
     by = {(x["share"], x["method"]): x for x in rows}
     out = []
-    gaps = [(s, by[(s, "default")]["selection_acc"] - max(by[(s, "paper")]["selection_acc"],
-                                                          by[(s, "default_before")]["selection_acc"])) for s in SHARES]
-    worst = min(gaps, key=lambda g: g[1])
-    out.append(f"selection ≥ max(paper, default_before) at every share: {'met' if worst[1] >= 0 else 'missed'} "
-               f"(smallest lead {worst[1] * 100:+.1f} pts, at {worst[0]:.0%})")
-    if dataset == "bbc_news":
-        low = min((by[(s, "default")]["selection_acc"], s) for s in SHARES)
-        out.append(f"selection ≥ 0.90 at every share: {'met' if low[0] >= 0.9 else 'missed'} "
-                   f"(lowest {low[0]:.3f}, at {low[1]:.0%})")
+    for cand in ("default", "share"):
+        rivals = [m for m in ("paper", "default") if m != cand]
+        gaps = [(s, by[(s, cand)]["selection_acc"] - max(by[(s, m)]["selection_acc"] for m in rivals)) for s in SHARES]
+        worst = min(gaps, key=lambda g: g[1])
+        out.append(f"`{cand}` selection ≥ max({', '.join(rivals)}) at every share: "
+                   f"{'met' if worst[1] >= 0 else 'missed'} (smallest lead {worst[1] * 100:+.1f} pts, at {worst[0]:.0%})")
+        if dataset == "bbc_news":
+            low = min((by[(s, cand)]["selection_acc"], s) for s in SHARES)
+            out.append(f"`{cand}` selection ≥ 0.90 at every share: {'met' if low[0] >= 0.9 else 'missed'} "
+                       f"(lowest {low[0]:.3f}, at {low[1]:.0%})")
     errs = [(max(abs(x["share_estimate"][t] - x["true_share"][t]) for t in x["true_share"]), x["share"])
-            for x in rows if x["method"] == "default" and x["selection_acc"] >= 0.8]
+            for x in rows if x["method"] == "share" and x["selection_acc"] >= 0.8]
     if errs:
         e = max(errs)
-        out.append(f"estimated shares within 0.05 wherever selection ≥ 0.8: {'met' if e[0] <= 0.05 else 'missed'} "
-                   f"(largest error {e[0]:.3f}, at {e[1]:.0%})")
+        out.append(f"`share`'s estimated shares within 0.05 wherever its selection ≥ 0.8: "
+                   f"{'met' if e[0] <= 0.05 else 'missed'} (largest error {e[0]:.3f}, at {e[1]:.0%})")
     return out
 
 

@@ -61,7 +61,7 @@ def test_valid_config_summary(tmp_path, base, capsys):
 
 def test_default_recipe_paper_preset_and_non_score_strategies(tmp_path, base, capsys):
     cfg = load_config(write(tmp_path, base))  # no integration section: the default recipe
-    assert cfg.integration.calibration == "share" and cfg.integration.prototypes is not None
+    assert cfg.integration.calibration == "rank" and cfg.integration.prototypes is not None
     assert cfg.integration.prototypes.model is None  # embeds with student.model
     paper = load_config(write(tmp_path, {**base, "integration": {"preset": "paper"}}))
     assert paper.integration.calibration == "none" and paper.integration.prototypes is None
@@ -69,7 +69,7 @@ def test_default_recipe_paper_preset_and_non_score_strategies(tmp_path, base, ca
     mixed = load_config(write(tmp_path, {**base, "integration": {"preset": "paper", "calibration": "zscore"}}))
     assert mixed.integration.calibration == "zscore" and mixed.integration.prototypes is None  # explicit wins
     off = load_config(write(tmp_path, {**base, "integration": {"prototypes": None}}))
-    assert off.integration.calibration == "rank" and off.integration.prototypes is None  # share needs prototypes
+    assert off.integration.calibration == "rank" and off.integration.prototypes is None
     with pytest.raises(ConfigError, match="calibration: share estimates the teachers' shares"):
         load_config(write(tmp_path, {**base, "integration": {"calibration": "share", "prototypes": None}}))
 
@@ -174,7 +174,7 @@ def test_demo_config_validates(capsys):
     code, out, err = run_cli(capsys, "validate", str(REPO / "jobs/configs/demo.yaml"))
     assert code == 0, err
     assert "teacher_a: 3 labels" in out and "teacher_b: 2 labels" in out
-    assert "selection: share calibration + label prototypes" in out  # the demo runs the default recipe
+    assert "selection: rank calibration + label prototypes" in out  # the demo runs the default recipe
     assert "union label space: 5 labels from 2 teachers" in out
 
 

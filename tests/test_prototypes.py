@@ -105,11 +105,11 @@ def test_combiner_stage_with_rank_calibration(tmp_path, ray_session):
     assert [rows[f"r{i}"]["teacher"] for i in range(4)] == ["zeta", "alpha", "zeta", "alpha"]
 
 
-def test_combiner_stage_with_the_default_share_recipe(tmp_path, ray_session, tiny_models):
-    """The default recipe (share calibration + prototypes) runs the owners' model in the stream:
-    the manifest and supervision.json carry its estimated shares, per teacher."""
+def test_combiner_stage_with_share_calibration(tmp_path, ray_session, tiny_models):
+    """Share calibration + prototypes runs the owners' model in the stream: the manifest and
+    supervision.json carry its estimated shares, per teacher."""
     fake_predictions(tmp_path)
-    cfg = make_cfg(tmp_path, preset="default", strategy="muki_hard", reweight=False,
+    cfg = make_cfg(tmp_path, preset="default", calibration="share", strategy="muki_hard", reweight=False,
                    prototypes={"model": str(tiny_models["news"]), "resources": {"num_cpus": 0.5}})
     assert cfg.integration.calibration == "share"
     info = combine_stage(cfg, SPACE, tmp_path)

@@ -41,7 +41,7 @@ def run_config(tmp_path):
                     "resources_per_worker": {"CPU": 0.5}},
         "teachers": [{"name": "first", "mc": {"samples": 3}, "max_length": 16, "resources": {"num_cpus": 0.25}},
                      {"name": "second", "mc": {"samples": 3}, "max_length": 16, "resources": {"num_cpus": 0.25}}],
-        # no integration section: the default recipe (share calibration + label prototypes)
+        # no integration section: the default recipe (rank calibration + label prototypes)
         "student": {"model": str(base), "epochs": 1, "batch_size": 8, "lr": 5e-3, "max_length": 16,
                     "resources_per_worker": {"CPU": 0.5}},
     }
@@ -84,7 +84,7 @@ def test_run_end_to_end_resume_and_classify(run_config, ray_session, capsys):
     assert "test_accuracy" in metrics and set(metrics["test_accuracy_per_teacher"]) == {"first", "second"}
     report = (run / "report.md").read_text()
     assert "| first |" in report and "| second |" in report and "Supervision quality" in report
-    assert "| teacher selection | share calibration + label prototypes |" in report
+    assert "| teacher selection | rank calibration + label prototypes |" in report
     assert "![training curves](training.png)" in report and f"({log_file.relative_to(run)})" in report
     teacher_cfg = json.loads((run / "prepare" / "first" / "config.json").read_text())
     assert list(teacher_cfg["id2label"].values()) == ["business", "entertainment"]  # sorted slice 1
