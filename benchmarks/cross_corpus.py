@@ -58,6 +58,7 @@ def main() -> None:
     import logging
 
     logging.basicConfig(level=logging.WARNING)
+    import pyarrow as pa
     import pyarrow.compute as pc
 
     from muki_ray.cluster import connect
@@ -76,7 +77,7 @@ def main() -> None:
 
     def ng_part(split, part=(0.0, 1.0), limit=None):
         t = builtin_part("20newsgroups", split, part, None, 0)
-        t = t.filter(pc.is_in(t.column("label"), value_set=__import__("pyarrow").array(sci)))
+        t = t.filter(pc.is_in(t.column("label"), value_set=pa.array(sci)))
         return t.slice(0, limit) if limit else t
 
     sizes = {"pool": mixed(work / "pool.jsonl", builtin_part("bbc_news", "train", (0.5, 1.0), None, 0),

@@ -119,8 +119,8 @@ def evaluate_dataset(model_dir, ds, space, *, max_length: int = 128, prefix: str
         c = fold(scored, counts, add)
     out = report_from_counts(c, parts, prefix)
     if groups:
-        out[f"{prefix}accuracy_per_group"] = report_from_counts(c, extra)["accuracy_per_teacher"]
-        out[f"{prefix}accuracy_per_group"] = {k.split(":", 1)[1]: v for k, v in out[f"{prefix}accuracy_per_group"].items()}
+        by_key = report_from_counts(c, extra)["accuracy_per_teacher"]
+        out[f"{prefix}accuracy_per_group"] = {g: by_key[f"group:{g}"] for g in groups}
     return out
 
 

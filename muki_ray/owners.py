@@ -40,6 +40,8 @@ from typing import Optional
 
 import numpy as np
 
+from muki_ray.prototypes import _unit, assign_pass, kmeans
+
 BINS = 10            # equal-mass rank bins per teacher
 PSEUDO = 0.5         # Dirichlet pseudo-count per bin (a bin no text falls in keeps a finite ratio)
 ITERATIONS = 500
@@ -169,8 +171,6 @@ def owner_posteriors(emb: np.ndarray, ranks: np.ndarray, num_union: int, keys: O
     posteriors, model). Keys default to 0..B-1. The streaming form (`combiner.fit_owners`) folds
     the same steps over blocks: the seeds' sample, the k-means passes, the histograms.
     """
-    from muki_ray.prototypes import _unit, assign_pass, kmeans
-
     emb = _unit(np.asarray(emb, dtype=np.float64))
     ranks = np.asarray(ranks, dtype=np.float64)
     if emb.shape[0] == 0:
