@@ -76,21 +76,29 @@ def build_model(job, rank: int = 0, dtype=None):
 def _warm_start(model, job, rank: int, heads: set[str]) -> None:
     """Copy a previous student (`job.init_from`) into the new model: body tensors of the same name and
     shape; head tensors (`heads`, first dim = label count) row by row by label name, so rows of new
-    labels keep their fresh init. Tensors are read one at a time; a ZeRO-3 parameter is gathered to
+    labels keep their fresh init, unless `job.init_head` holds the probed union head (all its rows
+    fitted before training: head_probe.py). Tensors are read one at a time; a ZeRO-3 parameter is gathered to
     rank 0, written there and re-partitioned, so no rank ever holds the whole model."""
     import deepspeed  # inside the worker (start-up time): the driver imports this module without them
     import torch
+    from safetensors.torch import load_file
 
     old_labels = label_names(job.init_from)
     rows = {j: old_labels.index(n) for j, n in enumerate(job.labels) if n in old_labels}
     copied = []
+    # The probed union head (warm_start.probe_warm_head): the head tensors only, read whole.
+    probed = {} if job.init_head is None else load_file(job.init_head)
     with weight_reader(job.init_from) as old, torch.no_grad():
         for name, p in itertools.chain(model.named_parameters(), model.named_buffers()):
-            if name not in old:
+            if name not in old and name not in probed:
                 continue
             sharded = hasattr(p, "ds_id")
             with deepspeed.zero.GatheredParameters([p], modifier_rank=0) if sharded else contextlib.nullcontext():
                 if sharded and rank != 0:
+                    continue
+                if name in probed:  # the probed union head: every row, already in union order
+                    p.data.copy_(probed[name].to(p.dtype))
+                    copied.append(name)
                     continue
                 t = old[name][:]
                 if name in heads:
@@ -106,8 +114,8 @@ def _warm_start(model, job, rank: int, heads: set[str]) -> None:
         log.info("warm start from %s: %d tensors copied; head rows copied by name: %s; new: %s", job.init_from,
                  len(copied), ", ".join(kept), ", ".join(n for n in job.labels if n not in old_labels) or "none")
         append_log(job, {"event": "warm_start", "from": job.init_from, "tensors": len(copied),
-                                   "head": sorted(heads), "copied_labels": kept,
-                                   "new_labels": [n for n in job.labels if n not in old_labels]})
+                         "head": sorted(heads), "probed_head": sorted(probed), "copied_labels": kept,
+                         "new_labels": [n for n in job.labels if n not in old_labels]})
 
 
 def local_parameters(model) -> tuple[int, int]:

@@ -332,6 +332,11 @@ class StudentConfig(TrainHyper):
     init_from: Optional[str] = Field(
         None, description="Warm start: a previous run directory (its `student/`) or a student HF folder; the "
         "head is expanded to the new union by label name, body weights kept.")
+    head_probe_rows: int = Field(
+        2048, ge=0, description="Warm start only: before training, the union head is fitted on the previous "
+        "student's features of this many target rows (a linear probe), so new labels start with rows as strong "
+        "as the old ones (without it a warm student hardly learns its new labels); 0: old rows copied by name, "
+        "new rows left at their fresh init.")
     trust_remote_code: bool = Field(False, description="Allow the model folder's own code.")
     allow_pickle: bool = Field(False, description="Allow pickle (`.bin`) weights.")
 

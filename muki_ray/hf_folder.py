@@ -155,8 +155,11 @@ def model_skeleton(folder, *, trust_remote_code: bool = False, **config_override
 def head_keys(folder, num_labels: int, *, trust_remote_code: bool = False) -> set[str]:
     """Names of the tensors whose shape follows the label count (the classification head), from two
     meta-device skeletons with `num_labels` and `num_labels + 1` labels."""
+    def labels(n):  # a label map of n names: with the folder's own, transformers warns of a mismatch
+        return {"id2label": {i: f"LABEL_{i}" for i in range(n)}, "label2id": {f"LABEL_{i}": i for i in range(n)}}
+
     shapes = [{k: t.shape for k, t in model_skeleton(folder, trust_remote_code=trust_remote_code,
-                                                      num_labels=n).state_dict().items()}
+                                                      **labels(n)).state_dict().items()}
               for n in (num_labels, num_labels + 1)]
     return {k for k, shape in shapes[0].items() if shapes[1].get(k) != shape}
 

@@ -33,7 +33,7 @@ from muki_ray.data import (DataError, check_labels, fold, hashed_sample, io_map,
 from muki_ray.embedding import EmbeddingSpec
 from muki_ray.evaluate import evaluate_dataset
 from muki_ray.hardware import cluster_has_gpus
-from muki_ray.hf_folder import resolve_model_path
+from muki_ray.hf_folder import label_names, resolve_model_path
 from muki_ray.labels import LabelSpace
 from muki_ray.manifest import begin_stage, finish_stage, fingerprint, is_current, read_manifest, stage_output, \
     write_json_atomic
@@ -47,6 +47,7 @@ from muki_ray.strategies import STRATEGIES
 from muki_ray.student import tokenize, train_classifier, with_gold
 from muki_ray.stage import actor_resources, column, stage_options
 from muki_ray.teachers import cache_columns, predict_teacher, teacher_specs
+from muki_ray.warm_start import probe_warm_head
 
 log = logging.getLogger("muki_ray.pipeline")
 
@@ -299,6 +300,14 @@ def train_stage(cfg: RunConfig, space: LabelSpace, run_dir: Path) -> dict:
     train_ds = tokenize(ray.data.read_parquet(str(run_dir / "targets" / "data"), columns=keep, **io_read()),
                         model_path, s.max_length, s.trust_remote_code)
     init_from = warm_start_folder(s.init_from, space.names) if s.init_from else None
+    init_head, probe = None, None
+    if init_from and s.head_probe_rows and set(space.names) - set(label_names(init_from)):
+        init_head = stage_dir / "warm_head.safetensors"
+        probe = probe_warm_head(ray.data.read_parquet(str(run_dir / "targets" / "data"), **io_read()),
+                                init_from=init_from, labels=list(space.names), rows=s.head_probe_rows,
+                                out_path=init_head, options=stage_options(s.eval_resources, gpu_default()),
+                                max_length=s.max_length, threads=s.eval_resources.actor_threads,
+                                trust_remote_code=s.trust_remote_code)
     metrics = train_classifier(
         s, model_path=model_path, labels=list(space.names), loss=strategy.loss, train_ds=train_ds,
         dev_ds=labeled(cfg, cfg.data.dev, space.names, "data.dev"), rows=targets_manifest["rows"],
@@ -309,8 +318,10 @@ def train_stage(cfg: RunConfig, space: LabelSpace, run_dir: Path) -> dict:
         trust_remote_code=s.trust_remote_code, allow_pickle=s.allow_pickle,
         loss_context={"kd_temperature": cfg.integration.kd_temperature,
                       "positions": [p.tolist() for p in space.positions], "prob_columns": probs},
-        init_from=init_from)
+        init_from=init_from, init_head=str(init_head) if init_head else None)
     metrics["strategy"] = cfg.integration.strategy
+    if probe:
+        metrics["head_probe"] = probe
     log.debug("student: dev accuracy %.4f (epoch %s)", metrics["dev_accuracy"], metrics["best_epoch"])
     return finish_stage(stage_dir, config_hash=config_hash, inputs=inputs, rows=targets_manifest["rows"],
                         started=started, extra={"metrics": metrics})

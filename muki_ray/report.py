@@ -43,7 +43,15 @@ def growth_lines(metrics: dict) -> list[str]:
              f"| new labels | - | {_fmt(grown['new_labels_accuracy'])} |"]
     lines += [f"| {t}'s labels (old teacher) | {_fmt(before.get(t))} | {_fmt(after.get(t))} |"
               for t in grown["old_teachers"]]
-    return lines + [f"| {t}'s labels (new teacher) | - | {_fmt(after.get(t))} |" for t in grown["new_teachers"]]
+    lines += [f"| {t}'s labels (new teacher) | - | {_fmt(after.get(t))} |" for t in grown["new_teachers"]]
+    probe = metrics.get("head_probe")
+    if probe:  # head_probe.probe_report of the copied head (before) and the fitted one (after)
+        b, a = probe["before"], probe["after"]
+        lines += ["", f"Head probe on {probe['rows']} target rows ({b['new_label_rows']} whose target is a new "
+                  f"label): those predicted as a new label {_fmt(b['new_rows_on_new'])} with the copied head, "
+                  f"{_fmt(a['new_rows_on_new'])} with the fitted one; row norms old/new "
+                  f"{_fmt(a['row_norm_old'])}/{_fmt(a['row_norm_new'])}."]
+    return lines
 
 
 def stage_headline(stage: str, info: dict, cfg) -> str:

@@ -114,6 +114,7 @@ class TrainJob:
     trust_remote_code: bool = False
     allow_pickle: bool = False
     init_from: Optional[str] = None         # warm start: a previous student folder (head grown by label name)
+    init_head: Optional[str] = None         # warm start: the probed union head (warm_start.probe_warm_head)
     fault_step: Optional[str] = None        # test-only hooks (faults.py)
     trace_rows: Optional[str] = None
     progress: Optional[str] = None          # the stage's progress counter (progress.track): rank 0 adds steps

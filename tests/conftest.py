@@ -49,12 +49,13 @@ def ray_session():
 
 
 def make_tiny_model(folder: Path, labels: list[str], arch: str = "bert", seed: int = 0,
-                    hidden_dropout: float = 0.1) -> Path:
+                    hidden_dropout: float = 0.1, init_range: float = 0.02) -> Path:
     """Write a tiny random `from_pretrained` folder (config, safetensors weights, own tokenizer)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     id2label = {i: n for i, n in enumerate(labels)}
-    common = dict(num_labels=len(labels), id2label=id2label, label2id={n: i for i, n in id2label.items()})
+    common = dict(num_labels=len(labels), id2label=id2label, label2id={n: i for i, n in id2label.items()},
+                  initializer_range=init_range)
     # Each architecture gets its own vocabulary order, so tokenizers really differ.
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     words = list(WORDS) if arch == "bert" else list(reversed(WORDS)) if arch == "roberta" else sorted(WORDS)
