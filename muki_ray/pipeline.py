@@ -304,7 +304,8 @@ def train_stage(cfg: RunConfig, space: LabelSpace, run_dir: Path) -> dict:
     if init_from and s.head_probe_rows and set(space.names) - set(label_names(init_from)):
         init_head = stage_dir / "warm_head.safetensors"
         probe = probe_warm_head(ray.data.read_parquet(str(run_dir / "targets" / "data"), **io_read()),
-                                init_from=init_from, labels=list(space.names), rows=s.head_probe_rows,
+                                init_from=init_from, labels=list(space.names),
+                                rows=min(s.head_probe_rows, targets_manifest["rows"]),
                                 out_path=init_head, options=stage_options(s.eval_resources, gpu_default()),
                                 max_length=s.max_length, threads=s.eval_resources.actor_threads,
                                 trust_remote_code=s.trust_remote_code)
