@@ -16,6 +16,38 @@ class ClusterError(Exception):
     """Ray cannot be reached or cannot provide what the config asks for."""
 
 
+def node_resources(nodes: list[dict]) -> list[dict[str, float]]:
+    """Every alive node's resources, from `ray.nodes()` entries."""
+    return [dict(n.get("Resources") or {}) for n in nodes if n.get("Alive", True)]
+
+
+def refuse_oversized(requests: dict[str, dict[str, float]], nodes: list[dict[str, float]]) -> None:
+    """Refuse, before any work, a request no single node can hold: Ray places an actor (a teacher's,
+    a training worker) on one node, so such an actor would wait forever, whatever the cluster's
+    total. `requests`: what the error names (a config field) -> one actor's resources; `nodes`:
+    node_resources. The line names the field, the resource short on every node, and the largest
+    node's amount of it; a field ending in `.{res}` names the resource's own key there (`num_cpus`,
+    `num_gpus`, or `custom`, as in a teacher's `resources`)."""
+    for where, need in requests.items():
+        need = {k: float(v) for k, v in need.items() if v and v > 0}
+        if any(all(node.get(k, 0.0) + 1e-9 >= v for k, v in need.items()) for node in nodes):
+            continue
+        short = [k for k, v in need.items() if max((n.get(k, 0.0) for n in nodes), default=0.0) + 1e-9 < v]
+        if short:
+            res = short[0]
+            most = max((n.get(res, 0.0) for n in nodes), default=0.0)
+            field = where.replace(".{res}", "." + {"CPU": "num_cpus", "GPU": "num_gpus"}.get(res, "custom"))
+            raise ClusterError(f"{field}: one actor asks for {need[res]:g} {res}, but no node has that much "
+                               f"(the largest node has {most:g} {res})")
+        raise ClusterError(f"{where.replace('.{res}', '')}: one actor asks for {_fmt(need)}, but no node has all "
+                           f"of it at once "
+                           f"(nodes: {'; '.join(_fmt({k: n.get(k, 0.0) for k in need}) for n in nodes)})")
+
+
+def _fmt(res: dict[str, float]) -> str:
+    return ", ".join(f"{v:g} {k}" for k, v in res.items())
+
+
 _joined: list[str] = []  # the cluster address `connect` joined, if any (empty: an embedded Ray)
 
 

@@ -26,6 +26,7 @@ import ray.data
 
 from muki_ray.cache import STAGES, TeacherCache, prototypes_model, stage_keys
 from muki_ray.checkpoint import growth, warm_start_folder
+from muki_ray.cluster import node_resources, refuse_oversized
 from muki_ray.combiner import Combiner, select_scores, selected_shares, supervision
 from muki_ray.config import RunConfig, prepared_settings
 from muki_ray.data import (DataError, check_labels, fold, hashed_sample, io_map, io_read, io_write, read_source,
@@ -41,7 +42,7 @@ from muki_ray.pool import add_keys, join_bucket, over_buckets, pool_summary, wri
 from muki_ray.refine_stage import self_train
 from muki_ray.progress import track
 from muki_ray.report import stage_headline, write_report
-from muki_ray.schedule import Job, refuse_oversized, run_within, settled_free
+from muki_ray.schedule import Job, run_within, settled_free
 from muki_ray.stats import add
 from muki_ray.strategies import STRATEGIES
 from muki_ray.student import tokenize, train_classifier, with_gold
@@ -147,7 +148,7 @@ def prepare_stage(cfg: RunConfig, space: LabelSpace, run_dir: Path) -> dict:
                                 name=f"prepare-{t.name}-{fingerprint([config_hash, labels])}",
                                 progress=f"prepare {t.name}: train",
                                 out_dir=stage_dir / t.name, parts={t.name: list(range(len(labels)))},
-                                storage_path=cfg.ray.storage_path)
+                                storage_path=cfg.ray.storage_path, field="prepare")
         if test is not None:
             info.update(evaluate_dataset(stage_dir / t.name, only_labels(test, labels),
                                          LabelSpace.from_teachers({t.name: labels}), max_length=settings.max_length,
@@ -186,8 +187,8 @@ def predict_stage(cfg: RunConfig, space: LabelSpace, run_dir: Path) -> dict:
                     functools.partial(predict_teacher, s, t, cache, pool_root, pool["fingerprint"], buckets,
                                       gpu_default=gpus))
                 for s, t, cache in zip(specs, cfg.teachers, caches)]
-        refuse_oversized(jobs, ray.cluster_resources(), {t.name: f"teachers[{i}].resources"
-                                                         for i, t in enumerate(cfg.teachers)})
+        refuse_oversized({f"teachers[{i}].resources.{{res}}": j.per_actor for i, j in enumerate(jobs)},
+                         node_resources(ray.nodes()))
         free = settled_free(ray.available_resources, ray.cluster_resources())
         log.debug("predict: %d teachers within %s", len(jobs),
                   ", ".join(f"{free.get(k, 0):g} {k}" for k in ("CPU", "GPU") if free.get(k)))

@@ -11,10 +11,11 @@ import re
 import shutil
 import uuid
 from pathlib import Path
+from typing import Optional
 
 from safetensors import safe_open
 
-from muki_ray.cluster import ClusterError
+from muki_ray.cluster import ClusterError, refuse_oversized
 from muki_ray.config import ConfigError, RunConfig, Source, prepared_settings
 from muki_ray.config_file import is_path_source, load_config, teacher_model_path
 from muki_ray.hf_folder import (ModelLoadError, check_folder, head_labels, load_tokenizer, model_skeleton,
@@ -183,10 +184,20 @@ def check_output_dir(path: Path, min_free: int = MIN_FREE_BYTES) -> None:
                           f"{min_free / 1024**3:.1f} GiB")
 
 
-def check_resources(cfg: RunConfig, total: dict) -> None:
-    """Refuse GPU requests a cluster without GPUs can never meet (Ray would wait forever)."""
-    if total.get("GPU", 0) > 0 or cfg.ray.autoscaling:
+def check_resources(cfg: RunConfig, total: dict, nodes: Optional[list[dict]] = None) -> None:
+    """Refuse, before any work, requests the cluster can never meet (Ray would wait forever): GPUs
+    on a cluster without any, and one actor or training worker that no single node can hold
+    (`nodes`: cluster.node_resources). An autoscaling cluster may add nodes: both steps aside."""
+    if cfg.ray.autoscaling:
         return
+    if total.get("GPU", 0) == 0:
+        check_no_gpus_asked(cfg)
+    if nodes is not None:
+        check_node_fit(cfg, nodes)
+
+
+def check_no_gpus_asked(cfg: RunConfig) -> None:
+    """On a cluster without GPUs, no stage may ask for one."""
     asks = [(f"teachers[{i}].resources.num_gpus", t.resources.num_gpus) for i, t in enumerate(cfg.teachers)
             if t.resources.num_gpus]
     if cfg.student.use_gpu:
@@ -197,3 +208,16 @@ def check_resources(cfg: RunConfig, total: dict) -> None:
         where, n = asks[0]
         raise ClusterError(f"{where}: asks for {n:g} GPU(s) but the Ray cluster has none; set it to 0/false, or "
                            f"run on a cluster with GPU nodes (ray.autoscaling: true if they are added on demand)")
+
+
+def check_node_fit(cfg: RunConfig, nodes: list[dict]) -> None:
+    """Every teacher's actor and every training worker (student, prepare) against the largest node."""
+    requests = {}
+    for i, t in enumerate(cfg.teachers):
+        r = t.resources
+        requests[f"teachers[{i}].resources.{{res}}"] = {"CPU": r.num_cpus, "GPU": r.num_gpus or 0.0, **r.custom}
+    for name, hyper in (("student", cfg.student), ("prepare", cfg.prepare)):
+        if hyper is not None:
+            requests[f"{name}.resources_per_worker"] = {**(dict(hyper.resources_per_worker) or {"CPU": 1.0}),
+                                                        **({"GPU": 1.0} if hyper.use_gpu else {})}
+    refuse_oversized(requests, nodes)

@@ -63,15 +63,6 @@ def actors_that_fit(job: Job, budget: dict[str, float]) -> int:
     return max(k, 0)
 
 
-def refuse_oversized(jobs: list[Job], total: dict[str, float], where: dict[str, str]) -> None:
-    """A teacher one of whose actors needs more than the whole cluster has is refused up front."""
-    for job in jobs:
-        for res, need in job.per_actor.items():
-            if need > total.get(res, 0.0) + 1e-9:
-                raise ClusterError(f"{where[job.name]}: one actor of teacher {job.name!r} asks for {need:g} {res} but "
-                                   f"the whole cluster has {total.get(res, 0.0):g}")
-
-
 def settled_free(read: Callable[[], dict], total: dict, timeout_s: float = 10.0, interval_s: float = 0.25,
                  stable_s: float = 2.0) -> dict[str, float]:
     """The free resources once work that just ended has handed its share back.

@@ -222,6 +222,25 @@ def test_bad_yaml_file(tmp_path, capsys, content, expected):
     assert code == 2 and expected in err and str(p) in err and "Traceback" not in err
 
 
+def test_an_actor_no_node_can_hold_is_refused_before_any_work(tmp_path, base, capsys, ray_session):
+    """Ray places an actor on one node: a teacher asking for a custom resource no node has more
+    than 1 of, or a training worker larger than the largest node, would wait forever."""
+    base["teachers"][1]["resources"] = {"custom": {"teacher_slot": 2}}
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump(base))
+    assert main(["run", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "error: teachers[1].resources.custom: one actor asks for 2 teacher_slot, but no node has that much " \
+           "(the largest node has 0 teacher_slot)" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+    base["teachers"][1]["resources"] = {}
+    base["student"]["resources_per_worker"] = {"CPU": 64}
+    cfg.write_text(yaml.safe_dump(base))
+    assert main(["run", str(cfg)]) == 2
+    assert "error: student.resources_per_worker: one actor asks for 64 CPU, but no node has that much " \
+           "(the largest node has 2 CPU)" in capsys.readouterr().err
+
+
 def test_gpus_asked_on_a_cluster_without_any(tmp_path, base, capsys, ray_session):
     base["teachers"][0]["resources"] = {"num_gpus": 1}
     cfg = tmp_path / "cfg.yaml"

@@ -21,12 +21,12 @@ import yaml
 from muki_ray import pipeline
 from muki_ray.cache import TeacherCache, config_key, plan_changes, stage_keys
 from muki_ray.cli import main
-from muki_ray.cluster import ClusterError
+from muki_ray.cluster import ClusterError, node_resources, refuse_oversized
 from muki_ray.config import parse_config
 from muki_ray.labels import LabelSpace
 from muki_ray.manifest import begin_stage, finish_stage, read_manifest
 from muki_ray.pipeline import predict_stage
-from muki_ray.schedule import Job, TeacherFailed, actors_that_fit, refuse_oversized, run_within, settled_free
+from muki_ray.schedule import Job, TeacherFailed, actors_that_fit, run_within, settled_free
 from tests.conftest import WORDS
 from tests.test_student import toy_rows, train_log
 
@@ -82,11 +82,28 @@ def test_the_scheduler_stays_within_the_budget_and_keeps_going_after_a_failure()
                                    {"CPU": 3.0})
     assert timeline["big"]["actors"] == 3 and timeline["b"]["start"] >= timeline["big"]["end"] - 1e-3
     assert actors_that_fit(Job("g", {"CPU": 1.0, "GPU": 1.0}, 8, work("g")), {"CPU": 16.0, "GPU": 2.0}) == 2
-    # A teacher whose one actor needs more than the whole cluster is refused before any work.
-    with pytest.raises(ClusterError, match=r"teachers\[0\].resources: one actor of teacher 'g' asks for 1 GPU but the "
-                                           r"whole cluster has 0"):
-        refuse_oversized([Job("g", {"CPU": 1.0, "GPU": 1.0}, 1, work("g"))], {"CPU": 2.0},
-                         {"g": "teachers[0].resources"})
+
+
+def test_a_request_no_single_node_can_hold_is_refused_naming_the_field_and_the_largest_node():
+    """Ray places an actor on one node: two nodes with 1 teacher_slot each hold 2 in all, but an
+    actor asking for 2 would wait forever. Refused up front, naming the field, the resource and
+    the largest node; a request that fits one node passes, and so does one split over nodes only
+    when each actor fits one of them."""
+    nodes = node_resources([{"Alive": True, "Resources": {"CPU": 4.0, "teacher_slot": 1.0}},
+                            {"Alive": True, "Resources": {"CPU": 8.0, "teacher_slot": 1.0}},
+                            {"Alive": False, "Resources": {"CPU": 64.0, "teacher_slot": 4.0}}])  # a lost node
+    assert nodes == [{"CPU": 4.0, "teacher_slot": 1.0}, {"CPU": 8.0, "teacher_slot": 1.0}]
+    with pytest.raises(ClusterError, match=r"^teachers\[0\].resources.custom: one actor asks for 2 teacher_slot, but "
+                                           r"no node has that much \(the largest node has 1 teacher_slot\)$"):
+        refuse_oversized({"teachers[0].resources.{res}": {"CPU": 1.0, "teacher_slot": 2.0}}, nodes)
+    with pytest.raises(ClusterError, match=r"^student.resources_per_worker: one actor asks for 1 GPU, but no node "
+                                           r"has that much \(the largest node has 0 GPU\)$"):
+        refuse_oversized({"student.resources_per_worker": {"CPU": 1.0, "GPU": 1.0}}, nodes)
+    # 6 CPUs and a slot: only the 8-CPU node holds both, so it fits; 6 CPUs on the 4-CPU node's terms would not.
+    refuse_oversized({"teachers[1].resources": {"CPU": 6.0, "teacher_slot": 1.0, "GPU": 0.0}}, nodes)
+    mixed = [{"CPU": 8.0}, {"CPU": 1.0, "GPU": 1.0}]  # CPUs on one node, the GPU on another
+    with pytest.raises(ClusterError, match=r"one actor asks for 4 CPU, 1 GPU, but no node has all of it at once"):
+        refuse_oversized({"student.resources_per_worker": {"CPU": 4.0, "GPU": 1.0}}, mixed)
 
 
 def test_free_resources_are_read_once_finished_work_has_handed_them_back():
