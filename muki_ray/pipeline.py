@@ -148,7 +148,7 @@ def prepare_stage(cfg: RunConfig, space: LabelSpace, run_dir: Path) -> dict:
                                 name=f"prepare-{t.name}-{fingerprint([config_hash, labels])}",
                                 progress=f"prepare {t.name}: train",
                                 out_dir=stage_dir / t.name, parts={t.name: list(range(len(labels)))},
-                                storage_path=cfg.ray.storage_path, field="prepare")
+                                storage_path=cfg.ray.storage_path)
         if test is not None:
             info.update(evaluate_dataset(stage_dir / t.name, only_labels(test, labels),
                                          LabelSpace.from_teachers({t.name: labels}), max_length=settings.max_length,
@@ -187,8 +187,9 @@ def predict_stage(cfg: RunConfig, space: LabelSpace, run_dir: Path) -> dict:
                     functools.partial(predict_teacher, s, t, cache, pool_root, pool["fingerprint"], buckets,
                                       gpu_default=gpus))
                 for s, t, cache in zip(specs, cfg.teachers, caches)]
-        refuse_oversized({f"teachers[{i}].resources.{{res}}": j.per_actor for i, j in enumerate(jobs)},
-                         node_resources(ray.nodes()))
+        if not cfg.ray.autoscaling:  # nodes may join an autoscaling cluster (preflight.check_resources)
+            refuse_oversized({f"teachers[{i}].resources.{{res}}": j.per_actor for i, j in enumerate(jobs)},
+                             node_resources(ray.nodes()))
         free = settled_free(ray.available_resources, ray.cluster_resources())
         log.debug("predict: %d teachers within %s", len(jobs),
                   ", ".join(f"{free.get(k, 0):g} {k}" for k in ("CPU", "GPU") if free.get(k)))

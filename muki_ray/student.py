@@ -24,7 +24,7 @@ import numpy as np
 
 from muki_ray import faults
 from muki_ray.checkpoint import append_log, build_model, local_parameters, save_checkpoint, save_student
-from muki_ray.cluster import default_max_failures, node_resources, refuse_oversized
+from muki_ray.cluster import default_max_failures
 from muki_ray.hf_folder import load_tokenizer
 from muki_ray.progress import advance, track
 
@@ -450,19 +450,13 @@ def with_gold(ds, names):
 
 def train_classifier(hyper, *, model_path: str, labels: list[str], loss: str, train_ds, dev_ds, rows: int,
                      run_dir: Path, name: str, out_dir: Path, parts: dict, trust_remote_code=False,
-                     allow_pickle=False, storage_path=None, progress: Optional[str] = None, field: str = "student",
-                     **job_extra) -> dict:
+                     allow_pickle=False, storage_path=None, progress: Optional[str] = None, **job_extra) -> dict:
     """Ray Train + DeepSpeed fit of a classifier over `labels`, exported to `out_dir` (HF folder).
 
     Shared by the student (KD losses), the refine first students and the prepared teachers
     (cross-entropy on gold labels). dev_ds: a labeled Ray Dataset {text, label}. `progress`: the
-    label of its progress line (default: the run name). `field`: the config section of `hyper`,
-    named when no node can hold one worker (refused before any work).
+    label of its progress line (default: the run name).
     """
-    import ray
-
-    worker = {**(dict(hyper.resources_per_worker) or {"CPU": 1.0}), **({"GPU": 1.0} if hyper.use_gpu else {})}
-    refuse_oversized({f"{field}.resources_per_worker": worker}, node_resources(ray.nodes()))
     shard = rows // hyper.num_workers
     if shard < 1:
         from muki_ray.data import DataError  # not at the top: the training workers need not load Ray Data
