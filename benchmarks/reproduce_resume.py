@@ -86,7 +86,10 @@ def recipe(raw: dict, piece: str) -> dict:
     for opt in ("prototypes", "refine"):
         if integ.get(opt):
             integ[opt].pop("resources", None)
-    return {"integration": integ, "student": cfg.student.model_dump(exclude={"resources_per_worker"})}
+    student = cfg.student.model_dump(exclude={"resources_per_worker"})
+    if student["init_from"] is None:  # the head probe only runs when a previous student is grown
+        student.pop("head_probe_rows", None)
+    return {"integration": integ, "student": student}
 
 
 class Pieces:
