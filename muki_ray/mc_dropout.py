@@ -321,9 +321,43 @@ def _replay_lower(layers: nn.ModuleList, first: int, state: dict) -> Iterator[No
             layers[i] = layer
 
 
+def output_layer(model: nn.Module) -> Optional[nn.Linear]:
+    """The classifier's last label-sized linear layer (`classifier`, `classifier.out_proj`, `score`,
+    ...): the last `nn.Linear` in module order whose outputs are the model's `num_labels`."""
+    c = getattr(getattr(model, "config", None), "num_labels", None)
+    found = [m for m in model.modules() if isinstance(m, nn.Linear) and m.out_features == c]
+    return found[-1] if found else None
+
+
+@contextlib.contextmanager
+def fp32_output(model: nn.Module) -> Iterator[None]:
+    """Under autocast, compute the output layer in float32 from the (autocast) features.
+
+    A bf16 logit has 8 significant bits: between 16 and 32 its step is 0.125, so two confident
+    teachers' logit gaps round to the same value, their float64 scores tie and their order is lost.
+    """
+    layer = output_layer(model)
+    if layer is None:
+        yield
+        return
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            bias = None if layer.bias is None else layer.bias.float()
+            return F.linear(x.float(), layer.weight.float(), bias)
+
+    layer.forward = forward
+    try:
+        yield
+    finally:
+        del layer.forward
+
+
 def _logits(model: nn.Module, batch: dict, autocast_dtype: Optional[torch.dtype]) -> torch.Tensor:
+    if autocast_dtype is None:
+        return model(**batch).logits.float()
     device = next(model.parameters()).device
-    with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+    with torch.autocast(device.type, dtype=autocast_dtype), fp32_output(model):
         return model(**batch).logits.float()
 
 

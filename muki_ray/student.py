@@ -68,10 +68,13 @@ def deepspeed_config(hyper, *, use_gpu: bool, bf16: bool, total_steps: int, user
         "fp16": {"enabled": False},
         "optimizer": {
             "type": "AdamW",
-            # torch_adam on CPU: DeepSpeed would otherwise JIT-compile FusedAdam (~100 s) or fail.
+            # torch's AdamW everywhere: DeepSpeed's FusedAdam (GPU) and CPUAdam (offload) are C++/CUDA
+            # extensions compiled at first use, which needs nvcc or a C++ compiler and ninja in the image.
             "params": {"lr": hyper.lr, "weight_decay": hyper.weight_decay, "betas": [0.9, 0.999],
-                       "eps": 1e-8, "torch_adam": not use_gpu},
+                       "eps": 1e-8, "torch_adam": True},
         },
+        # With offload_optimizer, accept torch's AdamW on the CPU partitions instead of requiring CPUAdam.
+        "zero_force_ds_cpu_optimizer": False,
         "scheduler": {
             "type": "WarmupDecayLR",
             "params": {"warmup_min_lr": 0.0, "warmup_max_lr": hyper.lr, "warmup_num_steps": max(warmup, 1),
@@ -178,7 +181,7 @@ def train_loop_per_worker(config: dict) -> None:
     import torch
 
     from muki_ray import losses
-    from muki_ray.hardware import release_freed_memory, worker_threads
+    from muki_ray.hardware import pick_device, release_freed_memory, student_bf16, worker_threads
 
     job = TrainJob(**config["job"])
     hyper = job.hyper
@@ -192,6 +195,11 @@ def train_loop_per_worker(config: dict) -> None:
     # 1. Model: the union label head; under ZeRO-3 created partitioned (`partitioned` must stay
     #    alive while the engine runs: transformers reads the ZeRO-3 state through it).
     bf16 = job.ds_config.get("bf16", {}).get("enabled", False)
+    if bf16 and hyper["precision"] != "fp32":  # decided here, on the worker's own GPU (the driver may have none)
+        bf16, note = student_bf16(hyper["precision"], pick_device())
+        if note and rank == 0:
+            log.warning(note)
+        job.ds_config["bf16"]["enabled"] = bf16
     model, partitioned = build_model(job, rank, dtype=torch.bfloat16 if bf16 else None)
     local, total = local_parameters(model)
     nodes = [ray.get_runtime_context().get_node_id()] * world

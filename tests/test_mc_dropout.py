@@ -280,3 +280,36 @@ def test_attention_dropout_is_sampled_exactly_per_row_and_restored(arch):
     torch.testing.assert_close(longer.mc_probs[0], out.mc_probs[1], atol=1e-5, rtol=0)
     assert model.config._attn_implementation == impl and not model.training
     assert not any(m.training for m in model.modules()) and torch.nn.functional.dropout.__module__ == "torch.nn.functional"
+
+
+# ------------------------------------------------------------ precision: the output layer stays fp32
+@pytest.mark.parametrize("arch", ["bert", "roberta", "distilbert"])
+def test_bf16_autocast_keeps_the_teacher_ranking_of_confident_rows(arch):
+    """Two teachers with one body, the second's output layer 1.003x the first's: on rows whose logit
+    gaps exceed 16 the second is more confident on every row, in fp32. Under bf16 autocast a bf16
+    logit moves in steps of 0.125 there, so the two would tie; the output layer runs in fp32 and the
+    ranking holds, for the deterministic and the MC scores."""
+    a = tiny(arch, p=0.1, num_labels=2)
+    head = [m for m in a.modules() if isinstance(m, torch.nn.Linear) and m.out_features == 2][-1]
+    b_ = batch(b=48, length=10)
+    with torch.no_grad():
+        gap = (a(**b_).logits[:, 1] - a(**b_).logits[:, 0]).abs()
+        head.weight.mul_(24.0 / gap.median())
+        head.bias.zero_()
+    def run():
+        return {d: mc_predict(a, b_, samples=4, autocast_dtype=d, return_samples=True) for d in (None, torch.bfloat16)}
+
+    out_a = run()
+    with torch.no_grad():
+        head.weight.mul_(1.003)
+    out_b = run()
+    lg = out_a[None].logits
+    rows = ((lg[:, 1] - lg[:, 0]).abs() > 16).nonzero().flatten()
+    # For p̄, the rows whose passes all pick the deterministic label (a sharper head then lowers H(p̄)).
+    agree = (out_a[None].sample_probs.argmax(-1) == lg.argmax(-1, keepdim=True)).all(1)
+    agree &= out_a[None].mc_score < 1 - 1e-12  # and whose score is not 1.0 in float64 itself
+    mc_rows = rows[agree[rows]]
+    assert len(rows) >= 10 and len(mc_rows) >= 5
+    for d in (None, torch.bfloat16):
+        assert (out_b[d].entropy[rows] < out_a[d].entropy[rows]).all(), d
+        assert (out_b[d].mc_score[mc_rows] > out_a[d].mc_score[mc_rows]).all(), d

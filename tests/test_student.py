@@ -169,3 +169,26 @@ def test_zero3_export_groups_stay_under_the_limit_in_order():
     tensors = [("a", torch.zeros(3)), ("b", torch.zeros(4)), ("c", big), ("d", torch.zeros(1)), ("e", torch.zeros(5))]
     assert [[n for n, _ in g] for g in _groups(tensors, 7)] == [["a", "b"], ["c"], ["d", "e"]]
     assert list(_groups([], 7)) == []
+
+
+def test_the_optimizer_needs_no_compiler_on_gpu_or_with_offload():
+    """DeepSpeed's FusedAdam (GPU) and CPUAdam (offload) compile an extension at first use; the
+    student's config asks for torch's AdamW everywhere, so no image needs nvcc or ninja."""
+    from muki_ray.config import StudentConfig
+    from muki_ray.student import deepspeed_config
+
+    for use_gpu in (False, True):
+        hyper = StudentConfig(model="m", zero_stage=3, offload_optimizer=True, use_gpu=use_gpu, lr=1e-3)
+        ds = deepspeed_config(hyper, use_gpu=use_gpu, bf16=use_gpu, total_steps=10)
+        assert ds["optimizer"]["params"]["torch_adam"] is True
+        assert ds["zero_force_ds_cpu_optimizer"] is False
+        assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+
+
+def test_an_offloaded_optimizer_trains_without_a_compiled_extension(tmp_path, ray_session):
+    """ZeRO-2 with the optimizer offloaded to the CPU, on torch's AdamW (no CPUAdam build)."""
+    cfg, run = prepare(tmp_path, zero=2, workers=1, n=64, epochs=3, lr=1e-2, base_labels=["x", "y"],
+                       offload_optimizer=True)
+    train_stage(cfg, SPACE, run)
+    steps = [r for r in train_log(run) if "loss" in r]
+    assert steps[-1]["loss"] < steps[0]["loss"] * 0.7, steps
