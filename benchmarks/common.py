@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
 RESULTS = Path(__file__).resolve().parent / "results"
 
 

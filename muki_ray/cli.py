@@ -31,7 +31,7 @@ def connected(args) -> tuple[RunConfig, LabelSpace]:
     then check every labeled source (Ray Data scans) and the cluster's resources."""
     import ray
 
-    from muki_ray.cluster import connect, node_resources
+    from muki_ray.cluster import cluster_nodes, connect
     from muki_ray.console import capture_ray_output, open_run_log
     from muki_ray.preflight import check_data, check_models, check_output_dir, check_resources, load_checked
 
@@ -42,7 +42,7 @@ def connected(args) -> tuple[RunConfig, LabelSpace]:
     capture_ray_output()
     space = label_space(cfg)
     check_data(cfg, space)
-    check_resources(cfg, ray.cluster_resources(), node_resources(ray.nodes()))
+    check_resources(cfg, ray.cluster_resources(), cluster_nodes(cfg.ray.autoscaling))
     # Checks passed: from here the run directory may be written, starting with the run log.
     path = open_run_log(Path(cfg.output_dir))
     log.info("muki-ray %s %s: %d teachers, %d union labels -> %s (full log: %s)", args.command, args.config,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from typing import Optional
 from urllib.parse import urlparse
 
 from muki_ray.console import ray_starting
@@ -19,6 +20,70 @@ class ClusterError(Exception):
 def node_resources(nodes: list[dict]) -> list[dict[str, float]]:
     """Every alive node's resources, from `ray.nodes()` entries."""
     return [dict(n.get("Resources") or {}) for n in nodes if n.get("Alive", True)]
+
+
+def node_types() -> Optional[list[dict[str, float]]]:
+    """The resources of each node type an autoscaler may add, from the cluster config it publishes in
+    the GCS (KubeRay's autoscaler, autoscaler v2: what Ray Train and Ray Data read for the same
+    purpose); None when none is published (autoscaler v1)."""
+    import ray
+
+    try:
+        config = ray._private.state.state.get_cluster_config()
+    except Exception:  # not connected, or an older GCS
+        return None
+    if config is None or not config.node_group_configs:
+        return None
+    return [{k: float(v) for k, v in g.resources.items()} for g in config.node_group_configs if g.max_count != 0]
+
+
+def cluster_nodes(autoscaling: bool) -> Optional[list[dict[str, float]]]:
+    """The node shapes an actor may be placed on: the alive nodes, plus the autoscaler's node types on
+    an autoscaling cluster. None when that cannot be known (an autoscaler that publishes no node types)."""
+    import ray
+
+    alive = node_resources(ray.nodes())
+    if not autoscaling:
+        return alive
+    types = node_types()
+    return None if types is None else alive + types
+
+
+class Demand:
+    """What a stage's actors need, stated to the autoscaler: one bundle per actor, running and
+    waiting, so it adds nodes until they all fit (counting what already runs) before any actor waits.
+
+    Stated through Ray's autoscaling coordinator, the actor through which Ray Data and Ray Train
+    state their own demands: it merges every requester's bundles into the one
+    `ray.autoscaler.sdk.request_resources` call the autoscaler reads, so a direct call from here would
+    be overwritten by theirs at its next tick. Requests expire unless restated (`refresh_s`). Where
+    Ray has no coordinator, `request_resources` itself. Call it from one thread.
+    """
+
+    expire_s = 60.0
+    refresh_s = 10.0
+
+    def __init__(self, requester: str):
+        self.requester = requester
+        self._client = None
+
+    def __call__(self, bundles: list[dict[str, float]]) -> None:
+        """State `bundles` (an empty list withdraws the demand)."""
+        try:
+            from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+                DefaultAutoscalingCoordinator,
+            )
+        except ImportError:  # a Ray without the coordinator: the autoscaler's own entry point
+            from ray.autoscaler.sdk import request_resources
+
+            request_resources(bundles=bundles)
+            return
+        if self._client is None:
+            self._client = DefaultAutoscalingCoordinator(requester_id=self.requester)
+        if bundles:
+            self._client.request_resources(resources=bundles, expire_after_s=self.expire_s)
+        else:
+            self._client.cancel_request()
 
 
 def refuse_oversized(requests: dict[str, dict[str, float]], nodes: list[dict[str, float]]) -> None:

@@ -366,7 +366,8 @@ class RayConfig(Strict):
         True, description="Start the dashboard with the embedded Ray (on 127.0.0.1); Ray Train's "
         "placement-group cleaner needs its state API.")
     autoscaling: bool = Field(
-        False, description="The cluster adds nodes on demand: skip the start-up check that GPUs asked for exist.")
+        False, description="The cluster adds nodes on demand: nothing is refused for nodes it does not have yet, "
+        "and the teacher stage states its demand to the autoscaler.")
 
 
 class RunConfig(Strict):

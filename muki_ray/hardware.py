@@ -123,10 +123,27 @@ def collective_backend(use_gpu: bool) -> str:
     return "nccl" if use_gpu else "gloo"
 
 
-def cluster_has_gpus() -> bool:
+_gpu_default: dict[str, float] = {}
+
+
+def gpu_default(autoscaling: bool = False) -> float:
+    """num_gpus of an actor whose config leaves it unset (teachers, embedding, evaluation, refine):
+    1 where the cluster has GPUs, or, when it autoscales, where a node type it may add has one; else 0.
+
+    Decided once per cluster and driver process, so every stage of a run agrees, whatever nodes
+    happen to be up when a stage starts (GPU pods at 0 would otherwise send a stage to the head's CPUs).
+    """
     import ray
 
-    return ray.cluster_resources().get("GPU", 0) > 0
+    from muki_ray.cluster import node_types
+
+    key = f"{ray.get_runtime_context().gcs_address}:{autoscaling}"
+    if key not in _gpu_default:
+        gpus = ray.cluster_resources().get("GPU", 0) > 0
+        if autoscaling and not gpus:
+            gpus = any(t.get("GPU", 0) > 0 for t in node_types() or [])
+        _gpu_default[key] = 1.0 if gpus else 0.0
+    return _gpu_default[key]
 
 
 def release_freed_memory() -> None:

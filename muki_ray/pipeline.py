@@ -26,14 +26,14 @@ import ray.data
 
 from muki_ray.cache import STAGES, TeacherCache, prototypes_model, stage_keys
 from muki_ray.checkpoint import growth, warm_start_folder
-from muki_ray.cluster import node_resources, refuse_oversized
+from muki_ray.cluster import Demand, cluster_nodes, refuse_oversized
 from muki_ray.combiner import Combiner, select_scores, selected_shares, supervision
 from muki_ray.config import RunConfig, prepared_settings
 from muki_ray.data import (DataError, check_labels, fold, hashed_sample, io_map, io_read, io_write, read_source,
                            scan_source)
 from muki_ray.embedding import EmbeddingSpec
 from muki_ray.evaluate import evaluate_dataset
-from muki_ray.hardware import cluster_has_gpus
+from muki_ray.hardware import gpu_default
 from muki_ray.hf_folder import label_names, resolve_model_path
 from muki_ray.labels import LabelSpace
 from muki_ray.manifest import begin_stage, finish_stage, fingerprint, is_current, read_manifest, stage_output, \
@@ -53,9 +53,10 @@ from muki_ray.warm_start import probe_warm_head
 log = logging.getLogger("muki_ray.pipeline")
 
 
-def gpu_default() -> float:
-    """num_gpus of an actor whose config leaves it unset: one on a cluster with GPUs."""
-    return 1.0 if cluster_has_gpus() else 0.0
+def actor_options(cfg: RunConfig, resources) -> dict:
+    """map_batches options of an actor pool (evaluation, embedding, probe) from its `resources` section;
+    GPUs by default where the cluster has or can add them (decided once per run)."""
+    return stage_options(resources, gpu_default(cfg.ray.autoscaling))
 
 
 def labeled(cfg: RunConfig, source, names, where: str):
@@ -152,7 +153,7 @@ def prepare_stage(cfg: RunConfig, space: LabelSpace, run_dir: Path) -> dict:
         if test is not None:
             info.update(evaluate_dataset(stage_dir / t.name, only_labels(test, labels),
                                          LabelSpace.from_teachers({t.name: labels}), max_length=settings.max_length,
-                                         prefix="own_test_", options=stage_options(p.eval_resources, gpu_default()),
+                                         prefix="own_test_", options=actor_options(cfg, p.eval_resources),
                                          threads=p.eval_resources.actor_threads, label=f"prepare {t.name}: test"))
         info.update(train_rows=rows, base_model=settings.model, epochs=settings.epochs, lr=settings.lr)
         teachers[t.name] = info
@@ -178,7 +179,7 @@ def predict_stage(cfg: RunConfig, space: LabelSpace, run_dir: Path) -> dict:
     pool_root, buckets = run_dir / "pool" / "data", cfg.data.buckets
     specs = teacher_specs(cfg, space)
     caches = [TeacherCache.of(cfg, space, i) for i in range(len(specs))]
-    gpus = gpu_default()
+    gpus = gpu_default(cfg.ray.autoscaling)
     # Progress counts pool rows per teacher to compute (a grown pool computes fewer: the line then ends early).
     to_compute = sum(not cache.covers(pool["fingerprint"]) for cache in caches)
     with track("predictions", pool["rows"] * to_compute, "rows") as counter:
@@ -187,13 +188,14 @@ def predict_stage(cfg: RunConfig, space: LabelSpace, run_dir: Path) -> dict:
                     functools.partial(predict_teacher, s, t, cache, pool_root, pool["fingerprint"], buckets,
                                       gpu_default=gpus))
                 for s, t, cache in zip(specs, cfg.teachers, caches)]
-        if not cfg.ray.autoscaling:  # nodes may join an autoscaling cluster (preflight.check_resources)
-            refuse_oversized({f"teachers[{i}].resources.{{res}}": j.per_actor for i, j in enumerate(jobs)},
-                             node_resources(ray.nodes()))
+        nodes = cluster_nodes(cfg.ray.autoscaling)  # None: an autoscaler that publishes no node types
+        if nodes is not None:
+            refuse_oversized({f"teachers[{i}].resources.{{res}}": j.per_actor for i, j in enumerate(jobs)}, nodes)
         free = settled_free(ray.available_resources, ray.cluster_resources())
         log.debug("predict: %d teachers within %s", len(jobs),
                   ", ".join(f"{free.get(k, 0):g} {k}" for k in ("CPU", "GPU") if free.get(k)))
-        results, timeline = run_within(jobs, free)
+        demand = Demand(f"muki-ray {run_dir.name} teachers") if cfg.ray.autoscaling else None
+        results, timeline = run_within(jobs, free, total=ray.cluster_resources, demand=demand)
     for s in specs:
         n = results[s.name]["computed"]
         log.debug("predict: teacher %s %s", s.name, f"computed {n} rows (K={s.samples})" if n else "reused its cache")
@@ -277,7 +279,7 @@ def embedding_stage(cfg: RunConfig) -> tuple:
                          threads=p.resources.actor_threads,
                          trust_remote_code=bool(trusted and trusted.trust_remote_code),
                          allow_pickle=bool(trusted and trusted.allow_pickle))
-    return spec, stage_options(p.resources, gpu_default())
+    return spec, actor_options(cfg, p.resources)
 
 
 # ------------------------------------------------------------------ student
@@ -308,7 +310,7 @@ def train_stage(cfg: RunConfig, space: LabelSpace, run_dir: Path) -> dict:
         probe = probe_warm_head(ray.data.read_parquet(str(run_dir / "targets" / "data"), **io_read()),
                                 init_from=init_from, labels=list(space.names),
                                 rows=min(s.head_probe_rows, targets_manifest["rows"]),
-                                out_path=init_head, options=stage_options(s.eval_resources, gpu_default()),
+                                out_path=init_head, options=actor_options(cfg, s.eval_resources),
                                 max_length=s.max_length, threads=s.eval_resources.actor_threads,
                                 trust_remote_code=s.trust_remote_code)
     metrics = train_classifier(
@@ -342,8 +344,8 @@ def evaluate_stage(cfg: RunConfig, space: LabelSpace, run_dir: Path) -> dict:
     groups = {g: [space.index[n] for n in grown[f"{g}_labels"]] for g in ("old", "new")} if grown else None
     if cfg.data.test is not None:
         metrics.update(evaluate_dataset(run_dir / "student", labeled(cfg, cfg.data.test, space.names, "data.test"),
-                                        space, max_length=s.max_length, options=stage_options(
-                                            s.eval_resources, gpu_default()), threads=s.eval_resources.actor_threads,
+                                        space, max_length=s.max_length, options=actor_options(cfg, s.eval_resources),
+                                        threads=s.eval_resources.actor_threads,
                                         trust_remote_code=s.trust_remote_code, groups=groups))
     if grown:  # forgetting: the old labels before (the previous run) and after, and the new labels
         per_group = metrics.pop("test_accuracy_per_group", {})

@@ -186,14 +186,14 @@ def check_output_dir(path: Path, min_free: int = MIN_FREE_BYTES) -> None:
 
 def check_resources(cfg: RunConfig, total: dict, nodes: Optional[list[dict]] = None) -> None:
     """Refuse, before any work, requests the cluster can never meet (Ray would wait forever): GPUs
-    on a cluster without any, and one actor or training worker that no single node can hold
-    (`nodes`: cluster.node_resources). An autoscaling cluster may add nodes: both steps aside."""
-    if cfg.ray.autoscaling:
+    on a cluster that has and can get none, and one actor or training worker that no single node can
+    hold. `nodes`: cluster.cluster_nodes (the alive nodes, plus an autoscaler's node types); None
+    when an autoscaler publishes no node types, where both checks step aside (nodes may join)."""
+    if nodes is None:
         return
-    if total.get("GPU", 0) == 0:
+    if total.get("GPU", 0) == 0 and not any(n.get("GPU", 0) > 0 for n in nodes):
         check_no_gpus_asked(cfg)
-    if nodes is not None:
-        check_node_fit(cfg, nodes)
+    check_node_fit(cfg, nodes)
 
 
 def check_no_gpus_asked(cfg: RunConfig) -> None:
@@ -211,13 +211,23 @@ def check_no_gpus_asked(cfg: RunConfig) -> None:
 
 
 def check_node_fit(cfg: RunConfig, nodes: list[dict]) -> None:
-    """Every teacher's actor and every training worker (student, prepare) against the largest node."""
+    """Every actor pool's actor (teachers, evaluation, embedding, refine) and every training worker
+    (student, prepare) against the largest node."""
     requests = {}
+
+    def actor(where: str, r) -> None:
+        requests[f"{where}.{{res}}"] = {"CPU": r.num_cpus, "GPU": r.num_gpus or 0.0, **r.custom}
+
     for i, t in enumerate(cfg.teachers):
-        r = t.resources
-        requests[f"teachers[{i}].resources.{{res}}"] = {"CPU": r.num_cpus, "GPU": r.num_gpus or 0.0, **r.custom}
+        actor(f"teachers[{i}].resources", t.resources)
+    integ = cfg.integration
+    if integ.prototypes is not None:
+        actor("integration.prototypes.resources", integ.prototypes.resources)
+    if integ.refine is not None:
+        actor("integration.refine.resources", integ.refine.resources)
     for name, hyper in (("student", cfg.student), ("prepare", cfg.prepare)):
         if hyper is not None:
             requests[f"{name}.resources_per_worker"] = {**(dict(hyper.resources_per_worker) or {"CPU": 1.0}),
                                                         **({"GPU": 1.0} if hyper.use_gpu else {})}
+            actor(f"{name}.eval_resources", hyper.eval_resources)
     refuse_oversized(requests, nodes)

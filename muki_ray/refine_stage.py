@@ -19,7 +19,7 @@ from muki_ray.combiner import Combiner, _stack, teacher_arrays
 from muki_ray.hf_folder import resolve_model_path
 from muki_ray.data import fold, io_map, list_column
 from muki_ray.evaluate import ClassifierSpec, ClassifierStage
-from muki_ray.hardware import cluster_has_gpus
+from muki_ray.hardware import gpu_default
 from muki_ray.integrate import margin_weights, selection_counts
 from muki_ray.refine import high_margin, margin_cut, refine_scores, teacher_mass
 from muki_ray.stats import Sketch, add
@@ -116,7 +116,7 @@ def self_train(cfg, space, run_dir: Path, stage_dir: Path, ds, dev_ds, name: str
             "spec": spec, "cut": cut, "positions": [p.tolist() for p in space.positions],
             "temperature": integ.temperature, "student_weight": r_cfg.student_weight},
             batch_size=r_cfg.batch_size, batch_format="numpy",
-            **stage_options(r_cfg.resources, 1.0 if cluster_has_gpus() else 0.0)).materialize()
+            **stage_options(r_cfg.resources, gpu_default(cfg.ray.autoscaling))).materialize()
         c = fold(judged, RoundCounts(space), add)
         stat = {"round": r, "trained_rows": trained, "judged_rows": c["judged"], "changed": c["changed"],
                 "first_student_dev_accuracy": metrics["dev_accuracy"]}

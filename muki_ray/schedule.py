@@ -11,11 +11,18 @@ Why no interleaving can hang:
 2. Inside a pipeline only the actors hold resources. Reads, checks and writes ask for no CPU
    (`data.io_map`), so they are never queued behind actors: the read starvation of
    ray#44687 cannot happen, and an actor always gets its input.
-3. Grants add up to at most the free resources seen at the start, and each pipeline is capped to
-   its grant (Ray Data `resource_limits`), so actor pools cannot grow into each other's share.
+3. Grants add up to at most the cluster's capacity for us: the free resources seen at the start,
+   plus what joined since (minus what left), re-read whenever a pipeline ends and every few
+   seconds while one waits. Each pipeline is capped to its grant (Ray Data `resource_limits`,
+   a pool of exactly the granted actors), so actor pools cannot grow into each other's share.
    Hence every started pipeline has all its actors, makes progress, finishes, and returns its
-   grant. A waiting teacher waits only for pipelines that finish; when none of ours is running
-   it is started anyway, and Ray queues its one actor until the cluster has room.
+   grant. A waiting teacher waits only for pipelines that finish or for nodes that join; when
+   none of ours is running it is started anyway, and Ray queues its one actor until the cluster
+   has room (on an autoscaling cluster, the demand this module states makes that room).
+4. A changing cluster adds no wait of ours: a joining node only adds capacity; a leaving node
+   only stops new starts until running pipelines return their grants (Ray Data restarts the
+   actors it held on whichever node can take them). A request that no node can hold is refused
+   before the stage (`cluster.refuse_oversized`), so a started actor always fits some node.
 """
 
 from __future__ import annotations
@@ -89,42 +96,91 @@ def settled_free(read: Callable[[], dict], total: dict, timeout_s: float = 10.0,
     return last
 
 
-def run_within(jobs: list[Job], free: dict[str, float]) -> tuple[dict[str, Any], dict[str, dict]]:
-    """Run every job, at most what `free` holds at once; returns (results, timeline).
+def run_within(jobs: list[Job], free: dict[str, float], *, total: Callable[[], dict] | None = None,
+               demand: Callable[[list[dict]], None] | None = None, poll_s: float = 2.0,
+               say_every_s: float = 30.0) -> tuple[dict[str, Any], dict[str, dict]]:
+    """Run every job, at most what the cluster holds at once; returns (results, timeline).
 
+    free: the free resources when the stage starts (`settled_free`).
+    total: reads the cluster's resources now (`ray.cluster_resources`); re-read at least every
+        `poll_s` while a job waits, and whenever a job ends, so nodes that join are used as they
+        join, and nodes that leave stop new starts. None: a fixed cluster.
+    demand: states what the jobs need, running and waiting, as one bundle per actor
+        (`cluster.Demand`), so that an autoscaler adds the nodes before any actor waits; restated
+        every `demand.refresh_s`, withdrawn (an empty list) when the stage ends. While a job waits,
+        one line every `say_every_s` says for what.
     timeline[name] = {start, end, actors} in seconds since the call. Raises TeacherFailed, after
     every other job has finished, when a job raised.
     """
-    budget = {k: float(v) for k, v in free.items()}
+    base = total() if total is not None else {}
+
+    def capacity() -> dict[str, float]:
+        """The free resources at the start, plus what joined the cluster since (minus what left)."""
+        now = total() if total is not None else base
+        return {k: float(free.get(k, 0.0)) + now.get(k, 0.0) - base.get(k, 0.0) for k in {*free, *now, *base}}
+
     pending, running = list(jobs), {}
     results, failures, timeline = {}, {}, {}
-    t0 = time.time()
-    with ThreadPoolExecutor(max_workers=max(1, len(jobs))) as pool:
-        while pending or running:
-            for job in list(pending):
-                k = actors_that_fit(job, budget)
-                if k == 0 and not running:
-                    k = 1  # nothing of ours holds resources: Ray queues this actor until some are free
-                if k == 0:
-                    continue  # a smaller teacher may still fit
-                grant = {res: need * k for res, need in job.per_actor.items()}
-                for res, v in grant.items():
-                    budget[res] = budget.get(res, 0.0) - v
-                pending.remove(job)
-                timeline[job.name] = {"start": round(time.time() - t0, 3), "actors": k}
-                log.debug("teacher %s: started with %d actor(s)", job.name, k)
-                running[pool.submit(job.run, k)] = (job, grant)
-            done, _ = wait(running, return_when=FIRST_COMPLETED)
-            for fut in done:
-                job, grant = running.pop(fut)
-                for res, v in grant.items():
-                    budget[res] += v
-                timeline[job.name]["end"] = round(time.time() - t0, 3)
-                try:
-                    results[job.name] = fut.result()
-                except Exception as e:  # a failing teacher ends the stage, after the others finish
-                    failures[job.name] = e
-                    log.error("teacher %s failed: %s", job.name, str(e).strip().splitlines()[0] if str(e) else e)
+    t0, said, stated, sent = time.time(), -math.inf, None, 0.0
+    try:
+        with ThreadPoolExecutor(max_workers=max(1, len(jobs))) as pool:
+            while pending or running:
+                budget = capacity()
+                for job, grant in running.values():
+                    for res, v in grant.items():
+                        budget[res] = budget.get(res, 0.0) - v
+                for job in list(pending):
+                    k = actors_that_fit(job, budget)
+                    if k == 0 and not running:
+                        k = 1  # nothing of ours holds resources: Ray queues this actor until some are free
+                    if k == 0:
+                        continue  # a smaller teacher may still fit
+                    grant = {res: need * k for res, need in job.per_actor.items()}
+                    for res, v in grant.items():
+                        budget[res] = budget.get(res, 0.0) - v
+                    pending.remove(job)
+                    timeline[job.name] = {"start": round(time.time() - t0, 3), "actors": k}
+                    log.debug("teacher %s: started with %d actor(s)", job.name, k)
+                    running[pool.submit(job.run, k)] = (job, grant)
+                if demand is not None:
+                    bundles = [bundle(job.per_actor) for job, grant in running.values()
+                               for _ in range(timeline[job.name]["actors"])]
+                    bundles += [bundle(job.per_actor) for job in pending for _ in range(job.replicas)]
+                    if bundles != stated or time.time() - sent >= getattr(demand, "refresh_s", math.inf):
+                        demand(bundles)
+                        stated, sent = bundles, time.time()
+                    if pending and time.time() - said >= say_every_s:
+                        said = time.time()
+                        log.info("predict: waiting for %s (teacher%s %s)", waiting_for(pending, budget),
+                                 "s" if len(pending) > 1 else "", ", ".join(j.name for j in pending))
+                dynamic = pending and total is not None
+                done, _ = wait(running, timeout=poll_s if dynamic else None, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    job, grant = running.pop(fut)
+                    timeline[job.name]["end"] = round(time.time() - t0, 3)
+                    try:
+                        results[job.name] = fut.result()
+                    except Exception as e:  # a failing teacher ends the stage, after the others finish
+                        failures[job.name] = e
+                        log.error("teacher %s failed: %s", job.name, str(e).strip().splitlines()[0] if str(e) else e)
+    finally:
+        if demand is not None and stated:
+            demand([])  # the stage is over: the autoscaler may remove the nodes it added for it
     if failures:
         raise TeacherFailed(failures)
     return results, timeline
+
+
+def bundle(per_actor: dict[str, float]) -> dict[str, float]:
+    """One actor's resources as an autoscaler bundle (the resources it asks for, none at 0)."""
+    return {k: float(v) for k, v in per_actor.items() if v and v > 0}
+
+
+def waiting_for(pending: list[Job], budget: dict[str, float]) -> str:
+    """What the waiting jobs' first actors lack in all: `2 teacher_slot, 1 GPU`."""
+    short: dict[str, float] = {}
+    for job in pending:
+        for res, need in bundle(job.per_actor).items():
+            if budget.get(res, 0.0) + 1e-9 < need:
+                short[res] = short.get(res, 0.0) + need
+    return ", ".join(f"{v:g} {k}" for k, v in short.items()) or "running teachers to finish"

@@ -57,10 +57,12 @@ def actor_resources(resources, num_gpus_default: float) -> dict[str, float]:
 
 
 def stage_options(resources, num_gpus_default: float, actors: Optional[int] = None) -> dict:
-    """map_batches options for one actor pool (1 to `actors` or `replicas` actors), from its `resources`."""
+    """map_batches options for one actor pool, from its `resources`: exactly `actors` actors when
+    given (a scheduler's grant, all of it used), else 1 to `replicas` actors."""
     per = actor_resources(resources, num_gpus_default)
     return {
-        "compute": ray.data.ActorPoolStrategy(min_size=1, max_size=actors or resources.replicas),
+        "compute": ray.data.ActorPoolStrategy(size=actors) if actors
+        else ray.data.ActorPoolStrategy(min_size=1, max_size=resources.replicas),
         "num_cpus": per["CPU"], "num_gpus": per["GPU"],
         **({"resources": dict(resources.custom)} if resources.custom else {}),
         # No max_restarts/max_task_retries here: Ray Data's actor pools already default both to

@@ -217,6 +217,9 @@ def train_loop_per_worker(config: dict) -> None:
                                                                           if p.requires_grad],
                                            config=job.ds_config)
     device = engine.device
+    if rank == 0:
+        append_log(job, {"event": "engine", "device": str(device), "bf16": bool(bf16),
+                         "optimizer": type(engine.optimizer).__name__})
     shared = _share_fp32_partitions(engine)
     if rank == 0 and shared:
         append_log(job, {"event": "fp32_partitions_shared", "elements": shared, "rss_mb": _peak_rss_mb()})

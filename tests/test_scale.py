@@ -4,6 +4,7 @@ nodes, `diff` agreeing with `run`, and a driver whose memory does not grow with 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -82,6 +83,42 @@ def test_the_scheduler_stays_within_the_budget_and_keeps_going_after_a_failure()
                                    {"CPU": 3.0})
     assert timeline["big"]["actors"] == 3 and timeline["b"]["start"] >= timeline["big"]["end"] - 1e-3
     assert actors_that_fit(Job("g", {"CPU": 1.0, "GPU": 1.0}, 8, work("g")), {"CPU": 16.0, "GPU": 2.0}) == 2
+
+
+def test_nodes_that_join_mid_stage_are_used_and_the_demand_is_stated_then_withdrawn(caplog):
+    """A cluster with one teacher_slot when the stage starts: the first teacher runs, the others
+    wait. A node with a second slot joins while the first still runs, and a waiting teacher starts on
+    it at once. Meanwhile the scheduler states one bundle per actor, running and waiting, restates
+    it as it changes, says what it waits for, and withdraws the demand when the stage ends."""
+    slots, first_running, joined = [1.0], threading.Event(), threading.Event()
+    ended, stated = set(), []
+
+    def work(name):
+        def run(actors):
+            running_first = "t0" not in ended
+            if name == "t0":
+                first_running.set()
+                assert joined.wait(10)
+                time.sleep(0.3)  # still running when the next teacher starts
+            ended.add(name)
+            return {"running_first": running_first}
+        return run
+
+    def total():
+        if first_running.is_set() and not joined.is_set():
+            slots[0] = 2.0  # a node joins while t0 runs
+            joined.set()
+        return {"CPU": 4.0, "teacher_slot": slots[0]}
+
+    jobs = [Job(f"t{i}", {"CPU": 0.5, "teacher_slot": 1.0}, 1, work(f"t{i}")) for i in range(3)]
+    with caplog.at_level(logging.INFO, logger="muki_ray.schedule"):
+        results, timeline = run_within(jobs, {"CPU": 4.0, "teacher_slot": 1.0}, total=total,
+                                       demand=stated.append, poll_s=0.05)
+    assert results["t1"]["running_first"], timeline  # started on the new node while t0 still ran
+    assert timeline["t1"]["start"] < timeline["t0"]["end"]
+    one = {"CPU": 0.5, "teacher_slot": 1.0}
+    assert stated[0] == [one] * 3 and stated[-1] == []  # every actor, running and waiting; then withdrawn
+    assert "predict: waiting for 2 teacher_slot (teachers t1, t2)" in caplog.text
 
 
 def test_a_request_no_single_node_can_hold_is_refused_naming_the_field_and_the_largest_node():
