@@ -124,6 +124,9 @@ class TeacherResources(Strict):
     custom: dict[str, float] = Field(
         default_factory=dict, description="Custom Ray resources per actor, e.g. {accelerator_type_a100: 0.01} or "
         "a node resource that pins actors to some nodes.")
+    placement_timeout_s: float = Field(
+        600.0, gt=0, description="A teacher whose actors cannot be placed for this long (no node that can hold "
+        "one joins) fails with one line; the other teachers keep their caches.")
 
     @property
     def actor_threads(self) -> int:

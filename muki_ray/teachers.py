@@ -179,6 +179,10 @@ def cache_columns(name: str) -> list[str]:
     return [column(name, f) for f in COLUMNS]
 
 
+class PlacementTimeout(RuntimeError):
+    """A teacher's actors could not be placed within its `placement_timeout_s`."""
+
+
 def predict_teacher(spec: TeacherSpec, teacher, cache: TeacherCache, pool_root: Path, pool_fp: str,
                     buckets: int, actors: int, gpu_default: float) -> dict:
     """One teacher's pipeline: compute the pool rows its cache lacks into a new cache part.
@@ -198,6 +202,9 @@ def predict_teacher(spec: TeacherSpec, teacher, cache: TeacherCache, pool_root: 
     # Cap this pipeline to its grant, so pools of teachers running side by side never compete.
     rows.context.execution_options.resource_limits = ray.data.ExecutionResources(
         cpu=per["CPU"] * actors, gpu=per["GPU"] * actors)
+    # Its actors must be placed within the timeout: Ray Data would otherwise wait for them forever.
+    timeout = teacher.resources.placement_timeout_s
+    rows.context.wait_for_min_actors_s = max(1, int(round(timeout)))
     out = rows.map_batches(stage_class(spec.name, TeacherStage), fn_constructor_kwargs={"spec": spec}, batch_size=teacher.batch_size,
                            batch_format="numpy", **options, **faults.teacher_env())
     part = cache.new_part()
@@ -206,6 +213,10 @@ def predict_teacher(spec: TeacherSpec, teacher, cache: TeacherCache, pool_root: 
     # would need a CPU that the actors hold).
     try:
         out.write_parquet(str(part / "data"), partition_cols=["bucket"], **io_write())
+    except ray.exceptions.GetTimeoutError:
+        raise PlacementTimeout(
+            f"no actor could be placed in {timeout:g} s (teachers[].resources.placement_timeout_s): each asks for "
+            f"{', '.join(f'{v:g} {k}' for k, v in per.items() if v)}, which no alive node had free") from None
     except Exception as e:
         # Ray Data raises a failed pipeline's error in the context of a StopIteration from its
         # executor, whose frames hold the actors' handles: for as long as the error is kept (the

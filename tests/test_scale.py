@@ -203,6 +203,32 @@ def test_a_failing_teacher_keeps_the_others_caches_and_a_rerun_computes_only_it(
     assert info["computed"] == ["b"] and info["reused"] == ["a", "c"]
 
 
+def test_a_teacher_whose_actors_cannot_be_placed_fails_within_its_timeout(tmp_path, tiny_models, ray_session, capsys):
+    """On an autoscaling cluster whose autoscaler never adds a node that can hold a teacher's actor
+    (here a custom resource no node has; with no node types published, the start-up check cannot know),
+    the teacher fails after its placement_timeout_s with one line naming it, what it asked for and how
+    long it waited, instead of waiting forever. The other teacher's cache is complete."""
+    pool = write_pool(tmp_path / "pool.jsonl", 64)
+    cfg, space = teachers_cfg(tmp_path, tiny_models, ["a", "b"], pool)
+    raw = yaml.safe_load((tmp_path / "cfg.yaml").read_text())
+    for t in raw["teachers"]:
+        t["resources"]["num_gpus"] = 0
+    raw["teachers"][1]["resources"].update(custom={"gone_node": 1}, placement_timeout_s=3)
+    raw["ray"] = {"autoscaling": True}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(raw))
+    capsys.readouterr()
+    t0 = time.time()
+    assert main(["predict-teachers", str(tmp_path / "cfg.yaml")]) == 1
+    assert time.time() - t0 < 120
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, err
+    assert ("teacher 'b' failed: no actor could be placed in 3 s (teachers[].resources.placement_timeout_s): "
+            "each asks for 0.5 CPU, 1 gone_node") in errors[0], errors
+    assert sorted(cache_ids(cfg, space, 0)) == sorted(f"doc{i}" for i in range(64))
+    assert cache_ids(cfg, space, 1) == []
+
+
 def test_a_grown_pool_computes_only_its_new_and_changed_rows(tmp_path, tiny_models, ray_session):
     pool = write_pool(tmp_path / "pool.jsonl", 300)
     cfg, space = teachers_cfg(tmp_path, tiny_models, ["a", "b"], pool)
