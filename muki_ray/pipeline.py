@@ -40,9 +40,9 @@ from muki_ray.manifest import begin_stage, finish_stage, fingerprint, is_current
     write_json_atomic
 from muki_ray.pool import add_keys, join_bucket, over_buckets, pool_summary, write_bucketed
 from muki_ray.refine_stage import self_train
-from muki_ray.progress import track
+from muki_ray.progress import counted, track
 from muki_ray.report import stage_headline, write_report
-from muki_ray.schedule import Job, run_within, settled_free
+from muki_ray.schedule import Job, describe_request, run_within, settled_free
 from muki_ray.stats import add
 from muki_ray.strategies import STRATEGIES
 from muki_ray.student import tokenize, train_classifier, with_gold
@@ -186,7 +186,12 @@ def predict_stage(cfg: RunConfig, space: LabelSpace, run_dir: Path) -> dict:
         specs = [dataclasses.replace(s, progress=counter) for s in specs]
         jobs = [Job(s.name, actor_resources(t.resources, gpus), t.resources.replicas,
                     functools.partial(predict_teacher, s, t, cache, pool_root, pool["fingerprint"], buckets,
-                                      gpu_default=gpus))
+                                      gpu_default=gpus),
+                    # A teacher whose rows stop coming for its placement timeout lost its actors (a lost
+                    # node, nothing left that can hold them): it fails instead of waiting forever.
+                    progress=functools.partial(counted, counter, s.name), stall_s=t.resources.placement_timeout_s,
+                    stall_hint=f" (teachers[].resources.placement_timeout_s): its actors could not be placed "
+                               f"or restarted; each asks for {describe_request(actor_resources(t.resources, gpus))}")
                 for s, t, cache in zip(specs, cfg.teachers, caches)]
         nodes = cluster_nodes(cfg.ray.autoscaling)  # None: an autoscaler that publishes no node types
         if nodes is not None:

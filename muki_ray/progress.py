@@ -28,16 +28,20 @@ _handles: dict = {}
 class Counter:
     def __init__(self):
         self.n = 0
+        self.by_key: dict[str, int] = {}
 
-    def add(self, n: int) -> None:
+    def add(self, n: int, key: Optional[str] = None) -> None:
         self.n += n
+        if key is not None:
+            self.by_key[key] = self.by_key.get(key, 0) + n
 
-    def get(self) -> int:
-        return self.n
+    def get(self, key: Optional[str] = None) -> int:
+        return self.n if key is None else self.by_key.get(key, 0)
 
 
-def advance(name: Optional[str], n: int = 1) -> None:
-    """Add `n` to the stage counter `name` (None: no counter, nothing to do)."""
+def advance(name: Optional[str], n: int = 1, key: Optional[str] = None) -> None:
+    """Add `n` to the stage counter `name` (None: no counter, nothing to do), and to its count of
+    `key` (a teacher's name: the scheduler watches each teacher's own progress)."""
     if not name:
         return
     handle = _handles.get(name)
@@ -46,7 +50,15 @@ def advance(name: Optional[str], n: int = 1) -> None:
             handle = _handles[name] = ray.get_actor(name)
         except ValueError:  # the stage ended and killed it: nothing left to show
             return
-    handle.add.remote(n)
+    handle.add.remote(n, key)
+
+
+def counted(name: str, key: str, timeout_s: float = 10.0) -> Optional[int]:
+    """What `key` has added to the stage counter `name` so far (None when the counter cannot be read)."""
+    try:
+        return int(ray.get(ray.get_actor(name).get.remote(key), timeout=timeout_s))
+    except Exception:  # a slow or ended counter never stops the stage
+        return None
 
 
 def eta(done: int, total: int, elapsed_s: float) -> Optional[float]:

@@ -29,10 +29,11 @@ from __future__ import annotations
 
 import logging
 import math
+import queue
+import threading
 import time
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from muki_ray.cluster import ClusterError
 
@@ -47,6 +48,13 @@ class Job:
     per_actor: dict[str, float]   # Ray resources of one actor, e.g. {"CPU": 1.0, "GPU": 1.0}
     replicas: int
     run: Callable[[int], Any]
+    progress: Optional[Callable[[], Optional[int]]] = None  # work done so far (None: cannot be read now)
+    stall_s: Optional[float] = None  # fail the job when `progress` holds still this long
+    stall_hint: str = ""             # what the failure line adds: the setting, what an actor asks for
+
+
+class Stalled(RuntimeError):
+    """A job made no progress for its `stall_s`: its actors could not be placed, or lost their node."""
 
 
 class TeacherFailed(Exception):
@@ -122,47 +130,78 @@ def run_within(jobs: list[Job], free: dict[str, float], *, total: Callable[[], d
     pending, running = list(jobs), {}
     results, failures, timeline = {}, {}, {}
     t0, said, stated, sent = time.time(), -math.inf, None, 0.0
+    # Daemon threads, not an executor: a stalled job is given up, and its thread (blocked in Ray Data,
+    # waiting for actors that cannot be placed) must not keep the process alive at exit.
+    finished: queue.Queue = queue.Queue()
+
+    def launch(job: Job, k: int) -> None:
+        def body():
+            try:
+                finished.put((job.name, None, job.run(k)))
+            except Exception as e:  # a failing teacher ends the stage, after the others finish
+                finished.put((job.name, e, None))
+
+        threading.Thread(target=body, name=f"teacher {job.name}", daemon=True).start()
+
+    def end(name: str, error: Optional[BaseException], result: Any) -> None:
+        running.pop(name)
+        timeline[name]["end"] = round(time.time() - t0, 3)
+        if error is None:
+            results[name] = result
+            return
+        failures[name] = error
+        log.error("teacher %s failed: %s", name, str(error).strip().splitlines()[0] if str(error) else error)
+
     try:
-        with ThreadPoolExecutor(max_workers=max(1, len(jobs))) as pool:
-            while pending or running:
-                budget = capacity()
-                for job, grant in running.values():
-                    for res, v in grant.items():
-                        budget[res] = budget.get(res, 0.0) - v
-                for job in list(pending):
-                    k = actors_that_fit(job, budget)
-                    if k == 0 and not running:
-                        k = 1  # nothing of ours holds resources: Ray queues this actor until some are free
-                    if k == 0:
-                        continue  # a smaller teacher may still fit
-                    grant = {res: need * k for res, need in job.per_actor.items()}
-                    for res, v in grant.items():
-                        budget[res] = budget.get(res, 0.0) - v
-                    pending.remove(job)
-                    timeline[job.name] = {"start": round(time.time() - t0, 3), "actors": k}
-                    log.debug("teacher %s: started with %d actor(s)", job.name, k)
-                    running[pool.submit(job.run, k)] = (job, grant)
-                if demand is not None:
-                    bundles = [bundle(job.per_actor) for job, grant in running.values()
-                               for _ in range(timeline[job.name]["actors"])]
-                    bundles += [bundle(job.per_actor) for job in pending for _ in range(job.replicas)]
-                    if bundles != stated or time.time() - sent >= getattr(demand, "refresh_s", math.inf):
-                        demand(bundles)
-                        stated, sent = bundles, time.time()
-                    if pending and time.time() - said >= say_every_s:
-                        said = time.time()
-                        log.info("predict: waiting for %s (teacher%s %s)", waiting_for(pending, budget),
-                                 "s" if len(pending) > 1 else "", ", ".join(j.name for j in pending))
-                dynamic = pending and total is not None
-                done, _ = wait(running, timeout=poll_s if dynamic else None, return_when=FIRST_COMPLETED)
-                for fut in done:
-                    job, grant = running.pop(fut)
-                    timeline[job.name]["end"] = round(time.time() - t0, 3)
-                    try:
-                        results[job.name] = fut.result()
-                    except Exception as e:  # a failing teacher ends the stage, after the others finish
-                        failures[job.name] = e
-                        log.error("teacher %s failed: %s", job.name, str(e).strip().splitlines()[0] if str(e) else e)
+        while pending or running:
+            budget = capacity()
+            for job, grant, _ in running.values():
+                for res, v in grant.items():
+                    budget[res] = budget.get(res, 0.0) - v
+            for job in list(pending):
+                k = actors_that_fit(job, budget)
+                if k == 0 and not running:
+                    k = 1  # nothing of ours holds resources: Ray queues this actor until some are free
+                if k == 0:
+                    continue  # a smaller teacher may still fit
+                grant = {res: need * k for res, need in job.per_actor.items()}
+                for res, v in grant.items():
+                    budget[res] = budget.get(res, 0.0) - v
+                pending.remove(job)
+                timeline[job.name] = {"start": round(time.time() - t0, 3), "actors": k}
+                log.debug("teacher %s: started with %d actor(s)", job.name, k)
+                running[job.name] = (job, grant, [None, time.time()])  # last progress seen, and since when
+                launch(job, k)
+            if demand is not None:
+                bundles = [bundle(job.per_actor) for job, _, _ in running.values()
+                           for _ in range(timeline[job.name]["actors"])]
+                bundles += [bundle(job.per_actor) for job in pending for _ in range(job.replicas)]
+                if bundles != stated or time.time() - sent >= getattr(demand, "refresh_s", math.inf):
+                    demand(bundles)
+                    stated, sent = bundles, time.time()
+                if pending and time.time() - said >= say_every_s:
+                    said = time.time()
+                    log.info("predict: waiting for %s (teacher%s %s)", waiting_for(pending, budget),
+                             "s" if len(pending) > 1 else "", ", ".join(j.name for j in pending))
+            watched = any(job.stall_s for job, _, _ in running.values())
+            try:
+                items = [finished.get(timeout=poll_s if (pending and total is not None) or watched else None)]
+            except queue.Empty:
+                items = []
+            while not finished.empty():
+                items.append(finished.get_nowait())
+            for item in items:
+                end(*item)
+            for name, (job, _, seen) in list(running.items()):
+                if job.progress is None or not job.stall_s:
+                    continue
+                now = job.progress()
+                if now is None:  # the counter cannot be read now: no evidence either way
+                    continue
+                if now != seen[0]:
+                    seen[:] = [now, time.time()]
+                elif time.time() - seen[1] >= job.stall_s:
+                    end(name, Stalled(f"no row computed for {job.stall_s:g} s{job.stall_hint}"), None)
     finally:
         if demand is not None and stated:
             demand([])  # the stage is over: the autoscaler may remove the nodes it added for it
@@ -174,6 +213,11 @@ def run_within(jobs: list[Job], free: dict[str, float], *, total: Callable[[], d
 def bundle(per_actor: dict[str, float]) -> dict[str, float]:
     """One actor's resources as an autoscaler bundle (the resources it asks for, none at 0)."""
     return {k: float(v) for k, v in per_actor.items() if v and v > 0}
+
+
+def describe_request(per_actor: dict[str, float]) -> str:
+    """One actor's request as a console phrase: `1 GPU, 4 CPU`."""
+    return ", ".join(f"{v:g} {k}" for k, v in bundle(per_actor).items())
 
 
 def waiting_for(pending: list[Job], budget: dict[str, float]) -> str:

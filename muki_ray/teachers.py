@@ -41,6 +41,7 @@ from muki_ray.manifest import write_json_atomic
 from muki_ray.mc_dropout import AdaptiveK, check_sampling, mc_predict
 from muki_ray.pool import missing_rows, over_buckets
 from muki_ray.progress import advance
+from muki_ray.schedule import describe_request
 from muki_ray.stage import COLUMNS, LIST_FIELDS, Stage, actor_resources, column, stage_class, stage_options
 
 log = logging.getLogger("muki_ray.teachers")
@@ -107,7 +108,7 @@ class TeacherStage(Stage):
         batch["node"] = np.full(len(texts), self.node, dtype=object)  # where each row was computed
         del batch["text"]  # the pool keeps the text; caches and the stream carry only predictions
         self.batches += 1
-        advance(self.spec.progress, len(texts))
+        advance(self.spec.progress, len(texts), key=self.spec.name)
         faults.teacher_batch(self.spec.name, self.batches)
         return batch
 
@@ -216,7 +217,7 @@ def predict_teacher(spec: TeacherSpec, teacher, cache: TeacherCache, pool_root: 
     except ray.exceptions.GetTimeoutError:
         raise PlacementTimeout(
             f"no actor could be placed in {timeout:g} s (teachers[].resources.placement_timeout_s): each asks for "
-            f"{', '.join(f'{v:g} {k}' for k, v in per.items() if v)}, which no alive node had free") from None
+            f"{describe_request(per)}, which no alive node had free") from None
     except Exception as e:
         # Ray Data raises a failed pipeline's error in the context of a StopIteration from its
         # executor, whose frames hold the actors' handles: for as long as the error is kept (the

@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
@@ -367,6 +369,70 @@ def test_several_nodes_run_end_to_end_with_teachers_and_training_workers_on_diff
     for r in pq.read_table(tmp_path / "multi" / "targets" / "data").to_pylist():
         np.testing.assert_allclose(r["target"], same[r["id"]]["target"], atol=1e-6)
         assert r["teacher"] == same[r["id"]]["teacher"]
+
+
+LOST_NODE = textwrap.dedent("""
+    import json, sys, threading, time
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": 150 * 1024**2})
+    worker = cluster.add_node(num_cpus=1, resources={"teacher_slot": 1}, object_store_memory=150 * 1024**2)
+    cluster.wait_for_nodes()
+    lost = {}
+
+    def computed(teacher):  # rows the teacher stage's progress counter has from `teacher`
+        names = [n for n in ray.util.list_named_actors() if n.startswith("muki-progress-")]
+        return sum(ray.get(ray.get_actor(n).get.remote(teacher)) for n in names)
+
+    def lose_the_node():  # once teacher b's actor computes on the node, the node goes
+        while not ray.is_initialized() or computed("b") == 0:
+            time.sleep(0.2)
+        cluster.remove_node(worker)
+        lost["at"] = time.time()
+
+    threading.Thread(target=lose_the_node, daemon=True).start()
+    from muki_ray.cli import main
+    code = main(["predict-teachers", sys.argv[1], "--set", f"ray.address={cluster.address}"])
+    print("RESULT " + json.dumps({"code": code, "after_loss_s": time.time() - lost.get("at", time.time())}),
+          flush=True)
+    ray.shutdown()
+    cluster.shutdown()  # (it also removes the address file a later embedded ray.init would join)
+    import os
+    os._exit(0)  # the given-up teacher's thread still waits inside Ray Data: do not join it
+""")
+
+
+def test_a_teacher_that_loses_its_node_fails_within_its_timeout_and_the_other_keeps_its_cache(
+        tmp_path, tiny_models):
+    """Teacher b is pinned by a custom resource to the one worker node that has it; the node is removed
+    while b computes. Ray Data would wait forever for b's actor to be restarted somewhere; b fails
+    once no row has come for its placement_timeout_s, with one line naming it, what its actors ask
+    for and how long; teacher a, on the head node, completes its cache."""
+    pool = write_pool(tmp_path / "pool.jsonl", 3000)
+    cfg, space = teachers_cfg(tmp_path, tiny_models, ["a", "b"], pool)
+    raw = yaml.safe_load((tmp_path / "cfg.yaml").read_text())
+    raw["teachers"][1]["resources"].update(custom={"teacher_slot": 1}, placement_timeout_s=40)
+    for t in raw["teachers"]:
+        t["batch_size"] = 16
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(raw))
+    # Its own Ray temp dir: the Cluster writes the address file there, where no later ray.init() of this
+    # pytest would join it, whatever happens to the script (socket paths must stay < 108 bytes).
+    ray_tmp = tempfile.mkdtemp(prefix="mrln-", dir="/tmp")
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}, "RAY_TMPDIR": ray_tmp}
+    try:
+        proc = subprocess.run([sys.executable, "-c", LOST_NODE, str(tmp_path / "cfg.yaml")], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=600)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    result = json.loads(next(line[7:] for line in proc.stdout.splitlines() if line.startswith("RESULT ")))
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert result["code"] == 1 and len(errors) == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert ("teacher 'b' failed: no row computed for 40 s (teachers[].resources.placement_timeout_s): its actors "
+            "could not be placed or restarted; each asks for 0.5 CPU, 1 teacher_slot") in errors[0], errors
+    assert result["after_loss_s"] < 120, result
+    assert sorted(cache_ids(cfg, space, 0)) == sorted(f"doc{i}" for i in range(3000))
+    assert cache_ids(cfg, space, 1) == []
 
 
 # ------------------------------------------------------------------ the driver's memory
