@@ -126,7 +126,8 @@ class TeacherResources(Strict):
         "a node resource that pins actors to some nodes.")
     placement_timeout_s: float = Field(
         600.0, gt=0, description="A teacher whose actors cannot be placed for this long (no node that can hold "
-        "one joins) fails with one line; the other teachers keep their caches.")
+        "one joins), or that computes no row for this long (its node lost), fails with one line; the other "
+        "teachers keep their caches.")
 
     @property
     def actor_threads(self) -> int:
