@@ -18,6 +18,7 @@ import uuid
 from typing import Iterator, Optional
 
 import ray
+import ray.util.scheduling_strategies
 
 log = logging.getLogger("muki_ray.progress")
 NOT_A_TERMINAL_EVERY_S = 30.0
@@ -84,7 +85,11 @@ def track(label: str, total: int, unit: str = "rows", every_s: float = NOT_A_TER
           terminal: Optional[bool] = None) -> Iterator[str]:
     """Show a stage's progress while the block runs; yields the counter's name for its workers."""
     name = f"muki-progress-{uuid.uuid4().hex[:12]}"
-    counter = Counter.options(name=name).remote()
+    # On the driver's node: a counter on a worker node would be lost with that node, and the scheduler
+    # reads each teacher's progress from it to tell a stalled teacher from a running one.
+    here = ray.util.scheduling_strategies.NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(),
+                                                                         soft=True)
+    counter = Counter.options(name=name, scheduling_strategy=here).remote()
     terminal = sys.stderr.isatty() if terminal is None else terminal
     stop, t0 = threading.Event(), time.time()
     bar = None
