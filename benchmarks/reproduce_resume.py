@@ -92,6 +92,20 @@ def recipe(raw: dict, piece: str) -> dict:
     return {"integration": integ, "student": student}
 
 
+PLACEMENT = ("resources", "eval_resources", "resources_per_worker")  # where work runs, not what it computes
+
+
+def without_placement(rec: dict) -> dict:
+    """A recipe without its placement keys, so that a new scheduling option (such as
+    `placement_timeout_s`) leaves finished pieces valid."""
+    def strip(x):
+        if isinstance(x, dict):
+            return {k: strip(v) for k, v in x.items() if k not in PLACEMENT}
+        return [strip(v) for v in x] if isinstance(x, list) else x
+
+    return strip(json.loads(json.dumps(rec, default=str)))
+
+
 class Pieces:
     """The pieces folder: which are done, and writing one."""
 
@@ -103,7 +117,7 @@ class Pieces:
         if not p.exists():
             return False
         got = json.loads(p.read_text())
-        return got.get("sizes") == self.sizes and got.get("recipe") == json.loads(json.dumps(rec, default=str))
+        return got.get("sizes") == self.sizes and without_placement(got.get("recipe") or {}) == without_placement(rec)
 
     def write(self, piece: str, rec: dict, started: float, result: dict) -> None:
         write_atomic(self.folder / f"{piece}.json", {
