@@ -11,7 +11,9 @@ first sentence of each BBC article). Measures:
   measured in this run, fp32 and bf16;
 - the cheaper estimates `mc.layers: 1` and adaptive K: speed, passes saved, and agreement with
   exact MC on which teacher wins (the reproduction benchmark's two fine-tuned BBC teachers);
-- the student: Ray Train + DeepSpeed against a plain torch loop (steady-state examples/s).
+- the student: Ray Train + DeepSpeed against a plain torch loop (steady-state examples/s);
+- the seeded dropout mask's cost: the K passes with the engine's per-row masks, with the masks'
+  defining formula (`uniform_like`), with torch's own unseeded dropout, and with no mask at all.
 
     python benchmarks/throughput.py
 
@@ -253,9 +255,10 @@ def main() -> None:
     ap.add_argument("--n-bf16", type=int, default=12, help="texts for bf16 (slow on CPUs without bf16 matmul)")
     ap.add_argument("--n-agree", type=int, default=200, help="BBC pool texts for the agreement runs")
     ap.add_argument("--n-student", type=int, default=256)
-    ap.add_argument("--only", choices=["cheaper", "speed"],
-                    help="rerun only the cheaper-estimate agreement runs, or only the speed runs (teacher and "
-                    "student), into the last full run's results")
+    ap.add_argument("--only", choices=["cheaper", "speed", "mask"],
+                    help="rerun only the cheaper-estimate agreement runs, only the speed runs (teacher and "
+                    "student), or only the mask's cost, into the last full run's results")
+    ap.add_argument("--n-mask", type=int, default=32, help="BBC texts per variant of the mask-cost runs")
     ap.add_argument("--n-ablate", type=int, default=32, help="BBC texts per variant of the one-at-a-time ablation")
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--teachers", default="runs/reproduce/bbc_news/shared/prepare",
@@ -272,6 +275,8 @@ def main() -> None:
         res = json.loads((RESULTS / "throughput.json").read_text())
         if args.only == "cheaper":
             cheaper(args, res, k, threads)
+        elif args.only == "mask":
+            mask_cost(args, res, k)
         else:
             res["threads"] = threads
             teacher_speed(args, res, k, threads)
@@ -281,6 +286,7 @@ def main() -> None:
     res: dict = {"samples": k, "max_length": 128, "threads": threads, "teacher": {}, "student": {}, "datasets": {}}
     teacher_speed(args, res, k, threads)
     cheaper(args, res, k, threads)
+    mask_cost(args, res, k)
     student_speed(args, res)
     write(res)
 
@@ -367,6 +373,49 @@ def cheaper(args, res: dict, k: int, threads: int) -> None:
               "the mc.layers and adaptive-K agreement runs are skipped", flush=True)
 
 
+def mask_cost(args, res: dict, k: int, reps: int = 3) -> None:
+    """Seconds of the K passes over BBC texts with each way of masking, interleaved, best of `reps`, into `res`.
+
+    The mask's cost is (seconds with it - seconds with no mask) / seconds with no mask.
+    """
+    import torch
+
+    from muki_ray import mc_dropout
+    from muki_ray.hf_folder import load_classifier, load_tokenizer
+
+    engine = mc_dropout._seeded_mask
+
+    def definition(x, p, seeds, index):  # the masks' defining formula, as the engine computed it before
+        return x * (mc_dropout.uniform_like(x, seeds, index) >= p).to(x.dtype) / (1.0 - p)
+
+    variants = {"engine (seeded, per row)": engine, "definition (uniform_like)": definition,
+                "torch dropout (unseeded)": lambda x, p, seeds, index: torch.nn.functional.dropout(x, p),
+                "no mask": lambda x, p, seeds, index: x}
+    texts = texts_of("bbc_news", args.n_mask)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = minilm_classifier(Path(tmp) / "teacher", list(LABELS))
+        tok, model = load_tokenizer(folder), load_classifier(folder).eval()
+        batches = [dict(tok(texts[i:i + 8], truncation=True, max_length=128, padding=True, return_tensors="pt"))
+                   for i in range(0, len(texts), 8)]
+        secs = {name: float("inf") for name in variants}
+        try:
+            for rep in range(reps + 1):  # the first round warms up
+                for name, mask in variants.items():
+                    mc_dropout._seeded_mask = mask
+                    t0 = time.perf_counter()
+                    for batch in batches:
+                        mc_dropout.mc_predict(model, batch, samples=k)
+                    if rep:
+                        secs[name] = min(secs[name], time.perf_counter() - t0)
+        finally:
+            mc_dropout._seeded_mask = engine
+    none = secs["no mask"]
+    res["mask"] = {"texts": len(texts), "threads": torch.get_num_threads(),
+                   "seconds": secs, "cost": {name: (s - none) / none for name, s in secs.items()}}
+    res["teacher"]["mask_cost"] = res["mask"]["cost"]["engine (seeded, per row)"]
+    print("mask", res["mask"], flush=True)
+
+
 def student_speed(args, res: dict) -> None:
     """Ray Train + DeepSpeed vs a plain loop, steady-state examples/s, into `res`."""
     import ray
@@ -403,7 +452,9 @@ def write(res: dict) -> None:
         ("adaptive K agreement", t.get("adaptive_k_agreement", float("nan")), 0.99),
         ("student Ray+DeepSpeed / plain", s["ratio"], 0.85),
     ]
-    res["goals"] = [{"what": w, "measured": v, "goal": g, "met": bool(v >= g)} for w, v, g in goals]
+    at_most = [("seeded mask / forward (at most)", t.get("mask_cost", float("nan")), 0.10)]
+    res["goals"] = ([{"what": w, "measured": v, "goal": g, "met": bool(v >= g)} for w, v, g in goals]
+                    + [{"what": w, "measured": v, "goal": g, "met": bool(v <= g)} for w, v, g in at_most])
     res["hardware"] = hardware()
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "throughput.json").write_text(json.dumps(res, indent=2))
@@ -437,6 +488,12 @@ def write(res: dict) -> None:
         if "exact_other_seed_agreement" in t:
             md += ["", f"Sampling noise alone: exact MC with other dropout masks picks the same teacher for "
                    f"{t['exact_other_seed_agreement']:.3f} of the rows, the ceiling for any estimate of p̄."]
+    if "mask" in res:
+        m = res["mask"]
+        md += ["", f"The dropout mask's cost ({m['texts']} BBC texts, {m['threads']} threads, best of 3 interleaved "
+               "runs): seconds of the deterministic pass and the K passes, and the cost over no mask.", "",
+               "| mask | seconds | cost over no mask |", "|---|---|---|"]
+        md += [f"| {name} | {sec:.2f} | {m['cost'][name]:+.3f} |" for name, sec in m["seconds"].items()]
     md += ["", "| goal | measured | target | met |", "|---|---|---|---|"]
     md += [f"| {g['what']} | {g['measured']:.3f} | {g['goal']} | {'yes' if g['met'] else 'no'} |"
            for g in res["goals"]]

@@ -313,3 +313,41 @@ def test_bf16_autocast_keeps_the_teacher_ranking_of_confident_rows(arch):
     for d in (None, torch.bfloat16):
         assert (out_b[d].entropy[rows] < out_a[d].entropy[rows]).all(), d
         assert (out_b[d].mc_score[mc_rows] > out_a[d].mc_score[mc_rows]).all(), d
+
+
+def test_the_fast_mask_keeps_exactly_what_its_definition_keeps():
+    """`_seeded_mask` (in-place splitmix64, its last step skipped, an integer threshold) keeps the same
+    elements as the definition `uniform_like(x) >= p`, bit for bit, for every p, shape and module; a
+    change of the masks' stream would silently change every cached teacher's p̄."""
+    from muki_ray.mc_dropout import _seeded_mask, splitmix64, uniform_like
+
+    g = torch.Generator().manual_seed(0)
+    for shape in [(6, 40, 32), (3, 5, 2, 7), (4, 17), (2, 1)]:
+        x = torch.randn(*shape, generator=g)
+        seeds = splitmix64(torch.arange(shape[0], dtype=torch.int64) * 7919 + 11)
+        for p in [0.1, 0.3, 0.5, 1 / 3, 0.123456789, 1e-7, 0.99999]:
+            for module in [0, 5, 40]:
+                want = x * (uniform_like(x, seeds, module) >= p).to(x.dtype) / (1.0 - p)
+                assert torch.equal(_seeded_mask(x, p, seeds, module), want), (shape, p, module)
+    # a value whose 24-bit threshold is an exact integer: u == p must be kept, as `>=` keeps it
+    x = torch.ones(64, 512)
+    seeds = torch.arange(64, dtype=torch.int64)
+    u = uniform_like(x, seeds, 2)
+    p = float(u.flatten()[123])
+    assert torch.equal(_seeded_mask(x, p, seeds, 2) != 0, u >= p)
+
+
+def test_masks_drop_p_of_the_elements_independently_of_row_module_and_position():
+    from muki_ray.mc_dropout import _seeded_mask, sample_seeds
+
+    x = torch.ones(64, 32, 48)
+    seeds = sample_seeds(torch.arange(8, dtype=torch.int64) * 1_000_003, 0, 8)  # 8 rows x 8 samples
+    a = _seeded_mask(x, 0.1, seeds, 0) == 0
+    b = _seeded_mask(x, 0.1, seeds, 1) == 0
+    n = a.numel()
+    assert abs(a.float().mean().item() - 0.1) < 4 * math.sqrt(0.09 / n)
+    # two modules, two rows, two positions: the drops co-occur as independent ones would (0.01)
+    both = [(a & b).float().mean(), (a[0::2] & a[1::2]).float().mean(), (a[:, :, 0::2] & a[:, :, 1::2]).float().mean()]
+    for rate in both:
+        assert abs(rate.item() - 0.01) < 0.004, both
+    assert torch.equal(a[3], (_seeded_mask(x[3:4], 0.1, seeds[3:4], 0) == 0)[0])  # a row's mask is its own
