@@ -86,9 +86,11 @@ def track(label: str, total: int, unit: str = "rows", every_s: float = NOT_A_TER
     """Show a stage's progress while the block runs; yields the counter's name for its workers."""
     name = f"muki-progress-{uuid.uuid4().hex[:12]}"
     # On the driver's node: a counter on a worker node would be lost with that node, and the scheduler
-    # reads each teacher's progress from it to tell a stalled teacher from a running one.
+    # reads each teacher's progress from it to tell a stalled teacher from a running one. Hard affinity:
+    # a soft one was seen to place it on a worker node (the lost-node test), and a 0-CPU actor always
+    # fits the driver's node, which lives as long as the driver.
     here = ray.util.scheduling_strategies.NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(),
-                                                                         soft=True)
+                                                                         soft=False)
     counter = Counter.options(name=name, scheduling_strategy=here).remote()
     terminal = sys.stderr.isatty() if terminal is None else terminal
     stop, t0 = threading.Event(), time.time()

@@ -196,9 +196,9 @@ def run_within(jobs: list[Job], free: dict[str, float], *, total: Callable[[], d
                 if job.progress is None or not job.stall_s:
                     continue
                 now = job.progress()
-                if now is None:  # the counter cannot be read now: no evidence either way
-                    continue
-                if now != seen[0]:
+                # A counter that cannot be read shows no progress: were it lost for good, the job would
+                # otherwise be watched forever (a run never waits forever; a brief miss is far below stall_s).
+                if now is not None and now != seen[0]:
                     seen[:] = [now, time.time()]
                 elif time.time() - seen[1] >= job.stall_s:
                     end(name, Stalled(f"no row computed for {job.stall_s:g} s{job.stall_hint}"), None)

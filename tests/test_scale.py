@@ -29,7 +29,7 @@ from muki_ray.config import parse_config
 from muki_ray.labels import LabelSpace
 from muki_ray.manifest import begin_stage, finish_stage, read_manifest
 from muki_ray.pipeline import predict_stage
-from muki_ray.schedule import Job, TeacherFailed, actors_that_fit, run_within, settled_free
+from muki_ray.schedule import Job, Stalled, TeacherFailed, actors_that_fit, run_within, settled_free
 from tests.conftest import WORDS
 from tests.test_student import toy_rows, train_log
 
@@ -121,6 +121,34 @@ def test_nodes_that_join_mid_stage_are_used_and_the_demand_is_stated_then_withdr
     one = {"CPU": 0.5, "teacher_slot": 1.0}
     assert stated[0] == [one] * 3 and stated[-1] == []  # every actor, running and waiting; then withdrawn
     assert "predict: waiting for 2 teacher_slot (teachers t1, t2)" in caplog.text
+
+
+def test_a_job_whose_progress_stops_or_cannot_be_read_is_given_up_and_the_others_finish():
+    """A job's progress that holds still, or that cannot be read at all (its counter lost), for its
+    stall_s ends that job with Stalled; a job whose progress keeps moving runs to its end."""
+    release, ticks = threading.Event(), [0]
+
+    def blocked(actors):  # a pipeline waiting for actors that never come
+        release.wait(30)
+        return {}
+
+    def steady(actors):
+        for _ in range(12):
+            ticks[0] += 1
+            time.sleep(0.05)
+        return {"done": True}
+
+    jobs = [Job("stuck", {"CPU": 1.0}, 1, blocked, progress=lambda: 5, stall_s=0.3, stall_hint=" (hint)"),
+            Job("unread", {"CPU": 1.0}, 1, blocked, progress=lambda: None, stall_s=0.3),
+            Job("moving", {"CPU": 1.0}, 1, steady, progress=lambda: ticks[0], stall_s=0.3)]
+    try:
+        with pytest.raises(TeacherFailed) as e:
+            run_within(jobs, {"CPU": 3.0}, poll_s=0.05)
+    finally:
+        release.set()
+    assert sorted(e.value.failures) == ["stuck", "unread"]
+    assert str(e.value.failures["stuck"]) == "no row computed for 0.3 s (hint)"
+    assert all(isinstance(f, Stalled) for f in e.value.failures.values())
 
 
 def test_a_request_no_single_node_can_hold_is_refused_naming_the_field_and_the_largest_node():
@@ -388,14 +416,17 @@ LOST_NODE = textwrap.dedent("""
     def lose_the_node():  # once teacher b's actor computes on the node, the node goes
         while not ray.is_initialized() or computed("b") == 0:
             time.sleep(0.2)
+        from ray.util.state import list_actors  # the counter must not go with the node
+        here = ray.get_runtime_context().get_node_id()
+        lost["counters_here"] = [a.node_id == here for a in list_actors(filters=[("class_name", "=", "Counter")])]
         cluster.remove_node(worker)
         lost["at"] = time.time()
 
     threading.Thread(target=lose_the_node, daemon=True).start()
     from muki_ray.cli import main
     code = main(["predict-teachers", sys.argv[1], "--set", f"ray.address={cluster.address}"])
-    print("RESULT " + json.dumps({"code": code, "after_loss_s": time.time() - lost.get("at", time.time())}),
-          flush=True)
+    print("RESULT " + json.dumps({"code": code, "after_loss_s": time.time() - lost.get("at", time.time()),
+                                  "counters_here": lost.get("counters_here")}), flush=True)
     ray.shutdown()
     cluster.shutdown()  # (it also removes the address file a later embedded ray.init would join)
     import os
@@ -431,6 +462,7 @@ def test_a_teacher_that_loses_its_node_fails_within_its_timeout_and_the_other_ke
     assert ("teacher 'b' failed: no row computed for 40 s (teachers[].resources.placement_timeout_s): its actors "
             "could not be placed or restarted; each asks for 0.5 CPU, 1 teacher_slot") in errors[0], errors
     assert result["after_loss_s"] < 120, result
+    assert result["counters_here"] == [True], result  # the stage's counter stayed on the driver's node
     assert sorted(cache_ids(cfg, space, 0)) == sorted(f"doc{i}" for i in range(3000))
     assert cache_ids(cfg, space, 1) == []
 
