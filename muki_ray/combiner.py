@@ -23,7 +23,6 @@ from typing import Optional
 import numpy as np
 
 from muki_ray.data import fold, io_map, list_column
-from muki_ray.embedding import EmbeddingStage
 from muki_ray.integrate import Calibration, entropy_scores, normalize_weights, quality_from_counts, selection_counts
 from muki_ray.labels import LabelSpace
 from muki_ray.owners import OwnerModel, cluster_histograms, clusters_for, fit_owners, row_keys, seed_clusters, \
@@ -185,6 +184,8 @@ def select_scores(preds_ds, space: LabelSpace, integration, embedding: Optional[
     ds = preds_ds.map_batches(SelectScores(space, integration.strategy, cal), batch_format="numpy", **io_map())
     if integration.prototypes is None:
         return ds, None
+    from muki_ray.embedding import EmbeddingStage  # (here: a combine task imports no torch)
+
     spec, options = embedding
     emb = ds.map_batches(stage_class("embed", EmbeddingStage), fn_constructor_kwargs={"spec": spec},
                          batch_size=integration.prototypes.batch_size, batch_format="numpy", **options).materialize()

@@ -62,3 +62,16 @@ def test_one_stage_idiom():
     assert all(issubclass(c, Stage) for c in (TeacherStage, EmbeddingStage, ClassifierStage, Judge))
     users = {p.stem for p in PACKAGE.glob("*.py") if "muki_ray.teachers" in imports(p.stem)}
     assert users == {"pipeline"}, users
+
+
+def test_the_bucket_and_combine_tasks_import_no_torch():
+    """A Ray Data task runs in a fresh worker process, which imports the module of its function:
+    the pool's bucket tasks and the combiner's tasks need numpy and pyarrow only, and torch would add
+    about 2 s of CPU to every such process (the prototypes' embedding actor imports it when it starts)."""
+    import subprocess
+    import sys
+
+    for module in ("muki_ray.pool", "muki_ray.combiner"):
+        out = subprocess.run([sys.executable, "-c", f"import sys, {module}; print('torch' in sys.modules)"],
+                             capture_output=True, text=True, timeout=120)
+        assert out.stdout.strip() == "False", (module, out.stdout, out.stderr[-2000:])
