@@ -146,9 +146,9 @@ _SIGN = -(1 << 63)
 def _seeded_mask(x: torch.Tensor, p: float, seeds: torch.Tensor, index: int) -> torch.Tensor:
     """Inverted dropout of x with the per-row counter-based mask of dropout call `index`.
 
-    Keeps exactly the elements where `uniform_like(x, seeds, index) >= p`, at well under half its
-    cost: over a MiniLM teacher's passes on 2 CPU threads the masks added 136% to a forward without
-    masks, now 57%; torch's own unseeded dropout adds 28% (`benchmarks/throughput.py --only mask`):
+    Keeps exactly the elements where `uniform_like(x, seeds, index) >= p`, at under half its cost:
+    over a MiniLM teacher's passes on CPU the masks added 111-136% to a forward without masks, now
+    30-57%, about what torch's own unseeded dropout adds (28-33%) (`benchmarks/throughput.py --only mask`):
     - splitmix64 runs in place on one int64 buffer, and its constant is added to the row keys;
     - its last step, z ^ (z >>> 31), leaves bits 33..63 as they were, and only bits 40..63 are used,
       so it is skipped;
