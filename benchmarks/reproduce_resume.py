@@ -82,11 +82,8 @@ def recipe(raw: dict, piece: str) -> dict:
     cfg = parse_config(raw)
     if piece in ("teachers", "predictions"):
         return {"prepare": cfg.prepare.model_dump(), "teachers": [t.model_dump() for t in cfg.teachers]}
-    integ = cfg.integration.model_dump(exclude={"preset"})
-    for opt in ("prototypes", "refine"):
-        if integ.get(opt):
-            integ[opt].pop("resources", None)
-    student = cfg.student.model_dump(exclude={"resources_per_worker"})
+    integ = cfg.integration.model_dump(exclude={"preset"})  # (placement keys: `without_placement`)
+    student = cfg.student.model_dump()
     if student["init_from"] is None:  # the head probe only runs when a previous student is grown
         student.pop("head_probe_rows", None)
     return {"integration": integ, "student": student}

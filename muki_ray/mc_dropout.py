@@ -34,6 +34,7 @@ import math
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -112,10 +113,21 @@ def uniform_like(x: torch.Tensor, seeds: torch.Tensor, module: int) -> torch.Ten
     return _lsr(z, 40).to(torch.float32) * (1.0 / (1 << 24))
 
 
-def _module_key(seeds: torch.Tensor, module: int, dims: int) -> torch.Tensor:
-    """(R,) row seeds -> (R, 1, ...) keys of dropout call `module`, broadcastable over a row."""
-    mod = splitmix64(torch.tensor(module + 1, dtype=torch.int64, device=seeds.device))
-    return (seeds ^ mod).view((-1,) + (1,) * (dims - 1))
+def _splitmix64_int(z: int) -> int:
+    """`splitmix64` of one int64 in Python ints (no device tensor, no transfer per dropout call)."""
+    m = (1 << 64) - 1
+    z = (z + _GOLDEN) & m
+    z = ((z ^ (z >> 30)) * (_MIX1 & m)) & m
+    z = ((z ^ (z >> 27)) * (_MIX2 & m)) & m
+    z ^= z >> 31
+    return z - (1 << 64) if z >= 1 << 63 else z
+
+
+def _module_key(seeds: torch.Tensor, module: int, dims: int, add: int = 0) -> torch.Tensor:
+    """(R,) row seeds -> (R, 1, ...) keys of dropout call `module` (plus `add`, wrapping), broadcastable
+    over a row."""
+    key = seeds ^ _splitmix64_int(module + 1)
+    return (key + add if add else key).view((-1,) + (1,) * (dims - 1))
 
 
 _POSITIONS: dict = {}  # (shape past the rows, device) -> splitmix64 of the packed positions
@@ -155,10 +167,10 @@ def _seeded_mask(x: torch.Tensor, p: float, seeds: torch.Tensor, index: int) -> 
     - `u >= p` with u = (z >>> 40) / 2^24 is the unsigned integer test z >= ceil(p' 2^24) 2^40, where
       p' is p rounded to float32 as the float test does; flipping the sign bit makes it a signed test.
     """
-    threshold = math.ceil(float(torch.tensor(p, dtype=torch.float32)) * (1 << 24))
+    threshold = math.ceil(float(np.float32(p)) * (1 << 24))
     if threshold >= 1 << 24:
         return torch.zeros_like(x)
-    z = (_module_key(seeds, index, x.dim()) + _GOLDEN) + _position_hash(x.shape, x.device)
+    z = _module_key(seeds, index, x.dim(), add=_GOLDEN) + _position_hash(x.shape, x.device)
     shifted = torch.empty_like(z)
     for bits, mult in ((30, _MIX1), (27, _MIX2)):  # splitmix64's first two steps, in place
         torch.bitwise_right_shift(z, bits, out=shifted)
