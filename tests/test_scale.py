@@ -416,9 +416,10 @@ LOST_NODE = textwrap.dedent("""
     def lose_the_node():  # once teacher b's actor computes on the node, the node goes
         while not ray.is_initialized() or computed("b") == 0:
             time.sleep(0.2)
-        from ray.util.state import list_actors  # the counter must not go with the node
-        here = ray.get_runtime_context().get_node_id()
-        lost["counters_here"] = [a.node_id == here for a in list_actors(filters=[("class_name", "=", "Counter")])]
+        here = ray.get_runtime_context().get_node_id()  # the counter must not go with the node (asked of the
+        names = [n for n in ray.util.list_named_actors() if n.startswith("muki-progress-")]  # actor: no dashboard)
+        lost["counters_here"] = [ray.get(ray.get_actor(n).__ray_call__.remote(
+            lambda self: ray.get_runtime_context().get_node_id())) == here for n in names]
         cluster.remove_node(worker)
         lost["at"] = time.time()
 
