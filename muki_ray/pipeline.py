@@ -42,10 +42,10 @@ from muki_ray.pool import add_keys, join_bucket, over_buckets, pool_summary, wri
 from muki_ray.refine_stage import self_train
 from muki_ray.progress import counted, track
 from muki_ray.report import stage_headline, write_report
-from muki_ray.schedule import Job, describe_request, run_within, settled_free
+from muki_ray.schedule import Job, TeacherFailed, describe_request, run_within, settled_free
 from muki_ray.stats import add
 from muki_ray.strategies import STRATEGIES
-from muki_ray.student import tokenize, train_classifier, with_gold
+from muki_ray.student import tokenize, train_classifier, training_request, with_gold
 from muki_ray.stage import actor_resources, column, stage_options
 from muki_ray.teachers import cache_columns, predict_teacher, teacher_specs
 from muki_ray.warm_start import probe_warm_head
@@ -132,11 +132,7 @@ def prepare_stage(cfg: RunConfig, space: LabelSpace, run_dir: Path) -> dict:
     data = read_source(p.data, on_bad_row=d.on_bad_row, seed=d.seed, require_label=True)
     dev = labeled(cfg, cfg.data.dev, space.names, "data.dev") if cfg.data.dev else None
     test = labeled(cfg, p.test, space.names, "prepare.test") if p.test else None
-    teachers = {}
-    for t, labels in zip(cfg.teachers, space.teacher_labels):
-        if t.model is not None:
-            continue  # a teacher with its own model folder is used as it is
-        labels, settings = list(labels), prepared_settings(cfg, t)
+    def prepare_teacher(t, labels, settings, _actors: int) -> dict:  # _actors: its grant (1 run)
         model_path = str(resolve_model_path(settings.model))
         rows = sum(counts.get(lab, 0) for lab in labels)
         own = only_labels(data, labels)
@@ -156,11 +152,27 @@ def prepare_stage(cfg: RunConfig, space: LabelSpace, run_dir: Path) -> dict:
                                          prefix="own_test_", options=actor_options(cfg, p.eval_resources),
                                          threads=p.eval_resources.actor_threads, label=f"prepare {t.name}: test"))
         info.update(train_rows=rows, base_model=settings.model, epochs=settings.epochs, lr=settings.lr)
-        teachers[t.name] = info
         log.debug("teacher %s (%s): %d texts, own-part test accuracy %s", t.name, ", ".join(labels), rows,
-                 info.get("own_test_accuracy"))
+                  info.get("own_test_accuracy"))
+        return info
+
+    # The teachers train side by side, as many at once as the cluster's free resources hold (a
+    # training run's workers are one grant; Ray Train itself asks an autoscaler for its nodes).
+    jobs = []
+    for t, labels in zip(cfg.teachers, space.teacher_labels):
+        if t.model is None:  # a teacher with its own model folder is used as it is
+            settings = prepared_settings(cfg, t)
+            jobs.append(Job(t.name, training_request(settings), 1,
+                            functools.partial(prepare_teacher, t, list(labels), settings)))
+    try:
+        results, timeline = run_within(jobs, settled_free(ray.available_resources, ray.cluster_resources()),
+                                       total=ray.cluster_resources, stage="prepare")
+    except TeacherFailed as e:  # the first failure as it was raised: a bad input keeps its exit code and line
+        raise next(iter(e.failures.values()))
+    teachers = {t.name: results[t.name] for t in cfg.teachers if t.name in results}
     return finish_stage(stage_dir, config_hash=config_hash, inputs=inputs, rows=sum(counts.values()),
-                        started=started, extra={"teachers": teachers, "skipped_unowned": unowned})
+                        started=started, extra={"teachers": teachers, "skipped_unowned": unowned,
+                                                "schedule": timeline})
 
 
 # ------------------------------------------------------------------ predictions

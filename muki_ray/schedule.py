@@ -106,7 +106,7 @@ def settled_free(read: Callable[[], dict], total: dict, timeout_s: float = 10.0,
 
 def run_within(jobs: list[Job], free: dict[str, float], *, total: Callable[[], dict] | None = None,
                demand: Callable[[list[dict]], None] | None = None, poll_s: float = 2.0,
-               say_every_s: float = 30.0) -> tuple[dict[str, Any], dict[str, dict]]:
+               say_every_s: float = 30.0, stage: str = "predict") -> tuple[dict[str, Any], dict[str, dict]]:
     """Run every job, at most what the cluster holds at once; returns (results, timeline).
 
     free: the free resources when the stage starts (`settled_free`).
@@ -116,7 +116,7 @@ def run_within(jobs: list[Job], free: dict[str, float], *, total: Callable[[], d
     demand: states what the jobs need, running and waiting, as one bundle per actor
         (`cluster.Demand`), so that an autoscaler adds the nodes before any actor waits; restated
         every `demand.refresh_s`, withdrawn (an empty list) when the stage ends. While a job waits,
-        one line every `say_every_s` says for what.
+        one line every `say_every_s` says for what (`stage` names the stage in that line).
     timeline[name] = {start, end, actors} in seconds since the call. Raises TeacherFailed, after
     every other job has finished, when a job raised.
     """
@@ -181,7 +181,7 @@ def run_within(jobs: list[Job], free: dict[str, float], *, total: Callable[[], d
                     stated, sent = bundles, time.time()
                 if pending and time.time() - said >= say_every_s:
                     said = time.time()
-                    log.info("predict: waiting for %s (teacher%s %s)", waiting_for(pending, budget),
+                    log.info("%s: waiting for %s (teacher%s %s)", stage, waiting_for(pending, budget),
                              "s" if len(pending) > 1 else "", ", ".join(j.name for j in pending))
             watched = any(job.stall_s for job, _, _ in running.values())
             try:

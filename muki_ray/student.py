@@ -459,6 +459,15 @@ def with_gold(ds, names):
     return ds.map_batches(encode, batch_format="pyarrow", **io_map())
 
 
+def training_request(hyper) -> dict[str, float]:
+    """Ray resources one training run holds while it runs: every worker's, GPUs included."""
+    per_worker = {k: float(v) for k, v in dict(hyper.resources_per_worker).items()}
+    if hyper.use_gpu:
+        per_worker["GPU"] = per_worker.get("GPU", 1.0)
+    per_worker.setdefault("CPU", 1.0)  # Ray Train's default worker bundle
+    return {k: v * hyper.num_workers for k, v in per_worker.items()}
+
+
 def train_classifier(hyper, *, model_path: str, labels: list[str], loss: str, train_ds, dev_ds, rows: int,
                      run_dir: Path, name: str, out_dir: Path, parts: dict, trust_remote_code=False,
                      allow_pickle=False, storage_path=None, progress: Optional[str] = None, **job_extra) -> dict:

@@ -88,6 +88,10 @@ def test_run_end_to_end_resume_and_classify(run_config, ray_session, capsys):
     assert "![training curves](training.png)" in report and f"({log_file.relative_to(run)})" in report
     teacher_cfg = json.loads((run / "prepare" / "first" / "config.json").read_text())
     assert list(teacher_cfg["id2label"].values()) == ["business", "entertainment"]  # sorted slice 1
+    # The two teachers trained side by side (0.5 CPU each on 2 CPUs): each started before the other ended.
+    schedule = read_manifest(run / "prepare")["schedule"]
+    assert set(schedule) == {"first", "second"}
+    assert max(s["start"] for s in schedule.values()) < min(s["end"] for s in schedule.values()), schedule
     first = stage_ids(run)
 
     # An identical rerun skips every stage; --verbose shows Ray's own lines too.
