@@ -23,6 +23,7 @@ Writes results/throughput.{json,md}; prints the headline ratios last.
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import sys
 import tempfile
@@ -385,11 +386,28 @@ def mask_cost(args, res: dict, k: int, reps: int = 3) -> None:
 
     engine = mc_dropout._seeded_mask
 
-    def before(x, p, seeds, index):  # the masks' defining formula, as the engine computed it before #36
-        mc_dropout._POSITIONS.clear()  # (it hashed every position on every call)
-        return x * (mc_dropout.uniform_like(x, seeds, index) >= p).to(x.dtype) / (1.0 - p)
+    def hashes(x, seeds, index):  # one splitmix64 per element: the masks' stream before the 16-bit lanes
+        z = mc_dropout._module_key(seeds, index, x.dim()) + mc_dropout._position_hash(x.shape, x.device)
+        return mc_dropout._lsr(mc_dropout.splitmix64(z), 40)
 
-    variants = {"engine (seeded, per row)": engine, "before (uniform_like, uncached)": before,
+    def before(x, p, seeds, index):  # as the engine computed it before #36: every position hashed per call
+        mc_dropout._POSITIONS.clear()
+        return x * (hashes(x, seeds, index) >= math.ceil(p * (1 << 24))).to(x.dtype) / (1.0 - p)
+
+    def per_element(x, p, seeds, index):  # the engine before the lanes: positions cached, in place, 2 of 3 steps
+        z = mc_dropout._module_key(seeds, index, x.dim(), add=mc_dropout._GOLDEN) + \
+            mc_dropout._position_hash(x.shape, x.device)
+        shifted = torch.empty_like(z)
+        for bits, mult in ((30, mc_dropout._MIX1), (27, mc_dropout._MIX2)):
+            torch.bitwise_right_shift(z, bits, out=shifted)
+            shifted &= (1 << (64 - bits)) - 1
+            z ^= shifted
+            z *= mult
+        z ^= -(1 << 63)
+        return (x * (z >= (math.ceil(p * (1 << 24)) << 40) - (1 << 63))).div_(1.0 - p)
+
+    variants = {"engine (seeded, per row)": engine, "one hash per element (cached)": per_element,
+                "before (one hash per element, uncached)": before,
                 "torch dropout (unseeded)": lambda x, p, seeds, index: torch.nn.functional.dropout(x, p),
                 "no mask": lambda x, p, seeds, index: x}
     texts = texts_of("bbc_news", args.n_mask)

@@ -26,7 +26,7 @@ from muki_ray.hf_folder import resolve_model_path
 from muki_ray.labels import LabelSpace
 from muki_ray.manifest import MANIFEST, fingerprint, folder_fingerprint, read_manifest, write_json_atomic
 
-CACHE_VERSION = 3  # 2: bucketed parts keyed by (id, text_hash); 3: float64 entropies and scores
+CACHE_VERSION = 4  # 2: bucketed parts keyed by (id, text_hash); 3: float64 entropies and scores; 4: 16-bit mask lanes
 STAGES = ("pool", "prepare", "predictions", "targets", "train", "evaluate", "report")
 
 

@@ -316,7 +316,7 @@ def test_bf16_autocast_keeps_the_teacher_ranking_of_confident_rows(arch):
 
 
 def test_the_fast_mask_keeps_exactly_what_its_definition_keeps():
-    """`_seeded_mask` (in-place splitmix64, its last step skipped, an integer threshold) keeps the same
+    """`_seeded_mask` (in-place splitmix64, an integer threshold on int16 lanes) keeps the same
     elements as the definition `uniform_like(x) >= p`, bit for bit, for every p, shape and module; a
     change of the masks' stream would silently change every cached teacher's p̄."""
     from muki_ray.mc_dropout import _seeded_mask, splitmix64, uniform_like
@@ -329,12 +329,33 @@ def test_the_fast_mask_keeps_exactly_what_its_definition_keeps():
             for module in [0, 5, 40]:
                 want = x * (uniform_like(x, seeds, module) >= p).to(x.dtype) / (1.0 - p)
                 assert torch.equal(_seeded_mask(x, p, seeds, module), want), (shape, p, module)
-    # a value whose 24-bit threshold is an exact integer: u == p must be kept, as `>=` keeps it
+    # a value whose 16-bit threshold is an exact integer: u == p must be kept, as `>=` keeps it
     x = torch.ones(64, 512)
     seeds = torch.arange(64, dtype=torch.int64)
     u = uniform_like(x, seeds, 2)
     p = float(u.flatten()[123])
     assert torch.equal(_seeded_mask(x, p, seeds, 2) != 0, u >= p)
+
+
+def test_the_masks_uniforms_are_the_documented_lanes_of_one_splitmix64_per_four_elements():
+    """Hand-computed in Python integers: element (r, i, j) of a 3-D input takes 16-bit lane j mod 4 of
+    splitmix64(row key + splitmix64((i << 16) | (j div 4))), the row key being seed ^ splitmix64(module + 1);
+    u = (signed lane + 2^15) / 2^16. Any change of this stream would change every cached teacher's p̄."""
+    from muki_ray.mc_dropout import _splitmix64_int, uniform_like
+
+    m64 = (1 << 64) - 1
+    seeds = torch.tensor([12345, -987654321987], dtype=torch.int64)
+    x = torch.zeros(2, 3, 10)
+    u = uniform_like(x, seeds, 7)
+    for r, i, j in [(0, 0, 0), (0, 0, 3), (0, 2, 9), (1, 1, 4), (1, 2, 6), (1, 0, 1)]:
+        key = int(seeds[r]) ^ _splitmix64_int(7 + 1)
+        z = _splitmix64_int(((key + _splitmix64_int((i << 16) | (j // 4))) + (1 << 63)) % (1 << 64) - (1 << 63))
+        lane = ((z & m64) >> (16 * (j % 4))) & 0xFFFF
+        signed = lane - 65536 if lane >= 32768 else lane
+        assert u[r, i, j].item() == (signed + 32768) / 65536, (r, i, j)
+    # a shorter (unpadded) tensor is a corner of the longer one, element for element
+    assert torch.equal(uniform_like(torch.zeros(2, 2, 7), seeds, 7), u[:, :2, :7])
+    assert torch.equal(uniform_like(torch.zeros(2, 3, 3), seeds, 7), u[:, :, :3])
 
 
 def test_masks_drop_p_of_the_elements_independently_of_row_module_and_position():
