@@ -27,7 +27,7 @@ demo: setup
 	$(BIN)/muki-ray run jobs/configs/demo.yaml
 
 test: setup
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=25 tests
 
 clean:
 	rm -rf $(VENV) runs
