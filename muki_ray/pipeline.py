@@ -132,6 +132,7 @@ def prepare_stage(cfg: RunConfig, space: LabelSpace, run_dir: Path) -> dict:
     data = read_source(p.data, on_bad_row=d.on_bad_row, seed=d.seed, require_label=True)
     dev = labeled(cfg, cfg.data.dev, space.names, "data.dev") if cfg.data.dev else None
     test = labeled(cfg, p.test, space.names, "prepare.test") if p.test else None
+
     def prepare_teacher(t, labels, settings, _actors: int) -> dict:  # _actors: its grant (1 run)
         model_path = str(resolve_model_path(settings.model))
         rows = sum(counts.get(lab, 0) for lab in labels)

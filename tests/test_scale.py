@@ -399,7 +399,8 @@ def test_several_nodes_run_end_to_end_with_teachers_and_training_workers_on_diff
         assert r["teacher"] == same[r["id"]]["teacher"]
 
 
-LOST_NODE = textwrap.dedent("""
+# A head with 1 CPU and one worker node with one `teacher_slot`, and what each script shares.
+SLOT_CLUSTER = textwrap.dedent("""
     import json, sys, threading, time
     import ray
     from ray.cluster_utils import Cluster
@@ -407,11 +408,32 @@ LOST_NODE = textwrap.dedent("""
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": 150 * 1024**2})
     worker = cluster.add_node(num_cpus=1, resources={"teacher_slot": 1}, object_store_memory=150 * 1024**2)
     cluster.wait_for_nodes()
-    lost = {}
 
     def computed(teacher):  # rows the teacher stage's progress counter has from `teacher`
         names = [n for n in ray.util.list_named_actors() if n.startswith("muki-progress-")]
         return sum(ray.get(ray.get_actor(n).get.remote(teacher)) for n in names)
+""")
+
+
+def run_on_slot_cluster(script: str, cfg: Path, prefix: str) -> tuple[subprocess.CompletedProcess, dict]:
+    """Run SLOT_CLUSTER + script on `cfg` in its own process; (the process, its RESULT line).
+
+    Its own Ray temp dir: the Cluster writes the address file there, where no later ray.init() of
+    this pytest would join it, whatever happens to the script (socket paths must stay < 108 bytes)."""
+    ray_tmp = tempfile.mkdtemp(prefix=prefix, dir="/tmp")
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}, "RAY_TMPDIR": ray_tmp}
+    try:
+        proc = subprocess.run([sys.executable, "-c", SLOT_CLUSTER + script, str(cfg)], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=600)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+    assert line is not None, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc, json.loads(line[7:])
+
+
+LOST_NODE = textwrap.dedent("""
+    lost = {}
 
     def lose_the_node():  # once teacher b's actor computes on the node, the node goes
         while not ray.is_initialized() or computed("b") == 0:
@@ -448,16 +470,7 @@ def test_a_teacher_that_loses_its_node_fails_within_its_timeout_and_the_other_ke
     for t in raw["teachers"]:
         t["batch_size"] = 16
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(raw))
-    # Its own Ray temp dir: the Cluster writes the address file there, where no later ray.init() of this
-    # pytest would join it, whatever happens to the script (socket paths must stay < 108 bytes).
-    ray_tmp = tempfile.mkdtemp(prefix="mrln-", dir="/tmp")
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}, "RAY_TMPDIR": ray_tmp}
-    try:
-        proc = subprocess.run([sys.executable, "-c", LOST_NODE, str(tmp_path / "cfg.yaml")], cwd=REPO, env=env,
-                              capture_output=True, text=True, timeout=600)
-    finally:
-        shutil.rmtree(ray_tmp, ignore_errors=True)
-    result = json.loads(next(line[7:] for line in proc.stdout.splitlines() if line.startswith("RESULT ")))
+    proc, result = run_on_slot_cluster(LOST_NODE, tmp_path / "cfg.yaml", "mrln-")
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert result["code"] == 1 and len(errors) == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert ("teacher 'b' failed: no row computed for 40 s (teachers[].resources.placement_timeout_s): its actors "
@@ -466,6 +479,47 @@ def test_a_teacher_that_loses_its_node_fails_within_its_timeout_and_the_other_ke
     assert result["counters_here"] == [True], result  # the stage's counter stayed on the driver's node
     assert sorted(cache_ids(cfg, space, 0)) == sorted(f"doc{i}" for i in range(3000))
     assert cache_ids(cfg, space, 1) == []
+
+
+JOIN_NODE = textwrap.dedent("""
+    out = {}
+
+    def run():  # the stage in a thread: a node is added from the main thread (Ray's Node needs it)
+        from muki_ray.cli import main
+        out["code"] = main(["predict-teachers", sys.argv[1], "--set", f"ray.address={cluster.address}"])
+
+    stage = threading.Thread(target=run, daemon=True)
+    stage.start()
+    while stage.is_alive() and (not ray.is_initialized() or computed("a") + computed("b") == 0):
+        time.sleep(0.2)  # until the first teacher computes on the one slot
+    node = cluster.add_node(num_cpus=1, resources={"teacher_slot": 1}, object_store_memory=150 * 1024**2)
+    stage.join()
+    print("RESULT " + json.dumps({"code": out.get("code"), "node": node.node_id}), flush=True)
+    ray.shutdown()
+    cluster.shutdown()
+""")
+
+
+def test_a_node_that_joins_mid_stage_starts_the_waiting_teacher_on_it(tmp_path, tiny_models):
+    """A fixed-size cluster with one `teacher_slot`, two teachers that each ask for one: the second
+    waits. A second slot's node is added while the first computes; the waiting teacher starts on it
+    before the first has ended, instead of after it on the first node."""
+    pool = write_pool(tmp_path / "pool.jsonl", 3000)
+    cfg, space = teachers_cfg(tmp_path, tiny_models, ["a", "b"], pool, custom={"teacher_slot": 1})
+    raw = yaml.safe_load((tmp_path / "cfg.yaml").read_text())
+    for t in raw["teachers"]:
+        t["batch_size"] = 16
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(raw))
+    proc, result = run_on_slot_cluster(JOIN_NODE, tmp_path / "cfg.yaml", "mrjn-")
+    assert result["code"] == 0 and result["node"], proc.stdout[-3000:] + proc.stderr[-3000:]
+    m = read_manifest(tmp_path / "run" / "predictions")
+    first, second = sorted(m["schedule"], key=lambda n: m["schedule"][n]["start"])
+    when = {n: m["schedule"][n] for n in (first, second)}
+    assert when[second]["start"] < when[first]["end"], when  # side by side once the node joined
+    assert list(m["nodes"][second]) == [result["node"]], m["nodes"]  # on the node that joined
+    assert list(m["nodes"][first]) != [result["node"]], m["nodes"]
+    for i in range(2):
+        assert sorted(cache_ids(cfg, space, i)) == sorted(f"doc{j}" for j in range(3000))
 
 
 # ------------------------------------------------------------------ the driver's memory
