@@ -66,17 +66,34 @@ def read_bucket(root: Path, bucket: int, columns: list[str], schema: Optional[pa
 
 
 def over_buckets(fn: Callable, buckets: int, remote_args: Optional[dict] = None, **fn_kwargs):
-    """A Ray Dataset whose rows are FN's outputs, one task call per bucket.
+    """A Ray Dataset of FN's outputs, one table per bucket.
 
-    fn(bucket: int, **fn_kwargs) -> pa.Table. Each call reads only its bucket's files.
+    fn(bucket: int, **fn_kwargs) -> pa.Table. Each call reads only its bucket's files. The buckets
+    are dealt to as many tasks as the cluster runs at once (one wave), and a task yields one
+    bucket's table at a time (Ray Data cuts its output into blocks of its target size): a task per
+    bucket costs more in Ray's per-task overhead than the bucket's own work (the predictions join of
+    a 55k-row pool in 32 buckets on 2 CPUs: 4.5-8.4 s with a task per bucket, 1.9 s in 2 tasks,
+    1.05 s in one process).
     """
-    def call(batch: pa.Table) -> pa.Table:
-        return pa.concat_tables([fn(int(b), **fn_kwargs) for b in batch.column("id").to_pylist()],
-                                promote_options="default")
+    options = remote_args or JOIN_REMOTE_ARGS
+    per = -(-buckets // max(1, min(buckets, concurrent_tasks(options))))
+
+    def call(batch: pa.Table):
+        for b in batch.column("id").to_pylist():
+            yield fn(int(b), **fn_kwargs)
 
     # from_items, not range: a read task would ask for a CPU that a teacher's actors may hold.
-    return ray.data.from_items([{"id": b} for b in range(buckets)], override_num_blocks=buckets).map_batches(
-        call, batch_format="pyarrow", batch_size=1, **(remote_args or JOIN_REMOTE_ARGS))
+    return ray.data.from_items([{"id": b} for b in range(buckets)], override_num_blocks=-(-buckets // per)) \
+        .map_batches(call, batch_format="pyarrow", batch_size=per, **options)
+
+
+def concurrent_tasks(options: dict) -> int:
+    """How many tasks with these map_batches options the cluster runs at once."""
+    size = getattr(options.get("compute"), "size", None)
+    if size:
+        return int(size)
+    cpus, need = ray.cluster_resources().get("CPU", 1.0), float(options.get("num_cpus", 1.0))
+    return max(1, int(cpus // need) if need > 0 else int(cpus))
 
 
 # ------------------------------------------------------------- the pool stage's work

@@ -209,9 +209,9 @@ def predict_teacher(spec: TeacherSpec, teacher, cache: TeacherCache, pool_root: 
     out = rows.map_batches(stage_class(spec.name, TeacherStage), fn_constructor_kwargs={"spec": spec}, batch_size=teacher.batch_size,
                            batch_format="numpy", **options, **faults.teacher_env())
     part = cache.new_part()
-    # Rows arrive in blocks of one bucket (the pool's files, or one anti-join task per bucket), so
-    # the bucketed write makes about one file per input block, with no repartition (whose tasks
-    # would need a CPU that the actors hold).
+    # Rows arrive grouped by bucket (the anti-join yields one bucket at a time), so the bucketed
+    # write makes about one file per bucket and block, with no repartition (whose tasks would need
+    # a CPU that the actors hold).
     try:
         out.write_parquet(str(part / "data"), partition_cols=["bucket"], **io_write())
     except ray.exceptions.GetTimeoutError:
