@@ -55,12 +55,16 @@ def timed(fn, *args, **kw):
     return out, time.perf_counter() - t0
 
 
+def markdown_table(rows: list[tuple]) -> str:
+    """A Markdown table: the first row is the header, every cell through str()."""
+    md = ["| " + " | ".join(map(str, rows[0])) + " |", "|" + "---|" * len(rows[0])]
+    return "\n".join(md + ["| " + " | ".join(map(str, r)) + " |" for r in rows[1:]])
+
+
 def write_results(name: str, data: dict, table_rows: list[tuple], headline: str) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     data = {**data, "hardware": hardware(), "headline": headline}
     (RESULTS / f"{name}.json").write_text(json.dumps(data, indent=2))
-    md = ["| " + " | ".join(map(str, table_rows[0])) + " |", "|" + "---|" * len(table_rows[0])]
-    md += ["| " + " | ".join(map(str, r)) + " |" for r in table_rows[1:]]
-    md.append("")
+    md = [markdown_table(table_rows), ""]
     md.append(f"Hardware: {data['hardware']}. {headline}")
     (RESULTS / f"{name}.md").write_text("\n".join(md) + "\n")

@@ -170,13 +170,7 @@ def write(results: Path, result: dict) -> None:
                "with one GPU (under 8 minutes); until then this project claims no GPU figures."]
     else:
         md += [f"Hardware: {result['hardware']}; GPU: {result['gpu']}. Sizes: {json.dumps(result['sizes'])}. "
-               f"Total {result['wall_s']:.0f} s.", "",
-               "| precision | stage | examples | ex/s | peak GPU MiB |", "|---|---|---|---|---|"]
-        for run in result["runs"]:
-            for stage, s in run["stages"].items():
-                if "ex_per_s" in s:
-                    md.append(f"| {run['precision']} | {stage} | {s['examples']} | {s['ex_per_s']} | "
-                              f"{s['peak_gpu_mib'] if s['peak_gpu_mib'] is not None else '-'} |")
+               f"Total {result['wall_s']:.0f} s.", "", stages_table(result)]
         md += ["", "Where each stage ran: " + "; ".join(
             f"{r['precision']}: teacher actor {r['teacher_actor']['device']} (autocast {r['teacher_actor']['autocast']}),"
             f" student {r['student_engine']['device']} (bf16 {r['student_engine']['bf16']}, "
@@ -184,6 +178,24 @@ def write(results: Path, result: dict) -> None:
     tmp = results / "gpu_check.md.tmp"
     tmp.write_text("\n".join(md) + "\n")
     os.replace(tmp, results / "gpu_check.md")
+
+
+def stages_table(result: dict) -> str:
+    """One row per precision and stage: examples, examples/s, peak GPU memory."""
+    md = ["| precision | stage | examples | ex/s | peak GPU MiB |", "|---|---|---|---|---|"]
+    for run in result["runs"]:
+        for stage, s in run["stages"].items():
+            if "ex_per_s" in s:
+                md.append(f"| {run['precision']} | {stage} | {s['examples']} | {s['ex_per_s']} | "
+                          f"{s['peak_gpu_mib'] if s['peak_gpu_mib'] is not None else '-'} |")
+    return "\n".join(md)
+
+
+def render(result: dict) -> str:
+    """The docs' table for results/gpu_check.json; a line saying why when it has not run on a GPU."""
+    if result["status"] != "ran":
+        return f"**Not run yet**: {result['reason']}"
+    return stages_table(result)
 
 
 def main() -> int:

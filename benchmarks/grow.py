@@ -103,6 +103,53 @@ def run_student(cfg_raw: dict, space, run_dir: Path, targets_dir: Path, predicti
             "wall_s": round(time.time() - t0, 1), "head_probe": m.get("head_probe")}
 
 
+def _f(x) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+def _secs(x) -> str:
+    return "-" if x is None else f"{x:.0f}"
+
+
+def _parts(p) -> str:
+    return ", ".join(f"{k} {v:.3f}" for k, v in (p or {}).items()) or "-"
+
+
+def steps_table(steps: list[dict]) -> str:
+    """One row per growth step: selection, the warm, warm_copy and scratch students, new labels, time, parts."""
+    md = ["| teachers | labels | selection | warm | warm_copy | scratch | new labels: warm / warm_copy "
+          "| warm train s / scratch train s | parts (warm) | parts (warm_copy) | parts (scratch) |",
+          "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for s in steps:
+        md.append(f"| {'+'.join(s['teachers'])} | {s['union_labels']} | {_f(s['selection_acc'])} | "
+                  f"{_f(s['warm_acc'])} | {_f(s['warm_copy_acc'])} | {_f(s['scratch_acc'])} | "
+                  f"{_f(s['new_labels_warm'])} / {_f(s['new_labels_warm_copy'])} | {_secs(s['warm_s'])} / "
+                  f"{_secs(s['scratch_s'])} | {_parts(s['per_part_warm'])} | {_parts(s['per_part_warm_copy'])} | "
+                  f"{_parts(s['per_part_scratch'])} |")
+    return "\n".join(md)
+
+
+def probe_table(steps: list[dict]) -> str:
+    """The head probe per step: new-label rows predicted as a new label, and their margin, before / after."""
+    md = ["| step | rows | new-label rows | on a new label before / after | margin before / after |",
+          "|---|---|---|---|---|"]
+    for s in (s for s in steps if s.get("head_probe")):
+        p = s["head_probe"]
+        b, a = p["before"], p["after"]
+        md.append(f"| {'+'.join(s['teachers'])} | {p['rows']} | {b['new_label_rows']} | "
+                  f"{_f(b['new_rows_on_new'])} / {_f(a['new_rows_on_new'])} | {_f(b['new_margin'])} / "
+                  f"{_f(a['new_margin'])} |")
+    return "\n".join(md)
+
+
+def render(result: dict) -> str:
+    """The docs' tables for results/grow.json: the steps, then the head probe."""
+    parts = [steps_table(result["steps"])]
+    if any(s.get("head_probe") for s in result["steps"]):
+        parts.append(probe_table(result["steps"]))
+    return "\n\n".join(parts)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--pool", type=int, default=600, help="rows of the stored 2,000-row pass")
@@ -220,41 +267,15 @@ def assemble(pieces: Path, sizes: dict) -> dict:
               "missing": missing, "teacher_stage": teacher_stage}
     write_atomic(RESULTS / "grow.json", result)
 
-    def f(x):
-        return "-" if x is None else f"{x:.3f}"
-
-    def secs(x):
-        return "-" if x is None else f"{x:.0f}"
-
-    def parts(p):
-        return ", ".join(f"{k} {v:.3f}" for k, v in (p or {}).items()) or "-"
-
     md = ["# Growing coverage on 20 Newsgroups (default recipe)", "",
           f"Sizes: {sizes}. Hardware: {hardware()}. One seed. Teachers: the reproduction's stored MC pass "
           "(one MiniLM-L6 teacher per group family). `warm`: warm start with the head probe (the default); "
           "`warm_copy`: warm start with old head rows copied and new rows fresh (before the probe); `scratch`: "
-          "from the base model. Same targets within a step.", "",
-          "| teachers | labels | selection | warm | warm_copy | scratch | new labels: warm / warm_copy "
-          "| warm train s / scratch train s | parts (warm) | parts (warm_copy) | parts (scratch) |",
-          "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for s in steps:
-        md.append(f"| {'+'.join(s['teachers'])} | {s['union_labels']} | {f(s['selection_acc'])} | {f(s['warm_acc'])} | "
-                  f"{f(s['warm_copy_acc'])} | {f(s['scratch_acc'])} | {f(s['new_labels_warm'])} / "
-                  f"{f(s['new_labels_warm_copy'])} | {secs(s['warm_s'])} / {secs(s['scratch_s'])} | "
-                  f"{parts(s['per_part_warm'])} | {parts(s['per_part_warm_copy'])} | {parts(s['per_part_scratch'])} |")
-    probes = [s for s in steps if s.get("head_probe")]
-    if probes:
+          "from the base model. Same targets within a step.", "", steps_table(steps)]
+    if any(s.get("head_probe") for s in steps):
         md += ["", "Head probe (the cause, measured on the probe rows): share of the rows whose target is a new "
                "label that the head predicts as a new label, and the mean margin of the best new label over the "
-               "best old one, with the copied head (before) and the fitted one (after).", "",
-               "| step | rows | new-label rows | on a new label before / after | margin before / after |",
-               "|---|---|---|---|---|"]
-        for s in probes:
-            p = s["head_probe"]
-            b, a = p["before"], p["after"]
-            md.append(f"| {'+'.join(s['teachers'])} | {p['rows']} | {b['new_label_rows']} | "
-                      f"{f(b['new_rows_on_new'])} / {f(a['new_rows_on_new'])} | {f(b['new_margin'])} / "
-                      f"{f(a['new_margin'])} |")
+               "best old one, with the copied head (before) and the fitted one (after).", "", probe_table(steps)]
     if missing:
         md += ["", f"Missing pieces: {', '.join(missing)} (rerun `python benchmarks/grow.py`)."]
     if teacher_stage:

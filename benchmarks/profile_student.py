@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import bbc_texts, write_results  # noqa: E402
+from common import bbc_texts, markdown_table, write_results  # noqa: E402
 from student_throughput import LABELS, plain_loop, ray_run  # noqa: E402
 
 
@@ -51,6 +51,17 @@ def attribute(raw: str, loop: str = "train_loop_per_worker") -> collections.Coun
         callee = frames[i + 1].split(" (")[0] if i + 1 < len(frames) else "(the loop's own lines)"
         shares[f"{callee} (line {frames[i].rsplit(':', 1)[-1].rstrip(')')})"] += int(count)
     return shares
+
+
+def table_rows(res: dict) -> list[tuple]:
+    """The 12 largest shares of py-spy's samples by the train loop's callee."""
+    return [("call from the train loop", "share of samples")] + [
+        (name, f"{share:.3f}") for name, share in list(res["shares"].items())[:12]]
+
+
+def render(result: dict) -> str:
+    """The docs' table for results/student_profile.json."""
+    return markdown_table(table_rows(result))
 
 
 def main() -> None:
@@ -85,14 +96,13 @@ def main() -> None:
         run.join()
     ray.shutdown()
     total = sum(shares.values())
-    rows = [("call from the train loop", "share of samples")]
-    rows += [(name, f"{n / total:.3f}") for name, n in shares.most_common(12)]
     ray_eps = result["examples_per_s_steady"]
     headline = (f"student: Ray Train + DeepSpeed {ray_eps:.2f} ex/s steady vs plain loop {plain_eps:.2f} ex/s "
                 f"({ray_eps / plain_eps:.2f}); top: " + ", ".join(f"{name} {n / total:.0%}"
                                                                for name, n in shares.most_common(4)))
-    write_results("student_profile", {"plain_eps": plain_eps, "ray_deepspeed_eps": ray_eps, "samples": total,
-                                      "shares": {k: v / total for k, v in shares.most_common()}}, rows, headline)
+    res = {"plain_eps": plain_eps, "ray_deepspeed_eps": ray_eps, "samples": total,
+           "shares": {k: v / total for k, v in shares.most_common()}}
+    write_results("student_profile", res, table_rows(res), headline)
     print(headline)
 
 

@@ -305,6 +305,56 @@ def method_row(method: str, seeds: int, raw: dict, space, work: Path, shared: Pa
     return row
 
 
+def methods_table(rows: list[dict], teachers: list[str], seconds: str = "s per seed (targets+train+eval)") -> str:
+    """The comparison table: one row per method, test accuracy over seeds, per teacher's labels, selection."""
+    md = ["| method | seeds | test acc (mean ± std) | " + " | ".join(f"acc on {t}'s labels" for t in teachers)
+          + f" | supervision acc | selection acc | {seconds} |", "|---" * (6 + len(teachers)) + "|"]
+    for r in rows:
+        md.append(f"| {r['method']} | {r['seeds']} | {r['test_acc_mean']:.4f} ± {r['test_acc_std']:.4f} | "
+                  + " | ".join(f"{r['per_teacher_acc'][t]:.4f}" for t in teachers)
+                  + f" | {r['supervision_acc']:.4f} | {r['selection_acc']:.4f} | {r['wall_s_per_seed']:.0f} |")
+    return "\n".join(md)
+
+
+def beyond_table(rows: list[dict]) -> str:
+    """Issue #12's table: the paper's MUKI and each selection option, selection on all and on the low-margin
+    texts, and each run's compute against MUKI's."""
+    base = next(r for r in rows if r["method"] == "muki_soft+reweight")
+    md = ["| method | selection all | selection low-margin | supervision acc | test acc (mean ± std) | compute × MUKI |",
+          "|---|---|---|---|---|---|"]
+    for r in [base, *(r for r in rows if r["method"] in BEYOND)]:
+        run_s = r["shared_predictions_s"] + r["wall_s_per_seed"]
+        md.append(f"| {r['method']} | {r['selection_acc_all']:.4f} | {r['selection_acc_low_margin']:.4f} | "
+                  f"{r['supervision_acc']:.4f} | {r['test_acc_mean']:.4f} ± {r['test_acc_std']:.4f} | "
+                  f"{run_s / (base['shared_predictions_s'] + base['wall_s_per_seed']):.2f} |")
+    return "\n".join(md)
+
+
+def teachers_table(calib: list[dict]) -> str:
+    """Each teacher's calibration on the test split: own-part accuracy, ECE, confidence inside and outside."""
+    md = ["| teacher | own-part acc | ECE own | mean max-prob own | mean max-prob outside | over-confident |",
+          "|---|---|---|---|---|---|"]
+    md += [f"| {c['teacher']} | {c['own_accuracy']:.4f} | {c['ece_own']:.4f} | {c['mean_max_prob_own']:.4f} | "
+           f"{c['mean_max_prob_outside']:.4f} | {c['overconfident']} |" for c in calib]
+    return "\n".join(md)
+
+
+def teacher_order(result: dict) -> list[str]:
+    """The teachers in the label space's order: the calibration list's (per-teacher dicts may be key-sorted)."""
+    if result.get("teachers"):
+        return [c["teacher"] for c in result["teachers"]]
+    return list(result["rows"][0]["per_teacher_acc"]) if result["rows"] else []
+
+
+def render(result: dict) -> str:
+    """The docs' tables for results/reproduce_<dataset>.json as this script writes it: methods, #12's options,
+    teachers."""
+    parts = [methods_table(result["rows"], teacher_order(result))]
+    if any(r["method"] in BEYOND for r in result["rows"]):
+        parts.append(beyond_table(result["rows"]))
+    return "\n\n".join(parts + [teachers_table(result["teachers"])])
+
+
 def write_results(args, work: Path, space, rows: list[dict], calib: list[dict], k_sel: dict, teachers: dict,
                   shared_time: float) -> str:
     """results/reproduce_<dataset>.{json,md} and the uncertainty PNG; returns the headline."""
@@ -334,12 +384,7 @@ def write_results(args, work: Path, space, rows: list[dict], calib: list[dict], 
           f"hyper-parameters chosen on dev in the demo config (teacher lr 5e-5 and 3e-4 tried: 5e-5 left the "
           f"teachers under-confident), never on test; the student's best epoch is picked on dev. "
           f"Hardware: {hardware()}.", "",
-          "| method | seeds | test acc (mean ± std) | " + " | ".join(f"acc on {t}'s labels" for t in space.teachers)
-          + " | supervision acc | selection acc | s per seed (targets+train+eval) |", "|---" * (6 + len(space.teachers)) + "|"]
-    for r in rows:
-        md.append(f"| {r['method']} | {r['seeds']} | {r['test_acc_mean']:.4f} ± {r['test_acc_std']:.4f} | "
-                  + " | ".join(f"{r['per_teacher_acc'][t]:.4f}" for t in space.teachers)
-                  + f" | {r['supervision_acc']:.4f} | {r['selection_acc']:.4f} | {r['wall_s_per_seed']:.0f} |")
+          methods_table(rows, list(space.teachers))]
     if rows:
         r = rows[0]
         md += ["", f"Hard teacher selection on the pool: MC-Dropout {r['selection_acc_mc']:.4f}, plain entropy "
@@ -354,13 +399,7 @@ def write_results(args, work: Path, space, rows: list[dict], calib: list[dict], 
         md += ["", f"Beyond the paper (issue #12): teacher selection on all pool texts and on the "
                f"{base['low_margin_rows']} low-margin ones (the {LOW_MARGIN:.0%} with the smallest MC margin); "
                "compute is the whole run (teacher pass + targets + training + evaluation) against MUKI's:", "",
-               "| method | selection all | selection low-margin | supervision acc | test acc (mean ± std) | compute × MUKI |",
-               "|---|---|---|---|---|---|"]
-        for r in [base, *beyond]:
-            run_s = r["shared_predictions_s"] + r["wall_s_per_seed"]
-            md.append(f"| {r['method']} | {r['selection_acc_all']:.4f} | {r['selection_acc_low_margin']:.4f} | "
-                      f"{r['supervision_acc']:.4f} | {r['test_acc_mean']:.4f} ± {r['test_acc_std']:.4f} | "
-                      f"{run_s / (base['shared_predictions_s'] + base['wall_s_per_seed']):.2f} |")
+               beyond_table(rows)]
         for r in beyond:
             if "refine" in r:  # the last round of each seed
                 last = [seed[-1] for seed in r["refine"]]
@@ -369,12 +408,7 @@ def write_results(args, work: Path, space, rows: list[dict], calib: list[dict], 
                           f"{np.mean([x['judged_selection_accuracy_before'] for x in last]):.3f} to "
                           f"{np.mean([x['judged_selection_accuracy_after'] for x in last]):.3f} (mean over seeds), "
                           f"{np.mean([x['changed'] for x in last]):.1f} texts changed teacher.")
-    md += ["", "Teachers (calibration on the test split):", "",
-           "| teacher | own-part acc | ECE own | mean max-prob own | mean max-prob outside | over-confident |",
-           "|---|---|---|---|---|---|"]
-    for c in calib:
-        md.append(f"| {c['teacher']} | {c['own_accuracy']:.4f} | {c['ece_own']:.4f} | {c['mean_max_prob_own']:.4f} | "
-                  f"{c['mean_max_prob_outside']:.4f} | {c['overconfident']} |")
+    md += ["", "Teachers (calibration on the test split):", "", teachers_table(calib)]
     md += ["", f"MC selection accuracy by K (first {args.k_rows} pool texts): {k_sel}", "", "Goals:", ""]
     if muki and best_base:
         lead = (muki["test_acc_mean"] - best_base["test_acc_mean"]) * 100

@@ -38,7 +38,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, hardware  # noqa: E402
-from reproduce import METHODS, base_config, calibration  # noqa: E402
+from reproduce import METHODS, base_config, calibration, methods_table, teacher_order  # noqa: E402
 
 # Order: the bound first (it decides whether the sizes are credible), then one seed of every
 # method, then the other seeds; the best baseline of the smaller run (entropy_soft) gets one seed.
@@ -253,26 +253,40 @@ def assemble(args, pieces: Pieces, names: list[str], teachers_of: list[str]) -> 
           f"reproduction (chosen on dev, never on test). Hardware: {hardware()}.", "",
           f"Pieces done: {len(result['pieces_done'])} of {len(names)}"
           + (f"; missing: {', '.join(missing)}." if missing else "."), "",
-          "| method | seeds | test acc (mean ± std) | " + " | ".join(f"acc on {t}'s labels" for t in teachers_of)
-          + " | supervision acc | selection acc | s per seed |", "|---" * (6 + len(teachers_of)) + "|"]
-    for r in rows:
-        md.append(f"| {r['method']} | {r['seeds']} | {r['test_acc_mean']:.4f} ± {r['test_acc_std']:.4f} | "
-                  + " | ".join(f"{r['per_teacher_acc'][t]:.4f}" for t in teachers_of)
-                  + f" | {r['supervision_acc']:.4f} | {r['selection_acc']:.4f} | {r['wall_s_per_seed']:.0f} |")
+          methods_table(rows, teachers_of, "s per seed")]
     if rows:
         md += ["", f"Hard selection on the pool by raw scores: MC-Dropout {rows[0]['selection_acc_mc']:.4f}, "
                f"plain entropy {rows[0]['selection_acc_entropy']:.4f} (the same predictions for every method)."]
     if result["teachers"]:
-        md += ["", "| teacher | own-part test acc | ECE own | mean max-prob own | mean max-prob outside |",
-               "|---|---|---|---|---|"]
-        for c in result["teachers"]:
-            md.append(f"| {c['teacher']} | {c['own_accuracy']:.4f} | {c['ece_own']:.4f} | "
-                      f"{c['mean_max_prob_own']:.4f} | {c['mean_max_prob_outside']:.4f} |")
+        md += ["", teachers_table(result["teachers"])]
     if result["goals"]:
-        md += ["", "| goal | met | measured |", "|---|---|---|"]
-        md += [f"| {g['goal']} | {'met' if g['met'] else 'missed'} | {g['measured']} |" for g in result["goals"]]
+        md += ["", goals_table(result["goals"])]
     (args.results / f"reproduce_{args.dataset}.md").write_text("\n".join(md) + "\n")
     return result
+
+
+def teachers_table(calib: list[dict]) -> str:
+    """Each teacher on the test split: own-part accuracy, ECE, mean top probability inside and outside."""
+    md = ["| teacher | own-part test acc | ECE own | mean max-prob own | mean max-prob outside |", "|---|---|---|---|---|"]
+    md += [f"| {c['teacher']} | {c['own_accuracy']:.4f} | {c['ece_own']:.4f} | "
+           f"{c['mean_max_prob_own']:.4f} | {c['mean_max_prob_outside']:.4f} |" for c in calib]
+    return "\n".join(md)
+
+
+def goals_table(goals: list[dict]) -> str:
+    """The run's goals: met or missed, and the measured figure."""
+    md = ["| goal | met | measured |", "|---|---|---|"]
+    return "\n".join(md + [f"| {g['goal']} | {'met' if g['met'] else 'missed'} | {g['measured']} |" for g in goals])
+
+
+def render(result: dict) -> str:
+    """The docs' tables for a results/reproduce_<dataset>.json this driver assembled: methods, teachers, goals."""
+    parts = [methods_table(result["rows"], teacher_order(result), "s per seed")]
+    if result["teachers"]:
+        parts.append(teachers_table(result["teachers"]))
+    if result["goals"]:
+        parts.append(goals_table(result["goals"]))
+    return "\n\n".join(parts)
 
 
 def parser() -> argparse.ArgumentParser:

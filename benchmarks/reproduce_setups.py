@@ -26,7 +26,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, hardware  # noqa: E402
-from reproduce import METHODS, add_run_args, base_config, method_row  # noqa: E402
+from reproduce import METHODS, add_run_args, base_config, method_row, methods_table  # noqa: E402
 from selection import OPTIONS, measure  # noqa: E402
 
 STUDENT_METHODS = ("supervised", "oracle", "uhc", "muki_soft+reweight", "default", "default+share")
@@ -142,6 +142,26 @@ def main() -> None:
     print(headline)
 
 
+def ablation_table(ablation: dict, teachers: list[str]) -> str:
+    """Selection alone by each option on the same predictions: all texts, low-margin ones, recall per teacher."""
+    md = ["| selection | all | low-margin | " + " | ".join(f"recall {t}" for t in teachers) + " |",
+          "|---" * (3 + len(teachers)) + "|"]
+    for o, a in ablation.items():
+        if not (isinstance(a, dict) and "all" in a):  # the options' entries; the rest describe the pool
+            continue
+        md.append(f"| {o} | {a['all']:.3f} | {a['low_margin']:.3f} | " +
+                  " | ".join(f"{a['recall_per_teacher'][t]:.3f}" for t in teachers) + " |")
+    return "\n".join(md)
+
+
+def render(result: dict) -> str:
+    """The docs' tables for results/reproduce_<setup>.json: the students (if any were trained), the selection
+    ablation."""
+    teachers = list(result["teachers"])
+    parts = [methods_table(result["rows"], teachers, "s per seed")] if result["rows"] else []
+    return "\n\n".join(parts + [ablation_table(result["ablation_selection"], teachers)])
+
+
 def write(args, name: str, space, rows: list, ablation: dict, pool: dict, teachers: dict, predictions: dict,
           shared_s: float) -> str:
     by = {r["method"]: r for r in rows}
@@ -167,21 +187,11 @@ def write(args, name: str, space, rows: list, ablation: dict, pool: dict, teache
               f"{t} ({v.get('train_rows')} texts, {v.get('epochs')} epochs, lr {v.get('lr')}): own-part test "
               f"accuracy {v.get('own_test_accuracy')}" for t, v in teachers.items()) +
           f". K={args.samples}, student {args.epochs} epochs, {args.seeds} seed(s); hardware: {hardware()}.", "",
-          "| method | seeds | test acc (mean ± std) | " + " | ".join(f"acc on {t}'s labels" for t in space.teachers) +
-          " | supervision acc | selection acc | s per seed |", "|---" * (6 + len(space.teachers)) + "|"]
-    for r in rows:
-        md.append(f"| {r['method']} | {r['seeds']} | {r['test_acc_mean']:.4f} ± {r['test_acc_std']:.4f} | " +
-                  " | ".join(f"{r['per_teacher_acc'][t]:.4f}" for t in space.teachers) +
-                  f" | {r['supervision_acc']:.4f} | {r['selection_acc']:.4f} | {r['wall_s_per_seed']:.0f} |")
+          methods_table(rows, list(space.teachers), "s per seed")]
     md += ["", f"Selection ablation (no student; {ablation['rows']} texts; estimated shares "
            f"{ {k: round(v, 3) for k, v in ablation['estimated_shares'].items()} }, true "
            f"{ {k: round(v, 3) for k, v in ablation['true_shares'].items()} }):", "",
-           "| selection | all | low-margin | " + " | ".join(f"recall {t}" for t in space.teachers) + " |",
-           "|---" * (3 + len(space.teachers)) + "|"]
-    for o in OPTIONS:
-        a = ablation[o]
-        md.append(f"| {o} | {a['all']:.3f} | {a['low_margin']:.3f} | " +
-                  " | ".join(f"{a['recall_per_teacher'][t]:.3f}" for t in space.teachers) + " |")
+           ablation_table(ablation, list(space.teachers))]
     md += ["", headline]
     (RESULTS / f"reproduce_{name}.md").write_text("\n".join(md) + "\n")
     return headline

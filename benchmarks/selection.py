@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_results  # noqa: E402
+from common import markdown_table, write_results  # noqa: E402
 from reproduce import LOW_MARGIN  # noqa: E402
 from shares import selection_scores  # noqa: E402
 
@@ -74,6 +74,23 @@ def measure(shared: Path) -> dict:
     return res
 
 
+def table_rows(res: dict) -> list[tuple]:
+    """Selection accuracy per dataset and option, on all pool texts and on the low-margin ones."""
+    res = {d: r for d, r in res.items() if isinstance(r, dict)}  # the datasets (the JSON adds hardware, headline)
+    first = next(iter(res.values()), {})
+    options = [o for o, v in first.items() if isinstance(v, dict) and "all" in v]
+    rows = [("dataset", "texts (low-margin)", *(f"{o} all / low" for o in options), "embedding pass s")]
+    rows += [(d, f"{r['rows']} ({r['low_margin_rows']})",
+              *(f"{r[o]['all']:.3f} / {r[o]['low_margin']:.3f}" for o in options),
+              f"{r['embedding_seconds']:.1f}") for d, r in res.items()]
+    return rows
+
+
+def render(result: dict) -> str:
+    """The docs' table for results/selection.json."""
+    return markdown_table(table_rows(result))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--work", default="runs/reproduce")
@@ -84,10 +101,7 @@ def main() -> None:
         if (shared / "predictions" / "manifest.json").exists():
             res[dataset] = measure(shared)
             print(dataset, res[dataset], flush=True)
-    rows = [("dataset", "texts (low-margin)", *(f"{o} all / low" for o in OPTIONS), "embedding pass s")]
-    rows += [(d, f"{r['rows']} ({r['low_margin_rows']})",
-              *(f"{r[o]['all']:.3f} / {r[o]['low_margin']:.3f}" for o in OPTIONS),
-              f"{r['embedding_seconds']:.1f}") for d, r in res.items()]
+    rows = table_rows(res)
     headline = "; ".join(f"{d}: selection " + ", ".join(f"{o} {r[o]['all']:.3f}" for o in OPTIONS)
                          for d, r in res.items())
     write_results("selection", res, rows, headline)

@@ -121,6 +121,30 @@ def separation(d: dict, emb: np.ndarray) -> dict:
     return out
 
 
+def separation_table(sep: dict, teachers: list[str]) -> str:
+    """AUROC of own against foreign texts by each teacher's MC score: one text, and the mean over a cluster."""
+    md = ["| teacher | one text | mean over a cluster |", "|---|---|---|"]
+    return "\n".join(md + [f"| {t} | {sep[t]['text_auroc']:.3f} | {sep[t]['cluster_auroc']:.3f} |" for t in teachers])
+
+
+def selection_table(rows: dict, shares) -> str:
+    """Selection accuracy of each candidate (rows) at each share of the swept teacher, and its minimum."""
+    md = ["| method | " + " | ".join(f"{s:.0%}" for s in shares) + " | min |", "|---|" + "---|" * (len(shares) + 1)]
+    return "\n".join(md + [f"| {m} | " + " | ".join(f"{v:.3f}" for v in vals) + f" | {min(vals):.3f} |"
+                            for m, vals in rows.items()])
+
+
+def render(result: dict) -> str:
+    """The docs' tables for results/selection_candidates.json: per dataset, separation and selection by share."""
+    parts = []
+    for dataset, r in result["datasets"].items():
+        sep = r["separation"]
+        teachers = [t for t, v in sep.items() if isinstance(v, dict)]
+        parts += [f"**{dataset}** ({r['swept']} swept):", separation_table(sep, teachers),
+                  selection_table(r["selection"], result["shares"])]
+    return "\n\n".join(parts)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--work", type=Path, default=Path("runs/shares"), help="the share sweep's embedding cache")
@@ -152,13 +176,7 @@ def main() -> None:
         lines += [f"## {dataset} ({SWEPT[dataset]} swept)", "",
                   f"Separation of own from foreign texts by the MC score (AUROC; K = {sep['clusters']} clusters, "
                   f"owner purity {sep['cluster_owner_purity']:.3f}):", "",
-                  "| teacher | one text | mean over a cluster |", "|---|---|---|"]
-        lines += [f"| {t} | {sep[t]['text_auroc']:.3f} | {sep[t]['cluster_auroc']:.3f} |" for t in d["space"].teachers]
-        lines += ["", "| method | " + " | ".join(f"{s:.0%}" for s in SHARES) + " | min |",
-                  "|---|" + "---|" * (len(SHARES) + 1)]
-        lines += [f"| {m} | " + " | ".join(f"{v:.3f}" for v in vals) + f" | {min(vals):.3f} |"
-                  for m, vals in rows.items()]
-        lines += [""]
+                  separation_table(sep, list(d["space"].teachers)), "", selection_table(rows, SHARES), ""]
         print("\n".join(lines[-len(rows) - 3:]), flush=True)
     write_atomic(RESULTS / "selection_candidates.json", result)
     tmp = RESULTS / "selection_candidates.md.tmp"

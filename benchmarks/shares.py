@@ -217,22 +217,46 @@ def write(result: dict) -> None:
           "each share; selection through the combiner's own math. Estimated share: the owners' model's for "
           "`share`, the share of the selections otherwise.", "", "![selection against share](shares.png)", ""]
     for dataset, r in result["datasets"].items():
-        teachers = list(r["own_accuracy"])
         md += [f"## {dataset} (swept teacher: {SWEPT[dataset]})", "",
                "Teachers' own-part test accuracy: " + ", ".join(f"{t} {v:.3f}" for t, v in r["own_accuracy"].items())
-               + ".", "", "| share | texts | method | selection | supervision | "
-               + " | ".join(f"recall {t}" for t in teachers) + f" | est. share {SWEPT[dataset]} | student | "
-               + " | ".join(f"student on {t}" for t in teachers) + " |", "|---" * (6 + 2 * len(teachers)) + "|"]
-        for x in r["rows"]:
-            def f(v):
-                return "-" if v is None else f"{v:.3f}"
-            md.append(f"| {x['share']:.0%} | {x['rows']} | {x['method']} | {f(x['selection_acc'])} | "
-                      f"{f(x['supervision_acc'])} | " + " | ".join(f(x["recall"][t]) for t in teachers)
-                      + f" | {f(x['share_estimate'][SWEPT[dataset]])} (true {f(x['true_share'][SWEPT[dataset]])}) | "
-                      f"{f(x['student_acc'])} | "
-                      + " | ".join(f((x["per_teacher_acc"] or {}).get(t)) for t in teachers) + " |")
+               + ".", "", rows_table(r, SWEPT[dataset])]
         md += ["", "Goals:", ""] + [f"- {g}" for g in r["goals"]] + [""]
     (RESULTS / "shares.md").write_text("\n".join(md) + "\n")
+
+
+def _f(v) -> str:
+    return "-" if v is None else f"{v:.3f}"
+
+
+def rows_table(r: dict, swept: str) -> str:
+    """Every (share, method) row of one dataset: selection, supervision, recall and estimated share, students."""
+    teachers = list(r["own_accuracy"])
+    md = ["| share | texts | method | selection | supervision | " + " | ".join(f"recall {t}" for t in teachers)
+          + f" | est. share {swept} | student | " + " | ".join(f"student on {t}" for t in teachers) + " |",
+          "|---" * (7 + 2 * len(teachers)) + "|"]
+    for x in r["rows"]:
+        md.append(f"| {x['share']:.0%} | {x['rows']} | {x['method']} | {_f(x['selection_acc'])} | "
+                  f"{_f(x['supervision_acc'])} | " + " | ".join(_f(x["recall"][t]) for t in teachers)
+                  + f" | {_f(x['share_estimate'][swept])} (true {_f(x['true_share'][swept])}) | "
+                  f"{_f(x['student_acc'])} | "
+                  + " | ".join(_f((x["per_teacher_acc"] or {}).get(t)) for t in teachers) + " |")
+    return "\n".join(md)
+
+
+def selection_by_share(r: dict, swept: str) -> str:
+    """Selection accuracy of each method (rows) at each share of the swept teacher (columns)."""
+    shares = list(dict.fromkeys(x["share"] for x in r["rows"]))
+    acc = {(x["method"], x["share"]): x["selection_acc"] for x in r["rows"]}
+    methods = list(dict.fromkeys(x["method"] for x in r["rows"]))
+    md = [f"| {swept}'s share | " + " | ".join(f"{s:.0%}" for s in shares) + " |", "|---" * (1 + len(shares)) + "|"]
+    md += [f"| {m} | " + " | ".join(_f(acc.get((m, s))) for s in shares) + " |" for m in methods]
+    return "\n".join(md)
+
+
+def render(result: dict) -> str:
+    """The docs' tables for results/shares.json: per dataset, selection accuracy by method and share."""
+    return "\n\n".join(f"**{d}** ({r['swept']} swept):\n\n" + selection_by_share(r, r["swept"])
+                         for d, r in result["datasets"].items())
 
 
 def goals(rows: list[dict], dataset: str) -> list[str]:

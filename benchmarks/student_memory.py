@@ -37,7 +37,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import bbc_texts, write_results  # noqa: E402
+from common import bbc_texts, markdown_table, write_results  # noqa: E402
 
 LABELS = ["business", "entertainment", "politics", "sport", "tech"]
 MODEL_DIR = HERE.parent / "runs" / "bench_models" / "bert-large-random"
@@ -168,6 +168,23 @@ def runs(package_root: Path, model: Path, args) -> list[dict]:
     return out
 
 
+def table_rows(res: dict) -> list[tuple]:
+    """One row per commit (this one, then the baseline's if measured) and ZeRO stage: worker and driver memory,
+    step time."""
+    rows = [("commit", "ZeRO", "worker RSS at init (MiB)", "worker peak RSS (MiB)", "driver peak delta (MiB)",
+             "step (s)")]
+    for label, rs in [(res["commit"], res["runs"])] + ([(res["baseline"]["commit"], res["baseline"]["runs"])]
+                                                       if res.get("baseline") else []):
+        rows += [(label, r["zero_stage"], r["worker_rss_at_init_mb"], r["worker_peak_rss_mb"],
+                  r["driver_export_peak_delta_mb"], r["step_s"]) for r in rs]
+    return rows
+
+
+def render(result: dict) -> str:
+    """The docs' table for results/student_memory.json."""
+    return markdown_table(table_rows(result))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--zero", default="0,2,3")
@@ -205,12 +222,7 @@ def main() -> None:
     res["ratio_peak_zero3_over_zero0"] = by[3]["worker_peak_rss_mb"] / by[0]["worker_peak_rss_mb"]
     res["ratio_init_zero3_over_zero0"] = by[3]["worker_rss_at_init_mb"] / by[0]["worker_rss_at_init_mb"]
     res["ratio_step_zero3_over_zero0"] = by[3]["step_s"] / by[0]["step_s"]
-    rows = [("commit", "ZeRO", "worker RSS at init (MiB)", "worker peak RSS (MiB)", "driver peak delta (MiB)",
-             "step (s)")]
-    for label, rs in [(commit, res["runs"])] + ([(args.baseline_commit, res["baseline"]["runs"])] if args.baseline
-                                                 else []):
-        rows += [(label, r["zero_stage"], r["worker_rss_at_init_mb"], r["worker_peak_rss_mb"],
-                  r["driver_export_peak_delta_mb"], r["step_s"]) for r in rs]
+    rows = table_rows(res)
     headline = (f"{params / 1e6:.0f} M-parameter student, 2 CPU workers: per-worker peak RSS ZeRO-3 / ZeRO-0 "
                 f"{res['ratio_peak_zero3_over_zero0']:.2f} (at init {res['ratio_init_zero3_over_zero0']:.2f}); "
                 f"driver peak during fit + export {max(r['driver_export_peak_delta_mb'] for r in res['runs']):.0f} "

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import bbc_texts, write_results  # noqa: E402
+from common import bbc_texts, markdown_table, write_results  # noqa: E402
 
 LABELS = ["business", "entertainment", "politics", "sports", "tech"]
 
@@ -79,6 +79,24 @@ def ray_run(model_path: str, texts, targets, run_dir: Path, *, workers: int, zer
     return result["last_metrics"]
 
 
+def table_rows(res: dict) -> list[tuple]:
+    """Examples/s of the plain loop and of Ray Train + DeepSpeed (fp32, bf16), and peak RSS per worker."""
+    return [
+        ("run", "examples/s", "peak RSS per worker (MiB)"),
+        ("plain loop fp32", f"{res['plain_fp32_eps']:.2f}", f"{res['plain_peak_rss_mb']:.0f} (process)"),
+        ("plain loop bf16", f"{res['plain_bf16_eps']:.2f}", ""),
+        ("Ray Train + DeepSpeed ZeRO-0, 1 worker, fp32", f"{res['ray_fp32_eps']:.2f}", ""),
+        ("Ray Train + DeepSpeed ZeRO-0, 1 worker, bf16", f"{res['ray_bf16_eps']:.2f}", ""),
+        ("ZeRO-0, 2 workers", "", f"{res['peak_rss_mb_per_worker_zero0_2w']:.0f}"),
+        ("ZeRO-3, 2 workers", "", f"{res['peak_rss_mb_per_worker_zero3_2w']:.0f}"),
+    ]
+
+
+def render(result: dict) -> str:
+    """The docs' table for results/student_throughput.json."""
+    return markdown_table(table_rows(result))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=128)
@@ -119,15 +137,7 @@ def main() -> None:
     headline = (f"Ray Train + DeepSpeed / plain loop: fp32 {res['ratio_fp32']:.2f} "
                 f"({res['ray_fp32_eps']:.2f} vs {res['plain_fp32_eps']:.2f} ex/s), bf16 {res['ratio_bf16']:.2f} "
                 f"({res['ray_bf16_eps']:.2f} vs {res['plain_bf16_eps']:.2f} ex/s)")
-    write_results("student_throughput", res, [
-        ("run", "examples/s", "peak RSS per worker (MiB)"),
-        ("plain loop fp32", f"{res['plain_fp32_eps']:.2f}", f"{res['plain_peak_rss_mb']:.0f} (process)"),
-        ("plain loop bf16", f"{res['plain_bf16_eps']:.2f}", ""),
-        ("Ray Train + DeepSpeed ZeRO-0, 1 worker, fp32", f"{res['ray_fp32_eps']:.2f}", ""),
-        ("Ray Train + DeepSpeed ZeRO-0, 1 worker, bf16", f"{res['ray_bf16_eps']:.2f}", ""),
-        ("ZeRO-0, 2 workers", "", f"{res['peak_rss_mb_per_worker_zero0_2w']:.0f}"),
-        ("ZeRO-3, 2 workers", "", f"{res['peak_rss_mb_per_worker_zero3_2w']:.0f}"),
-    ], headline)
+    write_results("student_throughput", res, table_rows(res), headline)
     print(json.dumps(res, indent=1))
     print(headline)
 

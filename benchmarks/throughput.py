@@ -483,11 +483,7 @@ def write(res: dict) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "throughput.json").write_text(json.dumps(res, indent=2))
     md = [f"# Throughput (K={res['samples']}, max length 128, {res['threads']} threads; {hardware()})", "",
-          "| text | mean tokens | naive ex/s | optimized ex/s | optimized / naive | GFLOP/s fp32 | roofline fp32 |",
-          "|---|---|---|---|---|---|---|"]
-    for name, d in res["datasets"].items():
-        md.append(f"| {name} | {d['mean_tokens']:.0f} | {d['naive_eps']:.2f} | {d['optimized_eps']:.2f} | "
-                  f"{d['optimized_vs_naive']:.2f} | {d['gflops_fp32']:.1f} | {d['roofline_fraction_fp32']:.2f} |")
+          speed_table(res)]
     md += ["", f"Peak matmul: fp32 {t['peak_gflops_fp32']:.1f} GFLOP/s, bf16 {t['peak_gflops_bf16']:.1f} GFLOP/s. "
            f"bf16 autocast: {t['gflops_bf16']:.1f} GFLOP/s ({t['roofline_fraction_bf16']:.2f} of the bf16 peak), "
            f"{t['bf16_vs_fp32']:.2f}x fp32 speed.",
@@ -496,19 +492,11 @@ def write(res: dict) -> None:
            f"Student: plain loop {s['plain_eps']:.2f} ex/s, Ray Train + DeepSpeed ZeRO-0 {s['ray_deepspeed_eps']:.2f} "
            f"ex/s steady state ({s['ray_deepspeed_eps_with_first_step']:.2f} counting the first step)."]
     md += ["", "Each optimization switched off on its own (fp32, best of 2 interleaved runs; slowdown > 1 means "
-           "the optimization helps):", "", "| variant | " + " | ".join(f"{d} s | {d} slowdown" for d in t["ablation"])
-           + " |", "|---" * (1 + 2 * len(t["ablation"])) + "|"]
-    for name in ABLATIONS:
-        md.append(f"| {name} | " + " | ".join(f"{a[name]['seconds']:.1f} | {a[name]['slowdown']:.2f}"
-                                              for a in t["ablation"].values()) + " |")
+           "the optimization helps):", "", ablation_table(res)]
     md += ["", "Where the time goes (torch.profiler, optimized stage, fp32, 16 BBC texts):", "", "```",
            res["profile_fp32"].rstrip(), "```"]
     if "cheaper_estimates" in res:
-        md += ["", "| estimate | teacher-stage s | speedup | passes saved | same teacher as exact | selection acc "
-               "| supervision acc |", "|---|---|---|---|---|---|---|"]
-        for name, c in res["cheaper_estimates"].items():
-            md.append(f"| {name} | {c['seconds']:.1f} | {c['speedup']:.2f} | {c['pass_saving']:.2f} | "
-                      f"{c['agreement']:.3f} | {c['selection_accuracy']:.3f} | {c['supervision_accuracy']:.3f} |")
+        md += ["", cheaper_table(res)]
         if "exact_other_seed_agreement" in t:
             md += ["", f"Sampling noise alone: exact MC with other dropout masks picks the same teacher for "
                    f"{t['exact_other_seed_agreement']:.3f} of the rows, the ceiling for any estimate of p̄."]
@@ -522,13 +510,57 @@ def write(res: dict) -> None:
         for name in next(iter(m["by_threads"].values()))["seconds"]:
             md.append(f"| {name} | " + " | ".join(f"{b['seconds'][name]:.2f} | {b['cost'][name]:+.3f}"
                                                  for b in m["by_threads"].values()) + " |")
-    md += ["", "| goal | measured | target | met |", "|---|---|---|---|"]
-    md += [f"| {g['what']} | {g['measured']:.3f} | {g['goal']} | {'yes' if g['met'] else 'no'} |"
-           for g in res["goals"]]
+    md += ["", goals_table(res)]
     headline = "; ".join(f"{g['what']} {g['measured']:.2f} (goal {g['goal']})" for g in res["goals"])
     md += ["", headline]
     (RESULTS / "throughput.md").write_text("\n".join(md) + "\n")
     print(headline)
+
+
+def speed_table(res: dict) -> str:
+    """Exact MC per text set: naive vs optimized examples/s, and the optimized stage's share of the fp32 peak."""
+    md = ["| text | mean tokens | naive ex/s | optimized ex/s | optimized / naive | GFLOP/s fp32 | roofline fp32 |",
+          "|---|---|---|---|---|---|---|"]
+    for name, d in res["datasets"].items():
+        md.append(f"| {name} | {d['mean_tokens']:.0f} | {d['naive_eps']:.2f} | {d['optimized_eps']:.2f} | "
+                  f"{d['optimized_vs_naive']:.2f} | {d['gflops_fp32']:.1f} | {d['roofline_fraction_fp32']:.2f} |")
+    return "\n".join(md)
+
+
+def ablation_table(res: dict) -> str:
+    """Each optimization switched off on its own: seconds and slowdown per text set."""
+    ablation = res["teacher"]["ablation"]
+    md = ["| variant | " + " | ".join(f"{d} s | {d} slowdown" for d in ablation) + " |",
+          "|---" * (1 + 2 * len(ablation)) + "|"]
+    for name in next(iter(ablation.values())):
+        md.append(f"| {name} | " + " | ".join(f"{a[name]['seconds']:.1f} | {a[name]['slowdown']:.2f}"
+                                              for a in ablation.values()) + " |")
+    return "\n".join(md)
+
+
+def cheaper_table(res: dict) -> str:
+    """The cheaper MC estimates against exact MC: time, speedup, passes saved, agreement, selection."""
+    md = ["| estimate | teacher-stage s | speedup | passes saved | same teacher as exact | selection acc "
+          "| supervision acc |", "|---|---|---|---|---|---|---|"]
+    for name, c in res["cheaper_estimates"].items():
+        md.append(f"| {name} | {c['seconds']:.1f} | {c['speedup']:.2f} | {c['pass_saving']:.2f} | "
+                  f"{c['agreement']:.3f} | {c['selection_accuracy']:.3f} | {c['supervision_accuracy']:.3f} |")
+    return "\n".join(md)
+
+
+def goals_table(res: dict) -> str:
+    """The issue's goals: measured, target, met."""
+    md = ["| goal | measured | target | met |", "|---|---|---|---|"]
+    return "\n".join(md + [f"| {g['what']} | {g['measured']:.3f} | {g['goal']} | {'yes' if g['met'] else 'no'} |"
+                            for g in res["goals"]])
+
+
+def render(result: dict) -> str:
+    """The docs' tables for results/throughput.json: speed, the ablation, the cheaper estimates, the goals."""
+    parts = [speed_table(result), ablation_table(result)]
+    if "cheaper_estimates" in result:
+        parts.append(cheaper_table(result))
+    return "\n\n".join(parts + [goals_table(result)])
 
 
 if __name__ == "__main__":

@@ -1,0 +1,57 @@
+"""docs/results.md (and README.md's headline) agree with benchmarks/results/*.json (issue #37)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import report  # noqa: E402
+
+DOCS = [p for p in (ROOT / "docs" / "results.md", ROOT / "README.md") if p.exists()]
+
+
+def _blocks():
+    return [pytest.param(p.relative_to(ROOT).as_posix(), name, content, id=f"{p.name}:{name}")
+            for p in DOCS for name, content in report.blocks(p.read_text())]
+
+
+def test_results_doc_has_every_results_file():
+    names = {b.values[1] for b in _blocks()}
+    missing = {p.stem for p in report.RESULTS.glob("*.json")} - names
+    assert not missing, f"results files without a block in docs/results.md: {sorted(missing)}"
+    assert "headline" in names
+
+
+@pytest.mark.parametrize("doc,name,content", _blocks())
+def test_block_is_current(doc, name, content):
+    assert content == report.render(name) + "\n", f"{doc}: results:{name} is stale; run python benchmarks/report.py"
+
+
+def test_renderer_follows_the_results_file(tmp_path):
+    """A number changed in a copied results file changes the rendered table (so the tests above can fail)."""
+    src = json.loads((report.RESULTS / "reproduce_bbc_news.json").read_text())
+    row = next(r for r in src["rows"] if r["method"] == "supervised")
+    before = report.render("reproduce_bbc_news")
+    assert f"{row['test_acc_mean']:.4f} ± {row['test_acc_std']:.4f}" in before
+    row["test_acc_mean"] = 0.1234
+    (tmp_path / "reproduce_bbc_news.json").write_text(json.dumps(src))
+    after = report.render("reproduce_bbc_news", tmp_path)
+    assert "| supervised | 3 | 0.1234 ±" in after and after != before
+    assert f"| 0.1234 ± {row['test_acc_std']:.4f} (3 seeds) |" in report.headline(tmp_path)
+
+
+def test_fill_rewrites_only_blocks_and_reports_missing_files(tmp_path):
+    shutil.copy(report.RESULTS / "selection.json", tmp_path)
+    text = ("intro 1\n<!-- results:selection:begin -->\nold 0.999\n<!-- results:selection:end -->\n"
+            "<!-- results:mc_depth:begin -->\n<!-- results:mc_depth:end -->\noutro\n")
+    new = report.fill(text, tmp_path)
+    assert new.startswith("intro 1\n<!-- results:selection:begin -->\n| dataset |") and new.endswith("outro\n")
+    assert "0.999" not in new and "*Not run yet*: `python benchmarks/mc_depth.py`" in new
+    assert report.fill(new, tmp_path) == new
