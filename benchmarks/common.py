@@ -21,13 +21,13 @@ def hardware() -> str:
 
 def table(src):
     """A built-in source's part as an Arrow table (benchmarks only read the bounded built-ins)."""
-    from muki_ray.data import builtin_part
+    from muki_ray.data.sources import builtin_part
 
     return builtin_part(src.source, src.split, src.part, src.limit, 0)
 
 
 def bbc_texts(n: int, split: str = "train") -> list[str]:
-    from muki_ray.config import Source
+    from muki_ray.config.schema import Source
 
     return table(Source(source="bbc_news", split=split, limit=n)).column("text").to_pylist()
 
@@ -36,7 +36,7 @@ def minilm_classifier(folder: Path, labels: list[str]) -> Path:
     """MiniLM-L6 with a fresh head over `labels`, saved as a from_pretrained folder (timing only)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from muki_ray.hf_folder import resolve_model_path
+    from muki_ray.core.hf_folder import resolve_model_path
 
     if (folder / "config.json").exists():
         return folder

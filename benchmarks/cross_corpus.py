@@ -46,6 +46,25 @@ def mixed(path: Path, bbc, ng, minority: float, seed: int = 0) -> dict:
     return {"rows": len(rows), "ng_rows": n_ng}
 
 
+def render(result: dict) -> str:
+    """results/cross_corpus.json -> its Markdown: selection, supervision, the student and its parts, per method."""
+    own, sizes, teachers = result["own_accuracy"], result["sizes"], list(result["own_accuracy"])
+    md = ["# Teachers from different corpora", "",
+          f"`python benchmarks/cross_corpus.py` (commit {result['commit']}; {result['hardware']}). Teachers: BBC t1, "
+          f"BBC t2 and 20NG sci (own-part test accuracy {', '.join(f'{t} {v:.3f}' for t, v in own.items())}). Pool "
+          f"{sizes['pool']['rows']} texts, {sizes['pool']['ng_rows']} of them 20NG ({result['minority']:.0%}); test "
+          f"{sizes['test']['rows']} ({sizes['test']['ng_rows']} 20NG); K={result['samples']}, student "
+          f"{result['student_epochs']} epochs.",
+          "", "| method | selection | supervision | student | " + " | ".join(f"student on {t}" for t in teachers)
+          + " | " + " | ".join(f"recall {t}" for t in teachers) + " |", "|---" * (4 + 2 * len(teachers)) + "|"]
+    for r in result["rows"]:
+        md.append(f"| {r['method']} | {r['selection_acc']:.3f} | {r['supervision_acc']:.3f} | {r['student_acc']:.3f} | "
+                  + " | ".join(f"{r['per_teacher_acc'][t]:.3f}" for t in teachers) + " | "
+                  + " | ".join(f"{r['per_teacher'][t]['recall']:.3f}" for t in teachers) + " |")
+    md += ["", "Goals:", ""] + [f"- {g}" for g in result["goals"]]
+    return "\n".join(md) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--teachers", type=Path, default=Path("runs/reproduce_resume"))
@@ -61,11 +80,11 @@ def main() -> None:
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from muki_ray.cluster import connect
-    from muki_ray.config import parse_config
-    from muki_ray.data import builtin_part
-    from muki_ray.labels import label_space
-    from muki_ray.pipeline import run
+    from muki_ray.core.cluster import connect
+    from muki_ray.config.schema import parse_config
+    from muki_ray.data.sources import builtin_part
+    from muki_ray.config.labels import label_space
+    from muki_ray.run.pipeline import run
 
     work = args.work.resolve()
     folders = {"bbc_t1": args.teachers / "bbc_news/shared/prepare/t1", "bbc_t2": args.teachers / "bbc_news/shared/prepare/t2",
@@ -131,20 +150,9 @@ def main() -> None:
               "samples": args.samples, "student_epochs": args.epochs, "own_accuracy": own, "rows": rows,
               "goals": goals}
     write_atomic(RESULTS / "cross_corpus.json", result)
-    teachers = list(folders)
-    md = ["# Teachers from different corpora", "",
-          f"`python benchmarks/cross_corpus.py` (commit {result['commit']}; {hardware()}). Teachers: BBC t1, BBC t2 "
-          f"and 20NG sci (own-part test accuracy {', '.join(f'{t} {v:.3f}' for t, v in own.items())}). Pool "
-          f"{sizes['pool']['rows']} texts, {sizes['pool']['ng_rows']} of them 20NG ({args.minority:.0%}); test "
-          f"{sizes['test']['rows']} ({sizes['test']['ng_rows']} 20NG); K={args.samples}, student {args.epochs} epochs.",
-          "", "| method | selection | supervision | student | " + " | ".join(f"student on {t}" for t in teachers)
-          + " | " + " | ".join(f"recall {t}" for t in teachers) + " |", "|---" * (4 + 2 * len(teachers)) + "|"]
-    for r in rows:
-        md.append(f"| {r['method']} | {r['selection_acc']:.3f} | {r['supervision_acc']:.3f} | {r['student_acc']:.3f} | "
-                  + " | ".join(f"{r['per_teacher_acc'][t]:.3f}" for t in teachers) + " | "
-                  + " | ".join(f"{r['per_teacher'][t]['recall']:.3f}" for t in teachers) + " |")
-    md += ["", "Goals:", ""] + [f"- {g}" for g in goals]
-    (RESULTS / "cross_corpus.md").write_text("\n".join(md) + "\n")
+    tmp = RESULTS / "cross_corpus.md.tmp"
+    tmp.write_text(render(result))
+    tmp.replace(RESULTS / "cross_corpus.md")
     print("\n".join(goals))
 
 

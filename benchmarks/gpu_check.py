@@ -103,7 +103,7 @@ def teacher_device(spec, gpu: bool) -> dict:
     """Where a teacher actor of the stage runs: its device and autocast dtype, from the stage itself."""
     import ray
 
-    from muki_ray.teachers import TeacherStage
+    from muki_ray.stages.teachers import TeacherStage
 
     @ray.remote(num_gpus=1 if gpu else 0, num_cpus=1)
     def probe(s):
@@ -114,11 +114,11 @@ def teacher_device(spec, gpu: bool) -> dict:
 
 
 def run_precision(args, work: Path, precision: str, teachers_from, memory: GpuMemory) -> dict:
-    from muki_ray.config import parse_config
-    from muki_ray.labels import label_space
-    from muki_ray.manifest import read_manifest
-    from muki_ray.pipeline import STAGE_FUNCTIONS
-    from muki_ray.teachers import teacher_specs
+    from muki_ray.config.schema import parse_config
+    from muki_ray.config.labels import label_space
+    from muki_ray.core.manifest import read_manifest
+    from muki_ray.run.pipeline import STAGE_FUNCTIONS
+    from muki_ray.stages.teachers import teacher_specs
 
     out = work / precision
     cfg = parse_config(config(args, out, precision, teachers_from))
@@ -222,8 +222,8 @@ def main() -> int:
         return 2
     import ray
 
-    from muki_ray.cluster import connect
-    from muki_ray.config import RayConfig
+    from muki_ray.core.cluster import connect
+    from muki_ray.config.schema import RayConfig
 
     work = args.work or Path(tempfile.mkdtemp(prefix="gpu-check-work-"))
     t0 = time.time()

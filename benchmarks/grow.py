@@ -42,7 +42,7 @@ VARIANTS = ("warm", "warm_copy", "scratch")
 
 def labeled_jsonl(path: Path, split: str, labels: list[str], limit: int) -> str:
     """The 20NG split's first `limit` texts whose label is in `labels`, as JSONL."""
-    from muki_ray.config import Source
+    from muki_ray.config.schema import Source
     from common import table
 
     rows = table(Source(source="20newsgroups", split=split, limit=limit))
@@ -81,10 +81,10 @@ def step_config(raw: dict, families: list[str], work: Path, args) -> dict:
 
 def run_student(cfg_raw: dict, space, run_dir: Path, targets_dir: Path, predictions: Path) -> dict:
     """Train and evaluate one student on a step's targets (linked, not copied)."""
-    from muki_ray.cache import stage_keys
-    from muki_ray.config import parse_config
-    from muki_ray.manifest import is_current, read_manifest
-    from muki_ray.pipeline import evaluate_stage, train_stage
+    from muki_ray.stages.cache import stage_keys
+    from muki_ray.config.schema import parse_config
+    from muki_ray.core.manifest import is_current, read_manifest
+    from muki_ray.run.pipeline import evaluate_stage, train_stage
 
     run_dir.mkdir(parents=True, exist_ok=True)
     for name, target in (("predictions", predictions), ("targets", targets_dir)):
@@ -168,10 +168,10 @@ def main() -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
-    from muki_ray.cluster import connect
-    from muki_ray.config import parse_config
-    from muki_ray.labels import label_space
-    from muki_ray.pipeline import combine_stage
+    from muki_ray.core.cluster import connect
+    from muki_ray.config.schema import parse_config
+    from muki_ray.config.labels import label_space
+    from muki_ray.run.pipeline import combine_stage
 
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)

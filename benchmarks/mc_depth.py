@@ -56,12 +56,12 @@ def sizes(dataset: str, args) -> dict:
 
 def train_teachers(dataset: str, size: dict, work: Path):
     """The dataset's teachers, fine-tuned by the engine's prepare stage: (config, label space)."""
-    from muki_ray.cache import stage_keys
-    from muki_ray.cluster import connect
-    from muki_ray.config import parse_config
-    from muki_ray.labels import label_space
-    from muki_ray.manifest import is_current
-    from muki_ray.pipeline import prepare_stage
+    from muki_ray.stages.cache import stage_keys
+    from muki_ray.core.cluster import connect
+    from muki_ray.config.schema import parse_config
+    from muki_ray.config.labels import label_space
+    from muki_ray.core.manifest import is_current
+    from muki_ray.run.pipeline import prepare_stage
 
     ns = argparse.Namespace(pool=size["texts"], teacher_texts=size["teacher_texts"], dev=50, test=400,
                             samples=size["samples"], max_length=size["max_length"], teacher_lr=size["teacher_lr"],
@@ -85,8 +85,8 @@ def slug(variant: str) -> str:
 
 
 def teacher_specs(cfg, space, size: dict, threads: int, extra: dict) -> list:
-    from muki_ray.config_file import teacher_model_path
-    from muki_ray.teachers import TeacherSpec
+    from muki_ray.config.config_file import teacher_model_path
+    from muki_ray.stages.teachers import TeacherSpec
 
     return [TeacherSpec(name=t.name, model_path=str(teacher_model_path(cfg, t)),
                         labels=tuple(space.teacher_labels[i]), samples=size["samples"],
@@ -95,7 +95,7 @@ def teacher_specs(cfg, space, size: dict, threads: int, extra: dict) -> list:
 
 def variant_piece(specs: list, space, texts: list[str], gold: np.ndarray) -> dict:
     """One variant over the texts: the teacher each text picks, selection and supervision accuracy."""
-    from muki_ray.integrate import selection_quality
+    from muki_ray.method.integrate import selection_quality
 
     scores, probs, secs = [], [], 0.0
     for spec in specs:
@@ -125,9 +125,9 @@ def run_dataset(dataset: str, size: dict, work: Path, threads: int) -> dict:
     from transformers import AutoConfig
 
     from common import table
-    from muki_ray.config import Source
-    from muki_ray.config_file import teacher_model_path
-    from muki_ray.manifest import fingerprint, folder_fingerprint
+    from muki_ray.config.schema import Source
+    from muki_ray.config.config_file import teacher_model_path
+    from muki_ray.core.manifest import fingerprint, folder_fingerprint
 
     cfg, space = train_teachers(dataset, size, work)
     ray.shutdown()  # the MC passes below run in this process, with every core
@@ -210,12 +210,10 @@ def fmt(x, digits: int) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
 
-def write(pieces: dict, args) -> None:
-    rec = recommend(pieces, args.tolerance)
-    missing = [d for d in DATASETS if d not in pieces] + \
-        [f"{d}: {m}" for d, p in pieces.items() for m in p["missing"]]
-    out = {"datasets": pieces, "recommended": rec, "tolerance": args.tolerance, "missing": missing}
-    write_atomic(RESULTS / "mc_depth.json", out)
+def render(out: dict) -> str:
+    """results/mc_depth.json -> its Markdown: per dataset, every variant's seconds, speedup, agreement with
+    exact MC, selection and supervision accuracy; then the recommended depth."""
+    pieces, rec, missing = out["datasets"], out["recommended"], out["missing"]
     lines = ["# MC-Dropout depth: agreement with exact MC", "",
              "Written by `benchmarks/mc_depth.py` from the pieces in `results/runs/mc_depth/`. Teachers: MiniLM-L6 "
              "fine-tuned by the engine's prepare stage; every variant scores the same pool texts in-process, the "
@@ -236,10 +234,20 @@ def write(pieces: dict, args) -> None:
                   for r in p["rows"]]
         lines += [""]
     lines += [f"Recommended default depth: {rec['layers'] or 'every layer (exact MC)'}: {rec['why']}.", ""]
+    return "\n".join(lines)
+
+
+def write(pieces: dict, args) -> None:
+    rec = recommend(pieces, args.tolerance)
+    missing = [d for d in DATASETS if d not in pieces] + \
+        [f"{d}: {m}" for d, p in pieces.items() for m in p["missing"]]
+    out = {"datasets": pieces, "recommended": rec, "tolerance": args.tolerance, "missing": missing}
+    write_atomic(RESULTS / "mc_depth.json", out)
+    text = render(out)
     tmp = RESULTS / "mc_depth.md.tmp"
-    tmp.write_text("\n".join(lines))
+    tmp.write_text(text)
     tmp.replace(RESULTS / "mc_depth.md")
-    print("\n".join(lines))
+    print(text)
 
 
 def main() -> None:

@@ -73,7 +73,7 @@ def main() -> None:
     import numpy as np
     import ray
 
-    from muki_ray.hf_folder import resolve_model_path
+    from muki_ray.core.hf_folder import resolve_model_path
 
     base = str(resolve_model_path("builtin:minilm-l6"))
     texts = bbc_texts(args.n)

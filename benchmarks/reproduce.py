@@ -74,7 +74,7 @@ NG_FAMILIES = {
 
 
 def base_config(dataset: str, args) -> dict:
-    from muki_ray.config import Source
+    from muki_ray.config.schema import Source
     from common import table
 
     pool = {"source": dataset, "split": "train", "part": [0.5, 1.0], "limit": args.pool}
@@ -107,9 +107,9 @@ def base_config(dataset: str, args) -> dict:
 
 def calibration(run_dir: Path, cfg, space, dataset: str, args) -> list[dict]:
     """Per teacher: ECE and mean max-probability on its own test part, and mean max-prob outside it."""
-    from muki_ray.config import Source
+    from muki_ray.config.schema import Source
     from common import table
-    from muki_ray.teachers import TeacherStage, teacher_specs
+    from muki_ray.stages.teachers import TeacherStage, teacher_specs
 
     test = table(Source(source=dataset, split="test", limit=args.test))
     texts, gold = test.column("text").to_pylist(), np.array(test.column("label").to_pylist())
@@ -135,9 +135,9 @@ def calibration(run_dir: Path, cfg, space, dataset: str, args) -> list[dict]:
 
 def selection_by_k(run_dir: Path, cfg, space, args) -> dict:
     """Teacher-selection accuracy with K in {4, 8, 16} on a pool subset (no student per K)."""
-    from muki_ray.integrate import selection_quality
+    from muki_ray.method.integrate import selection_quality
     from common import table
-    from muki_ray.teachers import TeacherStage, teacher_specs
+    from muki_ray.stages.teachers import TeacherStage, teacher_specs
 
     pool = table(cfg.data.pool).slice(0, args.k_rows)
     texts = pool.column("text").to_pylist()
@@ -163,7 +163,7 @@ def low_margin_selection(run_dir: Path, shared: Path, space) -> dict:
     """
     import pyarrow.parquet as pq
 
-    from muki_ray.stage import column
+    from muki_ray.core.stage import column
 
     preds = pq.read_table(shared / "predictions" / "data").to_pydict()
     scores = np.stack([np.asarray(preds[column(t, "mc_score")]) for t in space.teachers], axis=1)
@@ -217,10 +217,10 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
 
-    from muki_ray.labels import label_space
-    from muki_ray.cluster import connect
-    from muki_ray.config import parse_config
-    from muki_ray.manifest import read_manifest
+    from muki_ray.config.labels import label_space
+    from muki_ray.core.cluster import connect
+    from muki_ray.config.schema import parse_config
+    from muki_ray.core.manifest import read_manifest
 
     work = Path(args.work).resolve() / args.dataset
     shared = work / "shared"
@@ -232,9 +232,9 @@ def main() -> None:
     connect(cfg.ray)
     t0 = time.time()
     # Shared stages once: teachers and predictions (the first method's full run computes them).
-    from muki_ray.cache import stage_keys
-    from muki_ray.pipeline import ensure_pool, predict_stage, prepare_stage
-    from muki_ray.manifest import is_current
+    from muki_ray.stages.cache import stage_keys
+    from muki_ray.run.pipeline import ensure_pool, predict_stage, prepare_stage
+    from muki_ray.core.manifest import is_current
 
     for stage, fn in (("prepare", prepare_stage), ("predictions", predict_stage)):
         if stage == "predictions":
@@ -260,9 +260,9 @@ def method_row(method: str, seeds: int, raw: dict, space, work: Path, shared: Pa
                linked=("prepare", "predictions")) -> dict:
     """Train and evaluate one method's students (seeds 0..seeds-1) on the shared stages, linked
     into each run directory; the row of the results files."""
-    from muki_ray.config import parse_config
-    from muki_ray.manifest import read_manifest
-    from muki_ray.pipeline import run
+    from muki_ray.config.schema import parse_config
+    from muki_ray.core.manifest import read_manifest
+    from muki_ray.run.pipeline import run
 
     accs, per_teacher, sups, times = [], [], None, []
     for seed in range(seeds):

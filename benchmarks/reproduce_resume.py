@@ -77,7 +77,7 @@ def sizes(args) -> dict:
 def recipe(raw: dict, piece: str) -> dict:
     """What a piece's result depends on besides the sizes: the resolved integration and student
     config of a student piece (so a changed schema default reruns it), the teacher setup otherwise."""
-    from muki_ray.config import parse_config
+    from muki_ray.config.schema import parse_config
 
     cfg = parse_config(raw)
     if piece in ("teachers", "predictions"):
@@ -133,7 +133,7 @@ def stored_predictions(pieces: Path) -> Path:
 
 def restore_predictions(pieces: Path, shared: Path) -> None:
     """Put the stored predictions where the combine stage reads them (shared/predictions)."""
-    from muki_ray.manifest import read_manifest
+    from muki_ray.core.manifest import read_manifest
 
     store = stored_predictions(pieces)
     if read_manifest(shared / "predictions") is not None or not (store / "manifest.json").exists():
@@ -169,10 +169,10 @@ def store_predictions(shared: Path, pieces: Path) -> dict:
 
 def run_students(method: str, seed: int, raw: dict, space, work: Path, shared: Path) -> dict:
     """One student of `method` on the shared predictions: targets, train, evaluate."""
-    from muki_ray.config import parse_config
-    from muki_ray.manifest import is_current, read_manifest
-    from muki_ray.cache import stage_keys
-    from muki_ray.pipeline import combine_stage, evaluate_stage, train_stage
+    from muki_ray.config.schema import parse_config
+    from muki_ray.core.manifest import is_current, read_manifest
+    from muki_ray.stages.cache import stage_keys
+    from muki_ray.run.pipeline import combine_stage, evaluate_stage, train_stage
 
     run_dir = work / f"{method}-seed{seed}"
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -323,12 +323,12 @@ def main() -> None:
     args.results = args.results.resolve()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
-    from muki_ray.cache import stage_keys
-    from muki_ray.cluster import connect
-    from muki_ray.config import parse_config
-    from muki_ray.labels import label_space
-    from muki_ray.manifest import is_current, read_manifest
-    from muki_ray.pipeline import ensure_pool, predict_stage, prepare_stage
+    from muki_ray.stages.cache import stage_keys
+    from muki_ray.core.cluster import connect
+    from muki_ray.config.schema import parse_config
+    from muki_ray.config.labels import label_space
+    from muki_ray.core.manifest import is_current, read_manifest
+    from muki_ray.run.pipeline import ensure_pool, predict_stage, prepare_stage
 
     work = Path(args.work).resolve() / args.dataset
     shared = work / "shared"

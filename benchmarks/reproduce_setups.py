@@ -79,12 +79,12 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     from common import table
-    from muki_ray.cache import stage_keys
-    from muki_ray.labels import label_space
-    from muki_ray.cluster import connect
-    from muki_ray.config import Source, parse_config
-    from muki_ray.manifest import is_current, read_manifest
-    from muki_ray.pipeline import ensure_pool, predict_stage, prepare_stage
+    from muki_ray.stages.cache import stage_keys
+    from muki_ray.config.labels import label_space
+    from muki_ray.core.cluster import connect
+    from muki_ray.config.schema import Source, parse_config
+    from muki_ray.core.manifest import is_current, read_manifest
+    from muki_ray.run.pipeline import ensure_pool, predict_stage, prepare_stage
 
     work = Path(args.work).resolve()
     name = f"{args.dataset}_{args.setup}" + (f"_{args.tag}" if args.tag else "")

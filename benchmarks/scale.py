@@ -55,7 +55,7 @@ DRIVER = textwrap.dedent("""
                 pass
             time.sleep(2)
     threading.Thread(target=poll, daemon=True).start()
-    from muki_ray.cli import main
+    from muki_ray.run.cli import main
     t0 = time.time()
     code = main(["predict-teachers", sys.argv[1]])
     print("RESULT " + json.dumps({"code": code, "wall_s": time.time() - t0, **peak}), flush=True)
@@ -67,7 +67,7 @@ def tiny_teacher(folder: Path, labels: list[str], seed: int) -> Path:
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig
 
-    from muki_ray.hf_folder import resolve_model_path
+    from muki_ray.core.hf_folder import resolve_model_path
 
     if (folder / "config.json").exists():
         return folder
@@ -84,7 +84,7 @@ def tiny_teacher(folder: Path, labels: list[str], seed: int) -> Path:
 def pool_file(path: Path, n: int, start: int = 0) -> Path:
     """n 20NG texts (first 200 characters), repeated, ids doc{start}..; appended to `path`."""
     from common import table
-    from muki_ray.config import Source
+    from muki_ray.config.schema import Source
 
     texts = [t[:200] for t in table(Source(source="20newsgroups", split="train")).column("text").to_pylist()]
     with open(path, "a") as f:
@@ -137,7 +137,7 @@ def in_process_rows_per_s(models: Path, pool: Path, n: int) -> float:
     """The same tiny teachers in a plain loop in one process (2 torch threads), rows x teachers / s."""
     import torch
 
-    from muki_ray.teachers import TeacherSpec, TeacherStage
+    from muki_ray.stages.teachers import TeacherSpec, TeacherStage
 
     torch.set_num_threads(SLOTS)
     texts = [json.loads(line)["text"] for _, line in zip(range(n), open(pool))]
@@ -175,7 +175,7 @@ def main() -> None:
         shutil.rmtree(d, ignore_errors=True)
         d.mkdir()
         r = measure(REPO, config(d, pools[n], k, models), cap_s=1e9)
-        from muki_ray.manifest import read_manifest
+        from muki_ray.core.manifest import read_manifest
 
         m = read_manifest(d / "run" / "predictions") or {}
         util = None
@@ -197,7 +197,7 @@ def main() -> None:
         pool_file(grown, 10_000, start=100_000)
         full = next(r for r in results if r["pool"] == 100_000 and r["teachers"] == 2)
         r = measure(REPO, config(base, grown, 2, models), cap_s=1e9)
-        from muki_ray.manifest import read_manifest
+        from muki_ray.core.manifest import read_manifest
 
         m = read_manifest(base / "run" / "predictions")
         grow = {"wall_s": r["wall_s"], "full_wall_s": full["wall_s"], "ratio": round(r["wall_s"] / full["wall_s"], 3),

@@ -31,11 +31,11 @@ def measure(shared: Path) -> dict:
     import pyarrow.parquet as pq
     from transformers import AutoConfig
 
-    from muki_ray.hf_folder import resolve_model_path
-    from muki_ray.embedding import EmbeddingSpec, EmbeddingStage
-    from muki_ray.integrate import Calibration
-    from muki_ray.owners import row_keys
-    from muki_ray.prototypes import prototype_scores
+    from muki_ray.core.hf_folder import resolve_model_path
+    from muki_ray.stages.embedding import EmbeddingSpec, EmbeddingStage
+    from muki_ray.method.integrate import Calibration
+    from muki_ray.method.owners import row_keys
+    from muki_ray.method.prototypes import prototype_scores
 
     preds = pq.read_table(shared / "predictions" / "data").to_pydict()
     teachers = sorted({c.split("__")[0] for c in preds if c.endswith("__mc_score")},

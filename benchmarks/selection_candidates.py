@@ -53,8 +53,8 @@ def auroc(pos: np.ndarray, neg: np.ndarray) -> float:
 
 def clusters(emb: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
     """(B,) cluster of each unit row: the owners' model's seeding and spherical k-means."""
-    from muki_ray.owners import seed_clusters
-    from muki_ray.prototypes import _unit, assign_pass, kmeans
+    from muki_ray.method.owners import seed_clusters
+    from muki_ray.method.prototypes import _unit, assign_pass, kmeans
 
     emb = _unit(emb)
     centers = seed_clusters(emb[np.random.default_rng(seed).permutation(len(emb))], k, seed)
@@ -72,7 +72,7 @@ def cluster_means(x: np.ndarray, assign: np.ndarray, k: int) -> np.ndarray:
 
 def vmf_mixture(emb: np.ndarray, resp: np.ndarray) -> np.ndarray:
     """(B, Y) label responsibilities of a vMF mixture with fitted mixing weights, from seeds (B, Y)."""
-    from muki_ray.prototypes import _softmax, _unit
+    from muki_ray.method.prototypes import _softmax, _unit
 
     emb = _unit(emb)
     weights = resp.mean(axis=0) + 1e-12
@@ -86,9 +86,9 @@ def vmf_mixture(emb: np.ndarray, resp: np.ndarray) -> np.ndarray:
 
 def select(method: str, emb, mc, probs, positions, n_union) -> np.ndarray:
     """(B,) chosen teacher of each text by one candidate."""
-    from muki_ray.integrate import calibrate, standardize
-    from muki_ray.owners import clusters_for
-    from muki_ray.prototypes import _softmax, seed_responsibilities
+    from muki_ray.method.integrate import calibrate, standardize
+    from muki_ray.method.owners import clusters_for
+    from muki_ray.method.prototypes import _softmax, seed_responsibilities
 
     if method.startswith("cluster_raw"):
         k = clusters_for(n_union, len(mc))
@@ -103,7 +103,7 @@ def select(method: str, emb, mc, probs, positions, n_union) -> np.ndarray:
 
 
 def separation(d: dict, emb: np.ndarray) -> dict:
-    from muki_ray.owners import clusters_for
+    from muki_ray.method.owners import clusters_for
 
     owner, mc, n = d["owner"], d["mc"], d["mc"].shape[1]
     k = clusters_for(len(d["space"]), len(owner))

@@ -47,8 +47,8 @@ def load(dataset: str, sizes: list[str]) -> dict:
     """The stored predictions of `dataset` as arrays, with the label space of its teachers."""
     import pyarrow.parquet as pq
 
-    from muki_ray.config import parse_config
-    from muki_ray.labels import label_space
+    from muki_ray.config.schema import parse_config
+    from muki_ray.config.labels import label_space
 
     args = parser().parse_args(["--dataset", dataset, *sizes])
     raw = {**run_config(args), "output_dir": "/tmp/unused"}
@@ -68,8 +68,8 @@ def embeddings(dataset: str, texts: list[str], work: Path) -> np.ndarray:
     path = work / f"{dataset}_embeddings.npy"
     if path.exists():
         return np.load(path)
-    from muki_ray.embedding import EmbeddingSpec, EmbeddingStage
-    from muki_ray.hf_folder import resolve_model_path
+    from muki_ray.stages.embedding import EmbeddingSpec, EmbeddingStage
+    from muki_ray.core.hf_folder import resolve_model_path
 
     stage = EmbeddingStage(EmbeddingSpec(model_path=str(resolve_model_path("builtin:minilm-l6")), threads=2))
     emb = np.concatenate([stage.embed(texts[i:i + 64]) for i in range(0, len(texts), 64)])
@@ -81,9 +81,9 @@ def embeddings(dataset: str, texts: list[str], work: Path) -> np.ndarray:
 def selection_scores(method: str, emb: np.ndarray, mc: np.ndarray, probs: list, positions: list, n_union: int,
                      keys: np.ndarray):
     """(B, N) selection scores of one method, and its estimated shares (None: read off the selections)."""
-    from muki_ray.integrate import calibrate
-    from muki_ray.owners import owner_posteriors
-    from muki_ray.prototypes import prototype_scores
+    from muki_ray.method.integrate import calibrate
+    from muki_ray.method.owners import owner_posteriors
+    from muki_ray.method.prototypes import prototype_scores
 
     if method == "paper":
         return mc, None
@@ -104,7 +104,7 @@ def subsample(owner: np.ndarray, swept: int, share: float, seed: int = 0) -> np.
 
 
 def measure(d: dict, emb: np.ndarray, rows: np.ndarray, method: str) -> dict:
-    from muki_ray.owners import row_keys
+    from muki_ray.method.owners import row_keys
 
     space, owner = d["space"], d["owner"][rows]
     teachers, n = list(space.teachers), len(space.teachers)
@@ -156,10 +156,10 @@ def student_piece(dataset: str, d: dict, share: float, method: str, work: Path, 
     rec = recipe(raw, "student")
     if pieces.done(name, rec):
         return pieces.read(name)
-    from muki_ray.cache import stage_keys
-    from muki_ray.config import parse_config
-    from muki_ray.manifest import finish_stage, is_current
-    from muki_ray.pipeline import combine_stage, evaluate_stage, train_stage
+    from muki_ray.stages.cache import stage_keys
+    from muki_ray.config.schema import parse_config
+    from muki_ray.core.manifest import finish_stage, is_current
+    from muki_ray.run.pipeline import combine_stage, evaluate_stage, train_stage
 
     started = time.time()
     run_dir = work / dataset / name
@@ -306,8 +306,8 @@ def main() -> None:
         calib = json.loads((RESULTS / "runs" / dataset / "predictions.json").read_text())["calibration"]
         rows = sweep(dataset, d, emb)
         if args.students:
-            from muki_ray.cluster import connect
-            from muki_ray.config import parse_config
+            from muki_ray.core.cluster import connect
+            from muki_ray.config.schema import parse_config
 
             connect(parse_config(d["raw"]).ray)
             pieces = Pieces(RESULTS / "runs" / "shares" / dataset, {"pool_rows": len(d["ids"])})

@@ -48,7 +48,7 @@ def bert_large(folder: Path) -> Path:
     import torch
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-    from muki_ray.hf_folder import resolve_model_path
+    from muki_ray.core.hf_folder import resolve_model_path
 
     if (folder / "config.json").exists():
         return folder
@@ -66,7 +66,7 @@ def bert_large(folder: Path) -> Path:
 # ------------------------------------------------------------------ inside the training workers
 def worker_hook() -> None:
     """Ray worker_process_setup_hook: record this process's peak RSS right after the model is built."""
-    import muki_ray.student as student
+    import muki_ray.student.training as student
 
     out = os.environ["MUKI_BENCH_RSS_DIR"]
     name = "build_model" if hasattr(student, "build_model") else "_build_model"  # this commit / the baseline
@@ -97,9 +97,9 @@ def child(args) -> None:
     import pyarrow as pa
     import ray
 
-    from muki_ray.config import TrainHyper
-    from muki_ray.data import to_ray_dataset
-    from muki_ray.student import tokenize, train_classifier
+    from muki_ray.config.schema import TrainHyper
+    from muki_ray.data.sources import to_ray_dataset
+    from muki_ray.student.training import tokenize, train_classifier
 
     rss_dir = Path(args.rss_dir)
     os.environ["MUKI_BENCH_RSS_DIR"] = str(rss_dir)
@@ -126,7 +126,7 @@ def child(args) -> None:
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     t0 = time.time()
-    import muki_ray.losses as losses
+    import muki_ray.method.losses as losses
 
     loss = "WeightedKLLoss" if hasattr(losses, "StudentLoss") else "weighted_kl"  # this commit / the baseline
     train_classifier(hyper, model_path=args.model, labels=LABELS, loss=loss, train_ds=train_ds,

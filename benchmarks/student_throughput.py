@@ -25,8 +25,8 @@ def plain_loop(model_path: str, texts: list[str], targets, batch: int, bf16: boo
     """Examples/s of a plain torch loop: same model, batch, optimizer and loss."""
     import torch
 
-    from muki_ray.hf_folder import load_classifier, load_tokenizer
-    from muki_ray.losses import WeightedKLLoss
+    from muki_ray.core.hf_folder import load_classifier, load_tokenizer
+    from muki_ray.method.losses import WeightedKLLoss
 
     tok = load_tokenizer(model_path)
     model = load_classifier(model_path, num_labels=len(LABELS), ignore_mismatched_sizes=True).train()
@@ -56,9 +56,9 @@ def ray_run(model_path: str, texts, targets, run_dir: Path, *, workers: int, zer
             batch: int) -> dict:
     import pyarrow as pa
 
-    from muki_ray.config import TrainHyper
-    from muki_ray.data import to_ray_dataset
-    from muki_ray.student import TrainJob, deepspeed_config, fit, steps_per_epoch, tokenize
+    from muki_ray.config.schema import TrainHyper
+    from muki_ray.data.sources import to_ray_dataset
+    from muki_ray.student.training import TrainJob, deepspeed_config, fit, steps_per_epoch, tokenize
 
     hyper = TrainHyper(epochs=1, batch_size=batch, zero_stage=zero, num_workers=workers,
                        precision="bf16" if bf16 else "fp32", warmup_ratio=0.1,
@@ -108,7 +108,7 @@ def main() -> None:
     import ray
     import torch
 
-    from muki_ray.hf_folder import resolve_model_path
+    from muki_ray.core.hf_folder import resolve_model_path
 
     model_path = str(resolve_model_path("builtin:minilm-l6"))
     texts = bbc_texts(args.n)

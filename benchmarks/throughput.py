@@ -40,7 +40,7 @@ LABELS = ("business", "entertainment", "politics")
 
 
 def texts_of(dataset: str, n: int, split: str = "train") -> list[str]:
-    from muki_ray.config import Source
+    from muki_ray.config.schema import Source
     from common import table
 
     return table(Source(source=dataset, split=split, limit=n)).column("text").to_pylist()
@@ -89,7 +89,7 @@ def naive_loop(folder: Path, texts: list[str], samples: int, batch: int = 16) ->
     """Seconds for the textbook loop: pad to 128, K sequential passes in train() mode, fp32."""
     import torch
 
-    from muki_ray.hf_folder import load_classifier, load_tokenizer
+    from muki_ray.core.hf_folder import load_classifier, load_tokenizer
 
     tok, model = load_tokenizer(folder), load_classifier(folder)
     t0 = time.perf_counter()
@@ -106,7 +106,7 @@ def naive_loop(folder: Path, texts: list[str], samples: int, batch: int = 16) ->
 
 def stage_seconds(spec, texts: list[str], batch: int = 32):
     """(seconds, the stage, its outputs per batch) of the teacher stage called in-process."""
-    from muki_ray.teachers import TeacherStage
+    from muki_ray.stages.teachers import TeacherStage
 
     stage = TeacherStage(spec)
     stage.predict(texts[:2])  # warm-up
@@ -120,9 +120,9 @@ def ray_seconds(spec, texts: list[str], actors: int, batch: int = 16) -> float:
     import pyarrow as pa
     import ray
 
-    from muki_ray.data import to_ray_dataset
-    from muki_ray.stage import stage_class
-    from muki_ray.teachers import TeacherStage
+    from muki_ray.data.sources import to_ray_dataset
+    from muki_ray.core.stage import stage_class
+    from muki_ray.stages.teachers import TeacherStage
 
     threads = max(1, spec.threads // actors)
     table = pa.table({"id": [str(i) for i in range(len(texts))], "text": texts})
@@ -157,13 +157,13 @@ def ablation(folder: Path, texts: list[str], samples: int, batch: int = 16, reps
 
     import torch
 
-    from muki_ray.hf_folder import load_classifier, load_tokenizer
-    from muki_ray.mc_dropout import mc_predict
+    from muki_ray.core.hf_folder import load_classifier, load_tokenizer
+    from muki_ray.method.mc_dropout import mc_predict
 
     tok = load_tokenizer(folder)
     models = {impl: load_classifier(folder, attn_implementation=impl).eval() for impl in ("sdpa", "eager")}
 
-    from muki_ray.hardware import mc_batch_tokens
+    from muki_ray.core.hardware import mc_batch_tokens
 
     def run(pad="sorted", chunk="device", inference=True, attn="sdpa") -> float:
         enc = tok(texts, truncation=True, max_length=128)
@@ -198,7 +198,7 @@ def profile_top_ops(spec, texts: list[str], rows: int = 12) -> str:
     """torch.profiler table of the optimized stage's top ops by self CPU time (where the time goes)."""
     from torch.profiler import ProfilerActivity, profile
 
-    from muki_ray.teachers import TeacherStage
+    from muki_ray.stages.teachers import TeacherStage
 
     stage = TeacherStage(spec)
     stage.predict(texts[:2])
@@ -215,9 +215,9 @@ def selection(stages_out: list[dict]) -> np.ndarray:
 def cheaper_estimates(teachers: list[Path], labels: list[list[str]], texts: list[str], gold: list[str],
                       samples: int, threads: int) -> dict:
     """Exact MC vs mc.layers=1 vs adaptive K on real fine-tuned teachers: time, passes, agreement."""
-    from muki_ray.integrate import selection_quality
-    from muki_ray.labels import LabelSpace
-    from muki_ray.teachers import TeacherSpec
+    from muki_ray.method.integrate import selection_quality
+    from muki_ray.config.labels import LabelSpace
+    from muki_ray.stages.teachers import TeacherSpec
 
     space = LabelSpace.from_teachers({f"t{i}": ls for i, ls in enumerate(labels)})
     gold_idx = space.encode(gold)
@@ -298,7 +298,7 @@ def teacher_speed(args, res: dict, k: int, threads: int) -> None:
     import torch
     from transformers import AutoConfig, AutoTokenizer
 
-    from muki_ray.teachers import TeacherSpec
+    from muki_ray.stages.teachers import TeacherSpec
 
     t = res["teacher"]
     t["peak_gflops_fp32"] = peak_gflops(torch.float32)
@@ -355,7 +355,7 @@ def cheaper(args, res: dict, k: int, threads: int) -> None:
     t = res["teacher"]
     teachers = [Path(args.teachers) / n for n in ("t1", "t2")]
     if all((p / "config.json").exists() for p in teachers):
-        from muki_ray.config import Source
+        from muki_ray.config.schema import Source
         from common import table
 
         pool = table(Source(source="bbc_news", split="train", part=(0.5, 1.0), limit=args.n_agree))
@@ -381,8 +381,8 @@ def mask_cost(args, res: dict, k: int, reps: int = 3) -> None:
     """
     import torch
 
-    from muki_ray import mc_dropout
-    from muki_ray.hf_folder import load_classifier, load_tokenizer
+    from muki_ray.method import mc_dropout
+    from muki_ray.core.hf_folder import load_classifier, load_tokenizer
 
     engine = mc_dropout._seeded_mask
 
@@ -446,7 +446,7 @@ def student_speed(args, res: dict) -> None:
 
     from student_throughput import plain_loop, ray_run
 
-    from muki_ray.hf_folder import resolve_model_path
+    from muki_ray.core.hf_folder import resolve_model_path
 
     base = str(resolve_model_path("builtin:minilm-l6"))
     stexts = texts_of("bbc_news", args.n_student)

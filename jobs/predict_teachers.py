@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from muki_ray.jobs import job_main
+from muki_ray.run.jobs import job_main
 
 if __name__ == "__main__":
     sys.exit(job_main("predict-teachers", sys.argv[1:]))

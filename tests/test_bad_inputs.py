@@ -11,9 +11,9 @@ import socket
 import pytest
 import yaml
 
-from muki_ray.cli import main
-from muki_ray.config import parse_config
-from muki_ray.preflight import check_resources
+from muki_ray.run.cli import main
+from muki_ray.config.schema import parse_config
+from muki_ray.config.preflight import check_resources
 from tests.conftest import make_tiny_model
 
 ROWS = [{"id": f"d{i}", "text": f"market stock {i}", "label": "business"} for i in range(6)]

@@ -19,9 +19,9 @@ import pytest
 import ray
 import yaml
 
-from muki_ray.config import ConfigError, parse_config
-from muki_ray.jobs import job_output_dir, storage_problem
-from muki_ray.preflight import load_checked
+from muki_ray.config.schema import ConfigError, parse_config
+from muki_ray.run.jobs import job_output_dir, storage_problem
+from muki_ray.config.preflight import load_checked
 from tests.test_run import NOISE
 from tests.test_student import toy_rows
 

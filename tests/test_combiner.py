@@ -9,11 +9,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from muki_ray.config import parse_config
-from muki_ray.labels import LabelSpace
-from muki_ray.manifest import finish_stage
-from muki_ray.pipeline import combine_stage
-from muki_ray.report import stage_headline
+from muki_ray.config.schema import parse_config
+from muki_ray.config.labels import LabelSpace
+from muki_ray.core.manifest import finish_stage
+from muki_ray.run.pipeline import combine_stage
+from muki_ray.run.report import stage_headline
 
 
 def fake_predictions(run_dir, with_gold=True):

@@ -11,9 +11,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from muki_ray.cli import main
-from muki_ray.config import Source
-from muki_ray.data import (
+from muki_ray.run.cli import main
+from muki_ray.config.schema import Source
+from muki_ray.data.sources import (
     BLOCK_ROWS,
     DataError,
     check_labels,

@@ -35,7 +35,7 @@ def _code(text: str) -> list[str]:
 
 def _subcommands() -> set[str]:
     """The `muki-ray` subcommands, from the argparse parser (either package layout), else from --help."""
-    for name in ("muki_ray.run.cli", "muki_ray.cli"):
+    for name in ("muki_ray.run.cli", "muki_ray.run.cli"):
         try:
             mod = importlib.import_module(name)
         except ImportError:
@@ -50,7 +50,7 @@ def _subcommands() -> set[str]:
         m = re.search(r"\{([\w,-]+)\}", out)
         if m:
             return set(m.group(1).split(","))
-    pytest.fail("no muki-ray CLI module found (muki_ray.run.cli or muki_ray.cli)")
+    pytest.fail("no muki-ray CLI module found (muki_ray.run.cli or muki_ray.run.cli)")
 
 
 def _make_targets() -> set[str]:

@@ -15,9 +15,9 @@ import time
 import pyarrow.parquet as pq
 import yaml
 
-from muki_ray.cli import main
-from muki_ray.manifest import read_manifest, write_json_atomic
-from muki_ray.pipeline import predict_stage, train_stage
+from muki_ray.run.cli import main
+from muki_ray.core.manifest import read_manifest, write_json_atomic
+from muki_ray.run.pipeline import predict_stage, train_stage
 from tests.test_run import run_config  # noqa: F401  (fixture)
 from tests.test_student import SPACE, prepare, train_log
 from tests.test_teachers import _cfg
@@ -64,7 +64,7 @@ def test_a_worker_killed_mid_epoch_resumes_at_its_last_step_checkpoint(tmp_path,
 def _cli(*args, env=None, **kw):
     """The CLI in its own session; its output is drained by a thread into proc.lines (a run that
     fills an unread pipe would block on its next write)."""
-    proc = subprocess.Popen([sys.executable, "-m", "muki_ray.cli", *args], env=env, start_new_session=True,
+    proc = subprocess.Popen([sys.executable, "-m", "muki_ray.run.cli", *args], env=env, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
     proc.lines = []
     proc.reader = threading.Thread(target=lambda: proc.lines.extend(proc.stdout), daemon=True)
@@ -121,7 +121,7 @@ def test_sigkill_mid_stage_then_rerun_resumes_and_leaks_no_secret(run_config, tm
 def test_full_disk_is_refused_before_any_work(run_config, monkeypatch, capsys):  # noqa: F811
     cfg, run = run_config
     real = shutil.disk_usage
-    monkeypatch.setattr("muki_ray.preflight.shutil.disk_usage",
+    monkeypatch.setattr("muki_ray.config.preflight.shutil.disk_usage",
                         lambda p: real(p)._replace(free=50 * 1024**2))
     assert main(["run", str(cfg)]) == 2
     err = capsys.readouterr().err
@@ -138,7 +138,7 @@ def test_write_error_mid_run_names_the_path(run_config, ray_session, monkeypatch
         (run / "prepare" / "blocked").write_text("a file where a folder should be")
         write_json_atomic(target, {"rows": 1})  # a real write that fails like a full or broken disk
 
-    monkeypatch.setitem(__import__("muki_ray.pipeline").pipeline.STAGE_FUNCTIONS, "prepare",
+    monkeypatch.setitem(__import__("muki_ray.run.pipeline").pipeline.STAGE_FUNCTIONS, "prepare",
                         stage_that_hits_a_write_error)
     assert main(["run", str(cfg)]) == 1
     err = capsys.readouterr().err

@@ -12,14 +12,14 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from muki_ray.checkpoint import growth
-from muki_ray.cli import main
-from muki_ray.config import parse_config
-from muki_ray.evaluate import predict_proba
-from muki_ray.labels import LabelSpace
-from muki_ray.manifest import finish_stage, read_manifest
-from muki_ray.pipeline import train_stage
-from muki_ray.report import growth_lines
+from muki_ray.student.checkpoint import growth
+from muki_ray.run.cli import main
+from muki_ray.config.schema import parse_config
+from muki_ray.student.evaluate import predict_proba
+from muki_ray.config.labels import LabelSpace
+from muki_ray.core.manifest import finish_stage, read_manifest
+from muki_ray.run.pipeline import train_stage
+from muki_ray.run.report import growth_lines
 from tests.conftest import make_tiny_model
 from tests.test_student import toy_rows, train_log
 

@@ -3,7 +3,7 @@
 import ray
 import torch
 
-from muki_ray import hardware
+from muki_ray.core import hardware
 
 
 def test_cpu_when_no_gpu_assigned(monkeypatch):

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import torch
 
-from muki_ray.head_probe import fit_head, label_balance, probe_report, soft_kl
+from muki_ray.student.head_probe import fit_head, label_balance, probe_report, soft_kl
 
 
 def test_the_probe_fits_the_targets_log_odds():

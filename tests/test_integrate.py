@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import muki_ray.losses as losses
-from muki_ray.config import IntegrationConfig
-from muki_ray.integrate import (
+import muki_ray.method.losses as losses
+from muki_ray.config.schema import IntegrationConfig
+from muki_ray.method.integrate import (
     Calibration,
     calibrate,
     entropy_scores,
@@ -21,7 +21,7 @@ from muki_ray.integrate import (
     teacher_weights,
     vanilla_kd_targets,
 )
-from muki_ray.strategies import STRATEGIES, integrate
+from muki_ray.method.strategies import STRATEGIES, integrate
 
 # Two teachers: T1 owns union [a, b] (0, 1), T2 owns [c, d, e] (2, 3, 4).
 POS = [np.array([0, 1]), np.array([2, 3, 4])]

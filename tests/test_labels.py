@@ -1,6 +1,6 @@
 import numpy as np
 
-from muki_ray.labels import LabelSpace
+from muki_ray.config.labels import LabelSpace
 
 
 def test_disjoint_union_in_teacher_order():

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from muki_ray.losses import LossContext, SupervisedCELoss, UHCLoss, VanillaKDLoss, WeightedKLLoss
+from muki_ray.method.losses import LossContext, SupervisedCELoss, UHCLoss, VanillaKDLoss, WeightedKLLoss
 
 
 def manual_kl(t, logits):

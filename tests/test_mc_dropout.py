@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, BertConfig, DistilBertConfig, RobertaConfig
 
-from muki_ray.mc_dropout import (
+from muki_ray.method.mc_dropout import (
     AdaptiveK,
     check_sampling,
     dropout_sampling,
@@ -319,7 +319,7 @@ def test_the_fast_mask_keeps_exactly_what_its_definition_keeps():
     """`_seeded_mask` (in-place splitmix64, an integer threshold on int16 lanes) keeps the same
     elements as the definition `uniform_like(x) >= p`, bit for bit, for every p, shape and module; a
     change of the masks' stream would silently change every cached teacher's p̄."""
-    from muki_ray.mc_dropout import _seeded_mask, splitmix64, uniform_like
+    from muki_ray.method.mc_dropout import _seeded_mask, splitmix64, uniform_like
 
     g = torch.Generator().manual_seed(0)
     for shape in [(6, 40, 32), (3, 5, 2, 7), (4, 17), (2, 1)]:
@@ -341,7 +341,7 @@ def test_the_masks_uniforms_are_the_documented_lanes_of_one_splitmix64_per_four_
     """Hand-computed in Python integers: element (r, i, j) of a 3-D input takes 16-bit lane j mod 4 of
     splitmix64(row key + splitmix64((i << 16) | (j div 4))), the row key being seed ^ splitmix64(module + 1);
     u = (signed lane + 2^15) / 2^16. Any change of this stream would change every cached teacher's p̄."""
-    from muki_ray.mc_dropout import _splitmix64_int, uniform_like
+    from muki_ray.method.mc_dropout import _splitmix64_int, uniform_like
 
     m64 = (1 << 64) - 1
     seeds = torch.tensor([12345, -987654321987], dtype=torch.int64)
@@ -359,7 +359,7 @@ def test_the_masks_uniforms_are_the_documented_lanes_of_one_splitmix64_per_four_
 
 
 def test_masks_drop_p_of_the_elements_independently_of_row_module_and_position():
-    from muki_ray.mc_dropout import _seeded_mask, sample_seeds
+    from muki_ray.method.mc_dropout import _seeded_mask, sample_seeds
 
     x = torch.ones(64, 32, 48)
     seeds = sample_seeds(torch.arange(8, dtype=torch.int64) * 1_000_003, 0, 8)  # 8 rows x 8 samples

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import ray.data
 
-from muki_ray.combiner import fit_owner_model
-from muki_ray.integrate import quantile_ranks
-from muki_ray.labels import LabelSpace
-from muki_ray.owners import (
+from muki_ray.stages.combiner import fit_owner_model
+from muki_ray.method.integrate import quantile_ranks
+from muki_ray.config.labels import LabelSpace
+from muki_ray.method.owners import (
     OwnerModel,
     _non_decreasing,
     cluster_histograms,

@@ -8,9 +8,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from muki_ray.cache import stage_keys
-from muki_ray.pipeline import combine_stage
-from muki_ray.prototypes import owner_weights, prototype_scores, refine, seed_responsibilities, standardize, teacher_scores
+from muki_ray.stages.cache import stage_keys
+from muki_ray.run.pipeline import combine_stage
+from muki_ray.method.prototypes import owner_weights, prototype_scores, refine, seed_responsibilities, standardize, teacher_scores
 from tests.test_combiner import SPACE, fake_predictions, make_cfg, read_targets
 
 

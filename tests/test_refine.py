@@ -9,15 +9,15 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from muki_ray.cache import stage_keys
-from muki_ray.config import ConfigError, parse_config
-from muki_ray.evaluate import predict_proba
-from muki_ray.integrate import margin_weights
-from muki_ray.manifest import read_manifest
-from muki_ray.pipeline import combine_stage
-from muki_ray.refine import high_margin, margin_cut, refine_scores, teacher_mass
-from muki_ray.refine import teacher_mass as mass_of
-from muki_ray.stats import Sketch
+from muki_ray.stages.cache import stage_keys
+from muki_ray.config.schema import ConfigError, parse_config
+from muki_ray.student.evaluate import predict_proba
+from muki_ray.method.integrate import margin_weights
+from muki_ray.core.manifest import read_manifest
+from muki_ray.run.pipeline import combine_stage
+from muki_ray.method.refine import high_margin, margin_cut, refine_scores, teacher_mass
+from muki_ray.method.refine import teacher_mass as mass_of
+from muki_ray.method.stats import Sketch
 from tests.test_combiner import SPACE, fake_predictions, make_cfg
 
 SCORES = np.array([[0.9, 0.2], [0.1, 0.8], [0.7, 0.1], [0.5, 0.5]])  # margins 0.7, 0.7, 0.6, 0.0

@@ -55,3 +55,26 @@ def test_fill_rewrites_only_blocks_and_reports_missing_files(tmp_path):
     assert new.startswith("intro 1\n<!-- results:selection:begin -->\n| dataset |") and new.endswith("outro\n")
     assert "0.999" not in new and "*Not run yet*: `python benchmarks/mc_depth.py`" in new
     assert report.fill(new, tmp_path) == new
+
+
+def test_benchmarks_without_results_yet_have_a_renderer(tmp_path):
+    """mc_depth and cross_corpus have no results file yet: when theirs lands, report.py renders it."""
+    row = {"variant": "exact", "layers": 6, "seconds": 12.5, "speedup": 1.0, "agreement": 1.0,
+           "selection_accuracy": 0.61, "supervision_accuracy": 0.6}
+    piece = {"sizes": {"texts": 200}, "teachers": ["t1", "t2"], "depth": 6, "threads": 2, "hardware": "cpu",
+             "commits": ["abc"], "missing": [], "rows": [row, {**row, "variant": "layers 1", "layers": 1,
+                                                               "speedup": 4.19, "agreement": 0.9437}]}
+    (tmp_path / "mc_depth.json").write_text(json.dumps({"datasets": {"bbc_news": piece}, "missing": ["20newsgroups"],
+                                                        "recommended": {"layers": None, "why": "none holds"},
+                                                        "tolerance": 0.005}))
+    md = report.render("mc_depth", tmp_path)
+    assert "| layers 1 | 1 | 12.5 | 4.19 | 0.944 | 0.610 | 0.600 |" in md and "Pieces missing: 20newsgroups" in md
+    teachers = {"t1": 0.98, "ng_sci": 0.9}
+    r = {"method": "default", "selection_acc": 0.8, "supervision_acc": 0.75, "student_acc": 0.7,
+         "per_teacher_acc": {"t1": 0.9, "ng_sci": 0.5}, "per_teacher": {t: {"recall": 0.5} for t in teachers}}
+    (tmp_path / "cross_corpus.json").write_text(json.dumps(
+        {"commit": "abc", "hardware": "cpu", "minority": 0.1, "samples": 16, "student_epochs": 2,
+         "own_accuracy": teachers, "sizes": {"pool": {"rows": 300, "ng_rows": 30}, "test": {"rows": 500, "ng_rows": 50}},
+         "rows": [r], "goals": ["default ≥ paper's preset: met"]}))
+    md = report.render("cross_corpus", tmp_path)
+    assert "| default | 0.800 | 0.750 | 0.700 | 0.900 | 0.500 | 0.500 | 0.500 |" in md and "- default ≥ paper" in md

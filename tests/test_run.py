@@ -11,12 +11,12 @@ import pyarrow as pa
 import pytest
 import yaml
 
-from muki_ray.cli import main
-from muki_ray.config import parse_config
-from muki_ray.data import hashed_sample, to_ray_dataset
-from muki_ray.labels import label_space
-from muki_ray.manifest import read_manifest
-from muki_ray.pipeline import prepare_stage
+from muki_ray.run.cli import main
+from muki_ray.config.schema import parse_config
+from muki_ray.data.sources import hashed_sample, to_ray_dataset
+from muki_ray.config.labels import label_space
+from muki_ray.core.manifest import read_manifest
+from muki_ray.run.pipeline import prepare_stage
 from tests.conftest import make_tiny_model
 from tests.test_student import toy_rows
 
@@ -62,7 +62,7 @@ def test_run_end_to_end_resume_and_classify(run_config, ray_session, capsys):
     cfg_path, run = run_config
     # The first run as a user's: the CLI in its own process, output captured (not a terminal).
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.run([sys.executable, "-m", "muki_ray.cli", "run", str(cfg_path)], env=env,
+    proc = subprocess.run([sys.executable, "-m", "muki_ray.run.cli", "run", str(cfg_path)], env=env,
                           capture_output=True, text=True, timeout=900)
     screen = proc.stdout + proc.stderr
     assert proc.returncode == 0, screen

@@ -21,15 +21,15 @@ import pytest
 import transformers
 import yaml
 
-from muki_ray import pipeline
-from muki_ray.cache import TeacherCache, config_key, plan_changes, stage_keys
-from muki_ray.cli import main
-from muki_ray.cluster import ClusterError, node_resources, refuse_oversized
-from muki_ray.config import parse_config
-from muki_ray.labels import LabelSpace
-from muki_ray.manifest import begin_stage, finish_stage, read_manifest
-from muki_ray.pipeline import predict_stage
-from muki_ray.schedule import Job, Stalled, TeacherFailed, actors_that_fit, run_within, settled_free
+from muki_ray.run import pipeline
+from muki_ray.stages.cache import TeacherCache, config_key, plan_changes, stage_keys
+from muki_ray.run.cli import main
+from muki_ray.core.cluster import ClusterError, node_resources, refuse_oversized
+from muki_ray.config.schema import parse_config
+from muki_ray.config.labels import LabelSpace
+from muki_ray.core.manifest import begin_stage, finish_stage, read_manifest
+from muki_ray.run.pipeline import predict_stage
+from muki_ray.stages.schedule import Job, Stalled, TeacherFailed, actors_that_fit, run_within, settled_free
 from tests.conftest import WORDS
 from tests.test_student import toy_rows, train_log
 
@@ -113,7 +113,7 @@ def test_nodes_that_join_mid_stage_are_used_and_the_demand_is_stated_then_withdr
         return {"CPU": 4.0, "teacher_slot": slots[0]}
 
     jobs = [Job(f"t{i}", {"CPU": 0.5, "teacher_slot": 1.0}, 1, work(f"t{i}")) for i in range(3)]
-    with caplog.at_level(logging.INFO, logger="muki_ray.schedule"):
+    with caplog.at_level(logging.INFO, logger="muki_ray.stages.schedule"):
         results, timeline = run_within(jobs, {"CPU": 4.0, "teacher_slot": 1.0}, total=total,
                                        demand=stated.append, poll_s=0.05)
     assert results["t1"]["running_first"], timeline  # started on the new node while t0 still ran
@@ -341,7 +341,7 @@ MULTINODE = textwrap.dedent("""
     for _ in range(2):
         cluster.add_node(num_cpus=1, resources={"teacher_slot": 1, "trainer_slot": 1}, object_store_memory=150 * 1024**2)
     cluster.wait_for_nodes()
-    from muki_ray.cli import main
+    from muki_ray.run.cli import main
     code = main(["run", sys.argv[1], "--set", f"ray.address={cluster.address}"])
     ray.init(address=cluster.address, ignore_reinit_error=True)
     workers = [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("teacher_slot")]
@@ -446,7 +446,7 @@ LOST_NODE = textwrap.dedent("""
         lost["at"] = time.time()
 
     threading.Thread(target=lose_the_node, daemon=True).start()
-    from muki_ray.cli import main
+    from muki_ray.run.cli import main
     code = main(["predict-teachers", sys.argv[1], "--set", f"ray.address={cluster.address}"])
     print("RESULT " + json.dumps({"code": code, "after_loss_s": time.time() - lost.get("at", time.time()),
                                   "counters_here": lost.get("counters_here")}), flush=True)
@@ -485,7 +485,7 @@ JOIN_NODE = textwrap.dedent("""
     out = {}
 
     def run():  # the stage in a thread: a node is added from the main thread (Ray's Node needs it)
-        from muki_ray.cli import main
+        from muki_ray.run.cli import main
         out["code"] = main(["predict-teachers", sys.argv[1], "--set", f"ray.address={cluster.address}"])
 
     stage = threading.Thread(target=run, daemon=True)
@@ -527,7 +527,7 @@ RSS = textwrap.dedent("""
     import json, resource, sys
     import ray
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=256 * 1024**2, log_to_driver=False)
-    from muki_ray.cli import main
+    from muki_ray.run.cli import main
     assert main(["predict-teachers", sys.argv[1]]) == 0
     assert main(["combine", sys.argv[1]]) == 0
     print("RSS", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)

@@ -12,11 +12,11 @@ import torch
 from safetensors.torch import load_file
 from transformers import pipeline
 
-from muki_ray.checkpoint import _groups
-from muki_ray.config import parse_config
-from muki_ray.labels import LabelSpace
-from muki_ray.manifest import finish_stage
-from muki_ray.pipeline import evaluate_stage, train_stage
+from muki_ray.student.checkpoint import _groups
+from muki_ray.config.schema import parse_config
+from muki_ray.config.labels import LabelSpace
+from muki_ray.core.manifest import finish_stage
+from muki_ray.run.pipeline import evaluate_stage, train_stage
 from tests.conftest import make_tiny_model
 
 UNION = ["business", "politics", "entertainment", "sport"]
@@ -174,8 +174,8 @@ def test_zero3_export_groups_stay_under_the_limit_in_order():
 def test_the_optimizer_needs_no_compiler_on_gpu_or_with_offload():
     """DeepSpeed's FusedAdam (GPU) and CPUAdam (offload) compile an extension at first use; the
     student's config asks for torch's AdamW everywhere, so no image needs nvcc or ninja."""
-    from muki_ray.config import StudentConfig
-    from muki_ray.student import deepspeed_config
+    from muki_ray.config.schema import StudentConfig
+    from muki_ray.student.training import deepspeed_config
 
     for use_gpu in (False, True):
         hyper = StudentConfig(model="m", zero_stage=3, offload_optimizer=True, use_gpu=use_gpu, lr=1e-3)

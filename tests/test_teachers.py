@@ -10,15 +10,15 @@ import pyarrow.parquet as pq
 import pytest
 import ray.data
 
-from muki_ray import mc_dropout
-from muki_ray.cache import teacher_key
-from muki_ray.cli import main
-from muki_ray.config import ConfigError, parse_config
-from muki_ray.labels import LabelSpace
-from muki_ray.manifest import read_manifest
-from muki_ray.preflight import check_config
-from muki_ray.stage import COLUMNS, column, stage_class, stage_options
-from muki_ray.teachers import TeacherSpec, TeacherStage, teacher_specs
+from muki_ray.method import mc_dropout
+from muki_ray.stages.cache import teacher_key
+from muki_ray.run.cli import main
+from muki_ray.config.schema import ConfigError, parse_config
+from muki_ray.config.labels import LabelSpace
+from muki_ray.core.manifest import read_manifest
+from muki_ray.config.preflight import check_config
+from muki_ray.core.stage import COLUMNS, column, stage_class, stage_options
+from muki_ray.stages.teachers import TeacherSpec, TeacherStage, teacher_specs
 from tests.conftest import WORDS
 
 

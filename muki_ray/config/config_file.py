@@ -12,8 +12,8 @@ from typing import Any, Optional
 
 import yaml
 
-from muki_ray.config import ConfigError, RunConfig, Teacher, parse_config
-from muki_ray.hf_folder import resolve_model_path
+from muki_ray.config.schema import ConfigError, RunConfig, Teacher, parse_config
+from muki_ray.core.hf_folder import resolve_model_path
 
 
 def read_yaml(path: str | os.PathLike) -> dict:
@@ -79,7 +79,7 @@ def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> RunConfig
 
 def is_path_source(s: str) -> bool:
     """A source that names a file or folder (not a built-in dataset)."""
-    from muki_ray.data import BUILTIN_DATASETS  # here, not at the top: data.py loads Ray Data (start-up time)
+    from muki_ray.data.sources import BUILTIN_DATASETS  # here, not at the top: data.py loads Ray Data (start-up time)
 
     return s not in BUILTIN_DATASETS
 

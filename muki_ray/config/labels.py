@@ -8,9 +8,9 @@ from typing import Optional
 
 import numpy as np
 
-from muki_ray.config import RunConfig
-from muki_ray.config_file import teacher_model_path
-from muki_ray.hf_folder import head_labels, read_hf_config
+from muki_ray.config.schema import RunConfig
+from muki_ray.config.config_file import teacher_model_path
+from muki_ray.core.hf_folder import head_labels, read_hf_config
 
 
 @dataclass(frozen=True)
@@ -121,13 +121,13 @@ def label_space(cfg: RunConfig) -> LabelSpace:
     prepare_labels = None
     if cfg.prepare is not None and cfg.prepare.split == "contiguous":
         # Here, not at the top: Ray (Data) loads only when a config needs the data's label set (start-up time).
-        from muki_ray.data import BUILTIN_DATASETS, builtin_part, scan_source
+        from muki_ray.data.sources import BUILTIN_DATASETS, builtin_part, scan_source
 
         src = cfg.prepare.data
         if src.source in BUILTIN_DATASETS:  # a bounded built-in: its labels are read here
             labels = builtin_part(src.source, src.split, src.part, src.limit, cfg.data.seed).column("label").to_pylist()
         else:  # a user's file is scanned by Ray Data
-            from muki_ray.cluster import connect
+            from muki_ray.core.cluster import connect
 
             connect(cfg.ray)
             labels = scan_source(src, on_bad_row=cfg.data.on_bad_row, seed=cfg.data.seed, require_label=True).labels

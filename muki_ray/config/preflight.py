@@ -15,12 +15,12 @@ from typing import Optional
 
 from safetensors import safe_open
 
-from muki_ray.cluster import ClusterError, refuse_oversized
-from muki_ray.config import ConfigError, RunConfig, Source, prepared_settings
-from muki_ray.config_file import is_path_source, load_config, teacher_model_path
-from muki_ray.hf_folder import (ModelLoadError, check_folder, head_labels, load_tokenizer, model_skeleton,
+from muki_ray.core.cluster import ClusterError, refuse_oversized
+from muki_ray.config.schema import ConfigError, RunConfig, Source, prepared_settings
+from muki_ray.config.config_file import is_path_source, load_config, teacher_model_path
+from muki_ray.core.hf_folder import (ModelLoadError, check_folder, head_labels, load_tokenizer, model_skeleton,
                                 read_hf_config, resolve_model_path, weight_format)
-from muki_ray.labels import LabelSpace
+from muki_ray.config.labels import LabelSpace
 
 MIN_FREE_BYTES = 1024**3  # a student checkpoint (weights + optimizer state) plus predictions
 
@@ -115,7 +115,7 @@ def check_data(cfg: RunConfig, space: LabelSpace) -> None:
 
     The pool is checked by its own stage, the first one to run.
     """
-    from muki_ray.data import check_labels, scan_source  # here, not at the top: Ray Data (start-up time)
+    from muki_ray.data.sources import check_labels, scan_source  # here, not at the top: Ray Data (start-up time)
 
     for where, src in sources(cfg):
         if where != "data.pool":
@@ -128,7 +128,7 @@ def check_models(cfg: RunConfig) -> None:
     """Every model folder: config.json, weights in an allowed format, a loadable tokenizer, readable weights."""
     import torch  # here, not at the top: `validate` reads folders without loading torch (start-up time)
 
-    from muki_ray.mc_dropout import check_sampling  # imports torch
+    from muki_ray.method.mc_dropout import check_sampling  # imports torch
     for where, model, allow_pickle, remote in model_folders(cfg):
         check_model_folder(where, resolve_model_path(model), allow_pickle, remote)
     for i, t in enumerate(cfg.teachers):  # a prepared teacher has the structure of its base model

@@ -1,7 +1,7 @@
 """The run config: one YAML file describes a whole run.
 
 Every option is defined once, here, with its default and a one-line meaning
-(`Field(description=...)`). The README's schema section is generated from
+(`Field(description=...)`). docs/config.md's schema section is generated from
 these models (`muki-ray schema`). Errors are one line each and start with the
 YAML path, e.g. ``teachers[1].labels: ...``.
 """
@@ -14,8 +14,8 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from muki_ray.integrate import CALIBRATIONS
-from muki_ray.strategies import SCORE_STRATEGIES, STRATEGIES
+from muki_ray.method.integrate import CALIBRATIONS
+from muki_ray.method.strategies import SCORE_STRATEGIES, STRATEGIES
 
 NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 
@@ -92,7 +92,7 @@ class MCConfig(Strict):
     attention_dropout: bool = Field(
         False, description="Sample attention-probability dropout too (the whole model in train mode for the K "
         "passes, as the authors' code; eager attention). Off: hidden dropout only, which measured as well or "
-        "better (README, Teacher stage).")
+        "better (docs/teachers.md).")
     seed: int = Field(0, description="Seed of the dropout masks (reproducible p̄).")
     max_batch_tokens: Optional[int] = Field(
         None, ge=1, description="At most this many (row x sample x token) per forward. Default by the actor's "
@@ -214,7 +214,7 @@ class RefineConfig(Strict):
 
 
 # The selection options a preset fills in when the YAML leaves them out. `default` is what measured
-# best across the reproductions (README, Integration); `paper` is MUKI exactly as published.
+# best across the reproductions (docs/integration.md); `paper` is MUKI exactly as published.
 PRESETS = {"default": {"calibration": "rank", "prototypes": {}},
            "paper": {"calibration": "none", "prototypes": None}}
 SELECTION_OPTIONS = ("calibration", "prototypes", "refine")  # score-based strategies only
@@ -222,7 +222,7 @@ SELECTION_OPTIONS = ("calibration", "prototypes", "refine")  # score-based strat
 
 class IntegrationConfig(Strict):
     strategy: Literal[tuple(STRATEGIES)] = Field(  # type: ignore[valid-type]
-        "muki_soft", description="How teachers become one target (one row each in `muki_ray/strategies.py`): "
+        "muki_soft", description="How teachers become one target (one row each in `muki_ray/method/strategies.py`): "
         + "; ".join(f"`{n}`: {s.description.rstrip('.')}" for n, s in STRATEGIES.items()) + ".")
     preset: Literal[tuple(PRESETS)] = Field(  # type: ignore[valid-type]
         "default", description="Fills in `calibration` and `prototypes` when they are left out: `default` = rank "
@@ -238,15 +238,15 @@ class IntegrationConfig(Strict):
         "rank", description="Compare teachers on pool-calibrated scores: `rank` (per-teacher quantile: as if every "
         "teacher owned an equal share of the pool), `share` (experimental: the quantiles turned into owner posteriors "
         "by a latent-class EM over the pool's embedding clusters that estimates each teacher's share, "
-        "`muki_ray/owners.py`; needs `prototypes`; better than `rank` at shares of 25-75%, worse at 2-10% and 90-98% "
-        "on BBC: README), `zscore` (per-teacher mean 0, std 1 over the pool) or `none` (raw, as in the paper). "
+        "`muki_ray/method/owners.py`; needs `prototypes`; better than `rank` at shares of 25-75%, worse at 2-10% and 90-98% "
+        "on BBC: docs/integration.md), `zscore` (per-teacher mean 0, std 1 over the pool) or `none` (raw, as in the paper). "
         "Default from `preset`.")
     prototypes: Optional[PrototypesConfig] = Field(
         default_factory=PrototypesConfig, description="Re-select each text's teacher by label prototypes in an "
-        "embedding space (`muki_ray/prototypes.py`); the calibrated scores seed them. `null` turns them off. "
+        "embedding space (`muki_ray/method/prototypes.py`); the calibrated scores seed them. `null` turns them off. "
         "Default from `preset`.")
     refine: Optional[RefineConfig] = Field(
-        None, description="Beyond the paper: confidence-thresholded self-training (`muki_ray/refine.py`): a first "
+        None, description="Beyond the paper: confidence-thresholded self-training (`muki_ray/method/refine.py`): a first "
         "student trained on the high-margin texts re-selects the teacher of the rest. Needs `data.dev`. Off (null) "
         "by default.")
     _ignored: list = PrivateAttr(default_factory=list)

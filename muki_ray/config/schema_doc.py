@@ -1,5 +1,5 @@
-"""The README's config-schema table, generated from the pydantic models in config.py (one source of
-truth: `muki-ray schema --update README.md` rewrites it, and a test checks it is current)."""
+"""The config-schema table of docs/config.md, generated from the pydantic models in schema.py (one source
+of truth: `muki-ray schema --update docs/config.md` rewrites it, and a test checks it is current)."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ import typing
 
 from pydantic import BaseModel
 
-from muki_ray.config import RunConfig
+from muki_ray.config.schema import RunConfig
 
 
 def schema_markdown() -> str:
-    """The README's schema section, generated from the models above (one source of truth)."""
+    """docs/config.md's schema section, generated from the models above (one source of truth)."""
     lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
     documented: dict[type, str] = {}
 

@@ -8,9 +8,9 @@ import socket
 from typing import Optional
 from urllib.parse import urlparse
 
-from muki_ray.console import ray_starting
+from muki_ray.core.console import ray_starting
 
-log = logging.getLogger("muki_ray.cluster")
+log = logging.getLogger("muki_ray.core.cluster")
 
 
 class ClusterError(Exception):

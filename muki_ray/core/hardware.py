@@ -135,7 +135,7 @@ def gpu_default(autoscaling: bool = False) -> float:
     """
     import ray
 
-    from muki_ray.cluster import node_types
+    from muki_ray.core.cluster import node_types
 
     key = f"{ray.get_runtime_context().gcs_address}:{autoscaling}"
     if key not in _gpu_default:

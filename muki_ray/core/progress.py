@@ -20,7 +20,7 @@ from typing import Iterator, Optional
 import ray
 import ray.util.scheduling_strategies
 
-log = logging.getLogger("muki_ray.progress")
+log = logging.getLogger("muki_ray.core.progress")
 NOT_A_TERMINAL_EVERY_S = 30.0
 _handles: dict = {}
 

@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray.data
 
-from muki_ray.data import DataError, hash64, io_write
+from muki_ray.data.sources import DataError, hash64, io_write
 
 ROWS_PER_FILE = 100_000           # rows per written file (before the split by bucket)
 JOIN_REMOTE_ARGS = {"num_cpus": 0.5}  # a bucket task: pyarrow reads and joins of one bucket

@@ -38,9 +38,9 @@ import pyarrow.parquet as pq
 import ray.data
 from ray.data.datasource import FileBasedDatasource
 
-from muki_ray.manifest import fingerprint
+from muki_ray.core.manifest import fingerprint
 
-log = logging.getLogger("muki_ray.data")
+log = logging.getLogger("muki_ray.data.sources")
 
 BLOCK_ROWS = 4096           # rows per block the file readers yield
 

@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from muki_ray.stats import Sketch
+from muki_ray.method.stats import Sketch
 
 MARGIN_EPS = 1e-6
 CALIBRATIONS = ("none", "zscore", "rank", "share")

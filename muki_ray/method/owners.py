@@ -40,7 +40,7 @@ from typing import Optional
 
 import numpy as np
 
-from muki_ray.prototypes import _unit, assign_pass, kmeans
+from muki_ray.method.prototypes import _unit, assign_pass, kmeans
 
 BINS = 10            # equal-mass rank bins per teacher
 PSEUDO = 0.5         # Dirichlet pseudo-count per bin (a bin no text falls in keeps a finite ratio)

@@ -22,7 +22,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from muki_ray.integrate import standardize
+from muki_ray.method.integrate import standardize
 
 
 def _softmax(a: np.ndarray) -> np.ndarray:

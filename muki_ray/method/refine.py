@@ -21,8 +21,8 @@ import math
 
 import numpy as np
 
-from muki_ray.integrate import margin_weights, teacher_weights
-from muki_ray.stats import Sketch
+from muki_ray.method.integrate import margin_weights, teacher_weights
+from muki_ray.method.stats import Sketch
 
 TINY = 1e-12  # floor of a teacher weight before its log
 

@@ -13,7 +13,7 @@ A row says, for one strategy:
 - `needs_gold`: it reads gold labels on the pool (the analysis bounds `oracle` and `supervised`).
 
 Adding a strategy: one row in `STRATEGIES` plus its target function below (and a loss class in
-losses.py when none fits); the schema's choices, validation and the README follow from the row.
+losses.py when none fits); the schema's choices, validation and docs/config.md follow from the row.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from muki_ray.integrate import (Integrated, entropy_scores, hard_targets, margin_weights, oracle_targets, pad,
+from muki_ray.method.integrate import (Integrated, entropy_scores, hard_targets, margin_weights, oracle_targets, pad,
                                 soft_targets, vanilla_kd_targets)
 
 

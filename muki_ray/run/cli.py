@@ -14,12 +14,12 @@ import traceback
 from pathlib import Path
 from typing import Callable
 
-from muki_ray.config import ConfigError, RunConfig
-from muki_ray.config_file import load_config, teacher_model_path
-from muki_ray.labels import LabelSpace, label_space
+from muki_ray.config.schema import ConfigError, RunConfig
+from muki_ray.config.config_file import load_config, teacher_model_path
+from muki_ray.config.labels import LabelSpace, label_space
 
 EXIT_BAD_INPUT = 2
-log = logging.getLogger("muki_ray.cli")
+log = logging.getLogger("muki_ray.run.cli")
 
 
 class UsageError(Exception):
@@ -31,9 +31,9 @@ def connected(args) -> tuple[RunConfig, LabelSpace]:
     then check every labeled source (Ray Data scans) and the cluster's resources."""
     import ray
 
-    from muki_ray.cluster import cluster_nodes, connect
-    from muki_ray.console import capture_ray_output, open_run_log
-    from muki_ray.preflight import check_data, check_models, check_output_dir, check_resources, load_checked
+    from muki_ray.core.cluster import cluster_nodes, connect
+    from muki_ray.core.console import capture_ray_output, open_run_log
+    from muki_ray.config.preflight import check_data, check_models, check_output_dir, check_resources, load_checked
 
     cfg = load_checked(args.config, args.set)
     check_models(cfg)
@@ -51,7 +51,7 @@ def connected(args) -> tuple[RunConfig, LabelSpace]:
 
 
 def cmd_validate(args) -> int:
-    from muki_ray.preflight import load_checked  # here, not at the top: it loads Ray (start-up time)
+    from muki_ray.config.preflight import load_checked  # here, not at the top: it loads Ray (start-up time)
 
     cfg = load_checked(args.config, args.set)
     space = label_space(cfg)
@@ -74,7 +74,7 @@ def cmd_validate(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from muki_ray.pipeline import predict_stage
+    from muki_ray.run.pipeline import predict_stage
 
     cfg, space = connected(args)
     info = predict_stage(cfg, space, Path(cfg.output_dir))
@@ -84,7 +84,7 @@ def cmd_predict(args) -> int:
 
 
 def cmd_combine(args) -> int:
-    from muki_ray.pipeline import combine_stage
+    from muki_ray.run.pipeline import combine_stage
 
     cfg, space = connected(args)
     info = combine_stage(cfg, space, Path(cfg.output_dir))
@@ -99,7 +99,7 @@ def cmd_combine(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from muki_ray.pipeline import evaluate_stage, train_stage
+    from muki_ray.run.pipeline import evaluate_stage, train_stage
 
     cfg, space = connected(args)
     train_stage(cfg, space, Path(cfg.output_dir))
@@ -111,8 +111,8 @@ def cmd_train(args) -> int:
 
 
 def cmd_prepare(args) -> int:
-    from muki_ray.pipeline import prepare_stage
-    from muki_ray.preflight import load_checked
+    from muki_ray.run.pipeline import prepare_stage
+    from muki_ray.config.preflight import load_checked
 
     if load_checked(args.config, args.set).prepare is None:
         raise UsageError(f"{args.config}: no `prepare` section")
@@ -125,13 +125,13 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from muki_ray.cache import STAGES
-    from muki_ray.pipeline import run
+    from muki_ray.stages.cache import STAGES
+    from muki_ray.run.pipeline import run
 
     bad = [f for f in args.force if f not in STAGES]
     if bad:
         raise UsageError(f"--force: unknown stage {bad[0]!r}; stages: {', '.join(STAGES)}")
-    from muki_ray.console import run_log_path
+    from muki_ray.core.console import run_log_path
 
     cfg, space = connected(args)
     started = time.time()
@@ -151,8 +151,8 @@ def cmd_run(args) -> int:
 def cmd_classify(args) -> int:
     import json
 
-    from muki_ray.evaluate import predict_proba
-    from muki_ray.hf_folder import check_folder
+    from muki_ray.student.evaluate import predict_proba
+    from muki_ray.core.hf_folder import check_folder
 
     check_folder(Path(args.model), what="student")
     texts = list(args.text)
@@ -179,8 +179,8 @@ def cmd_classify(args) -> int:
 
 
 def cmd_diff(args) -> int:
-    from muki_ray.cache import plan_changes
-    from muki_ray.preflight import load_checked
+    from muki_ray.stages.cache import plan_changes
+    from muki_ray.config.preflight import load_checked
 
     a = load_config(args.config_a)
     b = load_checked(args.config_b, args.set)
@@ -190,7 +190,7 @@ def cmd_diff(args) -> int:
 
 
 def cmd_datasets(args) -> int:
-    from muki_ray.data import describe_builtins, format_builtins
+    from muki_ray.data.sources import describe_builtins, format_builtins
 
     print(format_builtins(describe_builtins()))
     return 0
@@ -199,7 +199,7 @@ def cmd_datasets(args) -> int:
 def cmd_schema(args) -> int:
     import re
 
-    from muki_ray.schema_doc import schema_markdown
+    from muki_ray.config.schema_doc import schema_markdown
 
     md = schema_markdown()
     if args.update:
@@ -250,21 +250,21 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(fn=cmd_classify)
     sub.add_parser("datasets", help="list the built-in datasets").set_defaults(fn=cmd_datasets)
     sp = sub.add_parser("schema", help="print the config schema as Markdown")
-    sp.add_argument("--update", metavar="README", help="rewrite the schema block of this Markdown file")
+    sp.add_argument("--update", metavar="FILE", help="rewrite the schema block of this Markdown file")
     sp.set_defaults(fn=cmd_schema)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from muki_ray.console import configure, discard_run_log
+    from muki_ray.core.console import configure, discard_run_log
 
     configure(args.verbose)
-    from muki_ray.cluster import ClusterError
-    from muki_ray.data import DataError
-    from muki_ray.hf_folder import ModelLoadError
-    from muki_ray.preflight import OutputError
-    from muki_ray.schedule import TeacherFailed
+    from muki_ray.core.cluster import ClusterError
+    from muki_ray.data.sources import DataError
+    from muki_ray.core.hf_folder import ModelLoadError
+    from muki_ray.config.preflight import OutputError
+    from muki_ray.stages.schedule import TeacherFailed
 
     try:
         return args.fn(args)
@@ -288,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _failed(e: Exception, line: str) -> int:
     """Print a failure's one line and where its full traceback is (the run log, or here without one)."""
-    from muki_ray.console import run_log_path
+    from muki_ray.core.console import run_log_path
 
     where = run_log_path()
     log.debug("failed", exc_info=e)  # into the run log (and on the console with --verbose)
@@ -299,9 +299,9 @@ def _failed(e: Exception, line: str) -> int:
 
 
 def entry() -> int:
-    """The `muki-ray` command (and `python -m muki_ray.cli`): `main` in a process of its own, whose
+    """The `muki-ray` command (and `python -m muki_ray.run.cli`): `main` in a process of its own, whose
     native stderr (Ray's C++ logs) goes to the run log."""
-    from muki_ray.console import capture_native_output
+    from muki_ray.core.console import capture_native_output
 
     capture_native_output()
     return main()

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import ray
 
-from muki_ray.cli import EXIT_BAD_INPUT, main
-from muki_ray.cluster import ClusterError, check_address
-from muki_ray.config import ConfigError
-from muki_ray.config_file import load_config
-from muki_ray.console import capture_native_output, configure
+from muki_ray.run.cli import EXIT_BAD_INPUT, main
+from muki_ray.core.cluster import ClusterError, check_address
+from muki_ray.config.schema import ConfigError
+from muki_ray.config.config_file import load_config
+from muki_ray.core.console import capture_native_output, configure
 
 SHARED_PREFIXES = ("/mnt/cluster_storage", "/mnt/shared", "/mnt/efs", "/mnt/nfs")
 

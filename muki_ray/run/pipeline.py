@@ -24,33 +24,33 @@ import pyarrow.parquet as pq
 import ray
 import ray.data
 
-from muki_ray.cache import STAGES, TeacherCache, prototypes_model, stage_keys
-from muki_ray.checkpoint import growth, warm_start_folder
-from muki_ray.cluster import Demand, cluster_nodes, refuse_oversized
-from muki_ray.combiner import Combiner, select_scores, selected_shares, supervision
-from muki_ray.config import RunConfig, prepared_settings
-from muki_ray.data import (DataError, check_labels, fold, hashed_sample, io_map, io_read, io_write, read_source,
+from muki_ray.stages.cache import STAGES, TeacherCache, prototypes_model, stage_keys
+from muki_ray.student.checkpoint import growth, warm_start_folder
+from muki_ray.core.cluster import Demand, cluster_nodes, refuse_oversized
+from muki_ray.stages.combiner import Combiner, select_scores, selected_shares, supervision
+from muki_ray.config.schema import RunConfig, prepared_settings
+from muki_ray.data.sources import (DataError, check_labels, fold, hashed_sample, io_map, io_read, io_write, read_source,
                            scan_source)
-from muki_ray.embedding import EmbeddingSpec
-from muki_ray.evaluate import evaluate_dataset
-from muki_ray.hardware import gpu_default
-from muki_ray.hf_folder import label_names, resolve_model_path
-from muki_ray.labels import LabelSpace
-from muki_ray.manifest import begin_stage, finish_stage, fingerprint, is_current, read_manifest, stage_output, \
+from muki_ray.stages.embedding import EmbeddingSpec
+from muki_ray.student.evaluate import evaluate_dataset
+from muki_ray.core.hardware import gpu_default
+from muki_ray.core.hf_folder import label_names, resolve_model_path
+from muki_ray.config.labels import LabelSpace
+from muki_ray.core.manifest import begin_stage, finish_stage, fingerprint, is_current, read_manifest, stage_output, \
     write_json_atomic
-from muki_ray.pool import add_keys, join_bucket, over_buckets, pool_summary, write_bucketed
-from muki_ray.refine_stage import self_train
-from muki_ray.progress import counted, track
-from muki_ray.report import stage_headline, write_report
-from muki_ray.schedule import Job, TeacherFailed, describe_request, run_within, settled_free
-from muki_ray.stats import add
-from muki_ray.strategies import STRATEGIES
-from muki_ray.student import tokenize, train_classifier, training_request, with_gold
-from muki_ray.stage import actor_resources, column, stage_options
-from muki_ray.teachers import cache_columns, predict_teacher, teacher_specs
-from muki_ray.warm_start import probe_warm_head
+from muki_ray.data.pool import add_keys, join_bucket, over_buckets, pool_summary, write_bucketed
+from muki_ray.stages.refine_stage import self_train
+from muki_ray.core.progress import counted, track
+from muki_ray.run.report import stage_headline, write_report
+from muki_ray.stages.schedule import Job, TeacherFailed, describe_request, run_within, settled_free
+from muki_ray.method.stats import add
+from muki_ray.method.strategies import STRATEGIES
+from muki_ray.student.training import tokenize, train_classifier, training_request, with_gold
+from muki_ray.core.stage import actor_resources, column, stage_options
+from muki_ray.stages.teachers import cache_columns, predict_teacher, teacher_specs
+from muki_ray.student.warm_start import probe_warm_head
 
-log = logging.getLogger("muki_ray.pipeline")
+log = logging.getLogger("muki_ray.run.pipeline")
 
 
 def actor_options(cfg: RunConfig, resources) -> dict:

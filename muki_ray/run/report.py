@@ -12,13 +12,13 @@ import numpy as np
 import pyarrow as pa
 import ray.data
 
-from muki_ray.combiner import teacher_arrays
-from muki_ray.console import run_log_path
-from muki_ray.data import io_read
-from muki_ray.integrate import entropy_scores
-from muki_ray.labels import LabelSpace
-from muki_ray.manifest import read_manifest
-from muki_ray.stage import column
+from muki_ray.stages.combiner import teacher_arrays
+from muki_ray.core.console import run_log_path
+from muki_ray.data.sources import io_read
+from muki_ray.method.integrate import entropy_scores
+from muki_ray.config.labels import LabelSpace
+from muki_ray.core.manifest import read_manifest
+from muki_ray.core.stage import column
 
 FIGURE_ROWS = 20_000  # the uncertainty figure is drawn from a seeded sample of at most this many texts
 

@@ -19,12 +19,12 @@ import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from muki_ray.config import RunConfig
-from muki_ray.config_file import teacher_model_path
-from muki_ray.data import source_signature
-from muki_ray.hf_folder import resolve_model_path
-from muki_ray.labels import LabelSpace
-from muki_ray.manifest import MANIFEST, fingerprint, folder_fingerprint, read_manifest, write_json_atomic
+from muki_ray.config.schema import RunConfig
+from muki_ray.config.config_file import teacher_model_path
+from muki_ray.data.sources import source_signature
+from muki_ray.core.hf_folder import resolve_model_path
+from muki_ray.config.labels import LabelSpace
+from muki_ray.core.manifest import MANIFEST, fingerprint, folder_fingerprint, read_manifest, write_json_atomic
 
 CACHE_VERSION = 4  # 2: bucketed parts keyed by (id, text_hash); 3: float64 entropies and scores; 4: 16-bit mask lanes
 STAGES = ("pool", "prepare", "predictions", "targets", "train", "evaluate", "report")

@@ -22,17 +22,17 @@ from typing import Optional
 
 import numpy as np
 
-from muki_ray.data import fold, io_map, list_column
-from muki_ray.integrate import Calibration, entropy_scores, normalize_weights, quality_from_counts, selection_counts
-from muki_ray.labels import LabelSpace
-from muki_ray.owners import OwnerModel, cluster_histograms, clusters_for, fit_owners, row_keys, seed_clusters, \
+from muki_ray.data.sources import fold, io_map, list_column
+from muki_ray.method.integrate import Calibration, entropy_scores, normalize_weights, quality_from_counts, selection_counts
+from muki_ray.config.labels import LabelSpace
+from muki_ray.method.owners import OwnerModel, cluster_histograms, clusters_for, fit_owners, row_keys, seed_clusters, \
     smallest_keys
-from muki_ray.prototypes import _unit, assign_pass, kmeans, owner_weights, seed_responsibilities, teacher_scores
-from muki_ray.stats import add
-from muki_ray.strategies import STRATEGIES, integrate, strategy_scores
-from muki_ray.stage import column, stage_class
+from muki_ray.method.prototypes import _unit, assign_pass, kmeans, owner_weights, seed_responsibilities, teacher_scores
+from muki_ray.method.stats import add
+from muki_ray.method.strategies import STRATEGIES, integrate, strategy_scores
+from muki_ray.core.stage import column, stage_class
 
-log = logging.getLogger("muki_ray.combiner")
+log = logging.getLogger("muki_ray.stages.combiner")
 
 
 def _stack(col: np.ndarray) -> np.ndarray:
@@ -184,7 +184,7 @@ def select_scores(preds_ds, space: LabelSpace, integration, embedding: Optional[
     ds = preds_ds.map_batches(SelectScores(space, integration.strategy, cal), batch_format="numpy", **io_map())
     if integration.prototypes is None:
         return ds, None
-    from muki_ray.embedding import EmbeddingStage  # (here: a combine task imports no torch)
+    from muki_ray.stages.embedding import EmbeddingStage  # (here: a combine task imports no torch)
 
     spec, options = embedding
     emb = ds.map_batches(stage_class("embed", EmbeddingStage), fn_constructor_kwargs={"spec": spec},

@@ -11,11 +11,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from muki_ray.config import PrototypesConfig, TeacherResources, default
-from muki_ray.data import list_column
-from muki_ray.hardware import actor_device
-from muki_ray.hf_folder import load_encoder, load_tokenizer
-from muki_ray.stage import Stage
+from muki_ray.config.schema import PrototypesConfig, TeacherResources, default
+from muki_ray.data.sources import list_column
+from muki_ray.core.hardware import actor_device
+from muki_ray.core.hf_folder import load_encoder, load_tokenizer
+from muki_ray.core.stage import Stage
 
 
 @dataclass(frozen=True)

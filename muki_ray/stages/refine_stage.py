@@ -15,19 +15,19 @@ from pathlib import Path
 
 import numpy as np
 
-from muki_ray.combiner import Combiner, _stack, teacher_arrays
-from muki_ray.hf_folder import resolve_model_path
-from muki_ray.data import fold, io_map, list_column
-from muki_ray.evaluate import ClassifierSpec, ClassifierStage
-from muki_ray.hardware import gpu_default
-from muki_ray.integrate import margin_weights, selection_counts
-from muki_ray.refine import high_margin, margin_cut, refine_scores, teacher_mass
-from muki_ray.stats import Sketch, add
-from muki_ray.strategies import STRATEGIES
-from muki_ray.student import tokenize, train_classifier
-from muki_ray.stage import stage_class, stage_options
+from muki_ray.stages.combiner import Combiner, _stack, teacher_arrays
+from muki_ray.core.hf_folder import resolve_model_path
+from muki_ray.data.sources import fold, io_map, list_column
+from muki_ray.student.evaluate import ClassifierSpec, ClassifierStage
+from muki_ray.core.hardware import gpu_default
+from muki_ray.method.integrate import margin_weights, selection_counts
+from muki_ray.method.refine import high_margin, margin_cut, refine_scores, teacher_mass
+from muki_ray.method.stats import Sketch, add
+from muki_ray.method.strategies import STRATEGIES
+from muki_ray.student.training import tokenize, train_classifier
+from muki_ray.core.stage import stage_class, stage_options
 
-log = logging.getLogger("muki_ray.refine")
+log = logging.getLogger("muki_ray.method.refine")
 
 
 class Judge(ClassifierStage):

@@ -35,9 +35,9 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-from muki_ray.cluster import ClusterError
+from muki_ray.core.cluster import ClusterError
 
-log = logging.getLogger("muki_ray.schedule")
+log = logging.getLogger("muki_ray.stages.schedule")
 
 
 @dataclass(frozen=True)

@@ -30,21 +30,21 @@ import ray
 import ray.data
 import torch
 
-from muki_ray.cache import TeacherCache
-from muki_ray.config import MCConfig, Teacher, TeacherResources, default
-from muki_ray.config_file import teacher_model_path
-from muki_ray import faults
-from muki_ray.data import hash64, io_map, io_write, list_column
-from muki_ray.hardware import actor_device, autocast_dtype, mc_batch_tokens
-from muki_ray.hf_folder import load_classifier, load_tokenizer
-from muki_ray.manifest import write_json_atomic
-from muki_ray.mc_dropout import AdaptiveK, check_sampling, mc_predict
-from muki_ray.pool import missing_rows, over_buckets
-from muki_ray.progress import advance
-from muki_ray.schedule import describe_request
-from muki_ray.stage import COLUMNS, LIST_FIELDS, Stage, actor_resources, column, stage_class, stage_options
+from muki_ray.stages.cache import TeacherCache
+from muki_ray.config.schema import MCConfig, Teacher, TeacherResources, default
+from muki_ray.config.config_file import teacher_model_path
+from muki_ray.core import faults
+from muki_ray.data.sources import hash64, io_map, io_write, list_column
+from muki_ray.core.hardware import actor_device, autocast_dtype, mc_batch_tokens
+from muki_ray.core.hf_folder import load_classifier, load_tokenizer
+from muki_ray.core.manifest import write_json_atomic
+from muki_ray.method.mc_dropout import AdaptiveK, check_sampling, mc_predict
+from muki_ray.data.pool import missing_rows, over_buckets
+from muki_ray.core.progress import advance
+from muki_ray.stages.schedule import describe_request
+from muki_ray.core.stage import COLUMNS, LIST_FIELDS, Stage, actor_resources, column, stage_class, stage_options
 
-log = logging.getLogger("muki_ray.teachers")
+log = logging.getLogger("muki_ray.stages.teachers")
 
 @dataclass(frozen=True)
 class TeacherSpec:

@@ -16,10 +16,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from muki_ray.hf_folder import (head_keys, label_names, load_classifier, load_tokenizer, save_atomic,
+from muki_ray.core.hf_folder import (head_keys, label_names, load_classifier, load_tokenizer, save_atomic,
                                 save_shards_atomic, weight_format, weight_reader)
 
-log = logging.getLogger("muki_ray.student")
+log = logging.getLogger("muki_ray.student.training")
 EXPORT_MAX_PARAMETERS = 10**8  # ZeRO-3 export group without stage3_max_live_parameters in the config
 
 

@@ -14,12 +14,12 @@ from typing import Optional
 import numpy as np
 import torch
 
-from muki_ray.hardware import actor_device
-from muki_ray.hf_folder import load_classifier, load_tokenizer
-from muki_ray.data import fold
-from muki_ray.progress import advance, track
-from muki_ray.stats import add
-from muki_ray.stage import Stage, stage_class
+from muki_ray.core.hardware import actor_device
+from muki_ray.core.hf_folder import load_classifier, load_tokenizer
+from muki_ray.data.sources import fold
+from muki_ray.core.progress import advance, track
+from muki_ray.method.stats import add
+from muki_ray.core.stage import Stage, stage_class
 
 
 def predict_proba(model_dir, texts: list[str], *, max_length: int = 128, batch_size: int = 64,

@@ -22,13 +22,13 @@ from typing import Optional
 
 import numpy as np
 
-from muki_ray import faults
-from muki_ray.checkpoint import append_log, build_model, local_parameters, save_checkpoint, save_student
-from muki_ray.cluster import default_max_failures
-from muki_ray.hf_folder import load_tokenizer
-from muki_ray.progress import advance, track
+from muki_ray.core import faults
+from muki_ray.student.checkpoint import append_log, build_model, local_parameters, save_checkpoint, save_student
+from muki_ray.core.cluster import default_max_failures
+from muki_ray.core.hf_folder import load_tokenizer
+from muki_ray.core.progress import advance, track
 
-log = logging.getLogger("muki_ray.student")
+log = logging.getLogger("muki_ray.student.training")
 
 # ------------------------------------------------------------------ config
 def deepspeed_config(hyper, *, use_gpu: bool, bf16: bool, total_steps: int, user: Optional[dict] = None,
@@ -180,8 +180,8 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import torch
 
-    from muki_ray import losses
-    from muki_ray.hardware import pick_device, release_freed_memory, student_bf16, worker_threads
+    from muki_ray.method import losses
+    from muki_ray.core.hardware import pick_device, release_freed_memory, student_bf16, worker_threads
 
     job = TrainJob(**config["job"])
     hyper = job.hyper
@@ -410,7 +410,7 @@ def fit(job: TrainJob, train_ds, dev_ds, *, run_dir: Path, name: str, num_rows: 
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from muki_ray.hardware import collective_backend
+    from muki_ray.core.hardware import collective_backend
 
     # Checkpoints go to shared storage on a cluster: a shared path or an object-store URI.
     storage = storage_path or str(Path(run_dir).resolve() / "ray_train")
@@ -448,7 +448,7 @@ def with_gold(ds, names):
     """{..., label} -> {..., gold}: the label's index in `names` (-1 when absent)."""
     import pyarrow as pa
 
-    from muki_ray.data import io_map  # data imports Ray Data, which the training workers need not load
+    from muki_ray.data.sources import io_map  # data imports Ray Data, which the training workers need not load
 
     index = {n: i for i, n in enumerate(names)}
 
@@ -479,7 +479,7 @@ def train_classifier(hyper, *, model_path: str, labels: list[str], loss: str, tr
     """
     shard = rows // hyper.num_workers
     if shard < 1:
-        from muki_ray.data import DataError  # not at the top: the training workers need not load Ray Data
+        from muki_ray.data.sources import DataError  # not at the top: the training workers need not load Ray Data
 
         raise DataError(f"train {name}: {rows} training rows cannot feed num_workers={hyper.num_workers} workers")
     if shard < hyper.batch_size:  # else drop_last would leave every epoch with no step at all

@@ -19,11 +19,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from muki_ray.evaluate import ClassifierSpec, ClassifierStage
-from muki_ray.head_probe import fit_head
-from muki_ray.hf_folder import head_keys, label_names, weight_reader
-from muki_ray.progress import advance, track
-from muki_ray.stage import stage_class
+from muki_ray.student.evaluate import ClassifierSpec, ClassifierStage
+from muki_ray.student.head_probe import fit_head
+from muki_ray.core.hf_folder import head_keys, label_names, weight_reader
+from muki_ray.core.progress import advance, track
+from muki_ray.core.stage import stage_class
 
 log = logging.getLogger(__name__)
 
