@@ -3,6 +3,7 @@ and secrets that must never reach the run directory."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import shutil
@@ -138,7 +139,7 @@ def test_write_error_mid_run_names_the_path(run_config, ray_session, monkeypatch
         (run / "prepare" / "blocked").write_text("a file where a folder should be")
         write_json_atomic(target, {"rows": 1})  # a real write that fails like a full or broken disk
 
-    monkeypatch.setitem(__import__("muki_ray.run.pipeline").pipeline.STAGE_FUNCTIONS, "prepare",
+    monkeypatch.setitem(importlib.import_module("muki_ray.run.pipeline").STAGE_FUNCTIONS, "prepare",
                         stage_that_hits_a_write_error)
     assert main(["run", str(cfg)]) == 1
     err = capsys.readouterr().err
