@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, hardware  # noqa: E402
+from common import RESULTS, hardware, markdown_table  # noqa: E402
 from reproduce import METHODS  # noqa: E402
 from reproduce_resume import commit, restore_predictions, run_config, write_atomic  # noqa: E402
 
@@ -131,15 +131,14 @@ def steps_table(steps: list[dict]) -> str:
 
 def probe_table(steps: list[dict]) -> str:
     """The head probe per step: new-label rows predicted as a new label, and their margin, before / after."""
-    md = ["| step | rows | new-label rows | on a new label before / after | margin before / after |",
-          "|---|---|---|---|---|"]
+    rows = [("step", "rows", "new-label rows", "on a new label before / after", "margin before / after")]
     for s in (s for s in steps if s.get("head_probe")):
         p = s["head_probe"]
         b, a = p["before"], p["after"]
-        md.append(f"| {'+'.join(s['teachers'])} | {p['rows']} | {b['new_label_rows']} | "
-                  f"{_f(b['new_rows_on_new'])} / {_f(a['new_rows_on_new'])} | {_f(b['new_margin'])} / "
-                  f"{_f(a['new_margin'])} |")
-    return "\n".join(md)
+        rows.append(("+".join(s["teachers"]), p["rows"], b["new_label_rows"],
+                     f"{_f(b['new_rows_on_new'])} / {_f(a['new_rows_on_new'])}",
+                     f"{_f(b['new_margin'])} / {_f(a['new_margin'])}"))
+    return markdown_table(rows)
 
 
 def render(result: dict) -> str:

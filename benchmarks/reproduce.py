@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, hardware  # noqa: E402
+from common import RESULTS, hardware, markdown_table  # noqa: E402
 
 # method name -> integration overrides
 METHODS = {
@@ -332,11 +332,10 @@ def beyond_table(rows: list[dict]) -> str:
 
 def teachers_table(calib: list[dict]) -> str:
     """Each teacher's calibration on the test split: own-part accuracy, ECE, confidence inside and outside."""
-    md = ["| teacher | own-part acc | ECE own | mean max-prob own | mean max-prob outside | over-confident |",
-          "|---|---|---|---|---|---|"]
-    md += [f"| {c['teacher']} | {c['own_accuracy']:.4f} | {c['ece_own']:.4f} | {c['mean_max_prob_own']:.4f} | "
-           f"{c['mean_max_prob_outside']:.4f} | {c['overconfident']} |" for c in calib]
-    return "\n".join(md)
+    return markdown_table([("teacher", "own-part acc", "ECE own", "mean max-prob own", "mean max-prob outside",
+                            "over-confident")] +
+                          [(c["teacher"], f"{c['own_accuracy']:.4f}", f"{c['ece_own']:.4f}", f"{c['mean_max_prob_own']:.4f}",
+                            f"{c['mean_max_prob_outside']:.4f}", c["overconfident"]) for c in calib])
 
 
 def teacher_order(result: dict) -> list[str]:
