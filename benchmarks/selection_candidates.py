@@ -13,6 +13,9 @@ the default. Per dataset:
     fitted (EM), so a label absent from the pool loses its weight instead of keeping the texts
     nearest its prototype, seeded from `cluster_raw`'s posterior (softmax of the cluster means × 100);
   - `rank+vmf`: the same mixture seeded as the default seeds its prototypes (rank calibration);
+  - `cluster_switch`: where a cluster's mean raw MC score picks one teacher by a margin over the next
+    larger than SWITCH × the mean of the two teachers' interquartile ranges of the raw score over the
+    pool, the cluster's texts take that teacher; elsewhere the default recipe (rank + prototypes) decides;
   and, for comparison, `paper` and `default` from `results/shares.json`.
 
     python benchmarks/selection_candidates.py [--work runs/shares]
@@ -34,6 +37,7 @@ from common import RESULTS  # noqa: E402
 from reproduce_resume import write_atomic  # noqa: E402
 from shares import SHARES, SWEPT, embeddings, load, subsample  # noqa: E402
 
+SWITCH = 0.5  # cluster_switch: raw margin, in units of the teachers' pool IQR, above which raw decides
 TEMP = 100.0   # softmax temperature on cluster-mean MC scores (they lie in [0, 1])
 KAPPA = 0.05   # the prototypes' concentration, as in the engine
 ROUNDS = 30    # EM rounds of the mixture
@@ -84,8 +88,27 @@ def vmf_mixture(emb: np.ndarray, resp: np.ndarray) -> np.ndarray:
     return r
 
 
+def cluster_switch(emb, mc, probs, positions, n_union) -> np.ndarray:
+    """(B,) teacher of each text: the cluster's raw-MC winner where its margin is wide, else the default's."""
+    from muki_ray.method.owners import clusters_for
+    from muki_ray.method.prototypes import prototype_scores
+
+    k = clusters_for(n_union, len(mc))
+    assign = clusters(emb, k)
+    means = np.nan_to_num(cluster_means(mc, assign, k), neginf=-1e9)
+    order = np.argsort(-means, axis=1)
+    top, second = order[:, 0], order[:, 1]
+    margin = means[np.arange(k), top] - means[np.arange(k), second]
+    iqr = np.subtract(*np.quantile(mc, [0.75, 0.25], axis=0))
+    wide = margin > SWITCH * (iqr[top] + iqr[second]) / 2
+    default = prototype_scores(emb, mc, probs, positions, n_union).argmax(axis=1)
+    return np.where(wide[assign], top[assign], default)
+
+
 def select(method: str, emb, mc, probs, positions, n_union) -> np.ndarray:
     """(B,) chosen teacher of each text by one candidate."""
+    if method == "cluster_switch":
+        return cluster_switch(emb, mc, probs, positions, n_union)
     from muki_ray.method.integrate import calibrate, standardize
     from muki_ray.method.owners import clusters_for
     from muki_ray.method.prototypes import _softmax, seed_responsibilities
@@ -151,7 +174,7 @@ def main() -> None:
     ap.add_argument("--bbc-sizes", default="--pool 800 --teacher-texts 800")
     args = ap.parse_args()
     sweep = json.loads((RESULTS / "shares.json").read_text())["datasets"]
-    result = {"shares": list(SHARES), "temperature": TEMP, "kappa": KAPPA, "datasets": {}}
+    result = {"shares": list(SHARES), "temperature": TEMP, "kappa": KAPPA, "switch": SWITCH, "datasets": {}}
     lines = ["# Candidate share-robust selections", "",
              "Written by `benchmarks/selection_candidates.py` (numpy over the stored passes; the share sweep's "
              "pools). Selection accuracy: the chosen teacher owns the gold label.", ""]
@@ -161,7 +184,7 @@ def main() -> None:
         d = load(dataset, args.bbc_sizes.split() if dataset == "bbc_news" else [])
         emb = embeddings(dataset, d["texts"], args.work.resolve())
         swept = list(d["space"].teachers).index(SWEPT[dataset])
-        rows = {m: [] for m in ("cluster_raw", "cluster_raw+vmf", "rank+vmf")}
+        rows = {m: [] for m in ("cluster_raw", "cluster_raw+vmf", "rank+vmf", "cluster_switch")}
         for share in SHARES:
             idx = subsample(d["owner"], swept, share)
             for m in rows:
