@@ -24,6 +24,7 @@ not stored (`--work`): retrained teachers have another fingerprint, and their pi
 
     python benchmarks/mc_depth.py                          # both datasets
     python benchmarks/mc_depth.py --dataset bbc_news
+    python benchmarks/mc_depth.py --assemble               # the results from the pieces present, nothing run
 """
 
 from __future__ import annotations
@@ -257,11 +258,15 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=16, help="K (the engine's default)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads of the in-process passes")
     ap.add_argument("--tolerance", type=float, default=0.005, help="agreement this far under the floor still holds")
+    ap.add_argument("--assemble", action="store_true", help="only write results/mc_depth.{json,md} from the pieces present")
     args = ap.parse_args()
     import logging
 
     logging.basicConfig(level=logging.WARNING)
     pieces = {d: a for d in DATASETS if (a := assemble(d)) is not None}
+    if args.assemble:
+        write(pieces, args)
+        return
     for dataset in args.dataset or DATASETS:
         pieces[dataset] = run_dataset(dataset, sizes(dataset, args), args.work.resolve(), args.threads)
         write(pieces, args)
