@@ -71,8 +71,8 @@ def train_teachers(dataset: str, size: dict, work: Path):
     raw["output_dir"] = str(work / dataset)
     cfg = parse_config(raw)
     space = label_space(cfg)
-    connect(cfg.ray)
     if not is_current(work / dataset / "prepare", *stage_keys(cfg, space, work / dataset, "prepare")):
+        connect(cfg.ray)  # Ray only to train them: a second embedded Ray beside another job's confuses Ray Train
         prepare_stage(cfg, space, work / dataset)
     return cfg, space
 
