@@ -28,6 +28,7 @@ from muki_ray.core.cluster import ClusterError, node_resources, refuse_oversized
 from muki_ray.config.schema import parse_config
 from muki_ray.config.labels import LabelSpace
 from muki_ray.core.manifest import begin_stage, finish_stage, read_manifest
+from muki_ray.data.pool import bucket_of
 from muki_ray.run.pipeline import predict_stage
 from muki_ray.stages.schedule import Job, Stalled, TeacherFailed, actors_that_fit, run_within, settled_free
 from tests.conftest import WORDS
@@ -272,8 +273,23 @@ def test_a_grown_pool_computes_only_its_new_and_changed_rows(tmp_path, tiny_mode
     grown = predict_stage(cfg, space, tmp_path / "run")
     assert grown["rows"] == 330 and grown["rows_computed"] == {"a": 31, "b": 31}
     assert grown["rows_reused"] == {"a": 299, "b": 299}
-    after = {r["id"]: r["a__mc_score"] for r in pq.read_table(tmp_path / "run" / "predictions" / "data").to_pylist()}
+    out = tmp_path / "run" / "predictions" / "data"
+    after = {r["id"]: r["a__mc_score"] for r in pq.read_table(out).to_pylist()}
     assert all(after[k] == v for k, v in before.items() if k != "doc5")  # cached rows are reused as they were
+    # The predictions' buckets that the grown pool holds whole are kept; only their new rows are
+    # written (files part-B-1), and the bucket of the changed text is written whole.
+    changed = bucket_of(["doc5"], cfg.data.buckets)[0]
+    old_ids = [f"doc{i}" for i in range(300)]
+    assert grown["rows_kept"] == 300 - int((bucket_of(old_ids, cfg.data.buckets) == changed).sum())
+    written = {i for f in out.glob("part-*-1.parquet") for i in pq.read_table(f).column("id").to_pylist()}
+    new_ids = [f"doc{i}" for i in range(300, 330)]
+    assert written == {i for i, b in zip(new_ids, bucket_of(new_ids, cfg.data.buckets)) if b != changed}
+    assert not (tmp_path / "run" / ".predictions.previous").exists()
+    # ... and they are what a join from scratch writes.
+    grown_table = pq.read_table(out).sort_by("id")
+    shutil.rmtree(tmp_path / "run" / "predictions")
+    assert predict_stage(cfg, space, tmp_path / "run")["rows_kept"] == 0
+    assert pq.read_table(out).sort_by("id").equals(grown_table)
 
 
 def test_diff_and_run_agree_on_what_reruns(tmp_path, tiny_models, ray_session, monkeypatch, capsys):

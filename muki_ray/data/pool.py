@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -167,32 +169,92 @@ def match(left: pa.Table, right: pa.Table) -> tuple[np.ndarray, np.ndarray]:
     return m.column("__i").to_numpy(), m.column("__j").to_numpy()
 
 
-def join_bucket(bucket: int, pool_root: str, teachers: list, out_dir: str, labeled: bool) -> pa.Table:
+def cached_columns(rows: pa.Table, cached: pa.Table, parts: list[str], bucket: int, columns: list[str]) -> pa.Table:
+    """COLUMNS of a teacher's cached predictions for ROWS, in ROWS' order.
+
+    cached: the teacher's keys in the bucket, one per key, with `__part` and `__row` (where each
+    is stored); every row of ROWS has one. Only the parts that hold some of ROWS are read."""
+    i, j = match(rows, cached)
+    j = j[np.argsort(i)]
+    part, row = cached.column("__part").to_numpy()[j], cached.column("__row").to_numpy()[j]
+    grouped = np.argsort(part, kind="stable")  # ROWS' positions, part by part
+    tables = [read_bucket(Path(parts[p]), bucket, columns).take(pa.array(row[part == p])) for p in np.unique(part)]
+    inverse = np.empty_like(grouped)
+    inverse[grouped] = np.arange(len(grouped))
+    return pa.concat_tables(tables).take(pa.array(inverse))
+
+
+def kept_files(previous: Optional[str], bucket: int, pool: pa.Table, columns: list[str]) -> tuple[list[str], pa.Table]:
+    """The files of the previous predictions' bucket that stay as they are, and their keys.
+
+    They stay when every row they hold is still in the pool bucket with the same text, and they
+    hold exactly `columns` (the same teachers, the same pool columns): a grown pool then writes
+    only its new rows. Otherwise nothing is kept (the bucket is written whole)."""
+    files = sorted(str(f) for f in Path(previous).glob(f"part-{bucket:05d}*.parquet")) if previous else []
+    if not files or any(pq.read_schema(f).names != columns for f in files):
+        return [], pa.table({"id": pa.array([], pa.string()), "text_hash": pa.array([], pa.int64())})
+    same = KEYS + (["label"] if "label" in columns else [])  # a relabeled row is rewritten too
+    old = pa.concat_tables([pq.read_table(f, columns=same) for f in files])
+    gone = same_as(old).join(same_as(pool.select(same)), keys=same, join_type="left anti", use_threads=False).num_rows
+    return ([], old.select(KEYS).slice(0, 0)) if gone else (files, old.select(KEYS))
+
+
+def same_as(t: pa.Table) -> pa.Table:
+    """T with its missing labels as one value, so that a join matches them."""
+    i = t.schema.get_field_index("label")
+    return t if i < 0 else t.set_column(i, "label", pc.fill_null(t.column("label").cast(pa.string()), "\0"))
+
+
+def link(src: str, dst: Path) -> None:
+    """DST as a hard link to SRC (a copy where the file system has none)."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def join_bucket(bucket: int, pool_root: str, teachers: list, out_dir: str, labeled: bool,
+                previous: Optional[str] = None) -> pa.Table:
     """Write one bucket of the predictions: pool rows joined with every teacher's cached columns.
 
     teachers: [(name, [cache part folders], [its column names])] in config order. Writes
-    OUT_DIR/part-BBBBB.parquet (rows in id order) and returns one row {bucket, rows, missing,
-    nodes}: `missing` names a teacher and a pool id its cache lacks (the driver raises), `nodes`
-    counts each teacher's rows by the node that computed them.
+    OUT_DIR/part-BBBBB[-N].parquet {id, text, [label], text_hash, teachers' columns} and returns
+    one row {bucket, rows, kept, missing, nodes}: `missing` names a teacher and a pool id its cache
+    lacks (the driver raises), `nodes` counts each teacher's rows by the node that computed them.
+
+    previous: the predictions folder of an earlier run with the same teachers. Its files of this
+    bucket that the pool still holds whole are linked, not rewritten (`kept_files`), and only the
+    pool's other rows are joined and written, in a file of their own: a pool grown by new rows
+    costs their join and write, not the pool's. Each teacher's keys are read first, so only the
+    cache parts that hold the written rows are read whole.
     """
-    pool = read_bucket(Path(pool_root), bucket, ["id", "text"] + (["label"] if labeled else []) + ["text_hash"])
+    cols = ["id", "text"] + (["label"] if labeled else []) + ["text_hash"]
+    pool = read_bucket(Path(pool_root), bucket, cols)
     pool = pool.sort_by("id") if pool.num_rows else pool
-    out, nodes, missing = pool.drop(["text_hash"]) if pool.num_rows else pool, {}, None
-    for name, parts, columns in teachers if pool.num_rows else []:
-        tables = [t for t in (read_bucket(Path(p), bucket, KEYS + ["node"] + columns) for p in parts) if t.num_rows]
-        cached = first_per_key(pa.concat_tables(tables)) if tables else None
+    columns = cols + [c for _, _, cs in teachers for c in cs]
+    kept, old = kept_files(previous, bucket, pool, columns) if pool.num_rows else ([], None)
+    new = pool.join(old, keys=KEYS, join_type="left anti", use_threads=False).sort_by("id") if kept else pool
+    out, nodes, missing = new, {}, None
+    for name, parts, tcols in teachers if pool.num_rows else []:
+        keys = [read_bucket(Path(p), bucket, KEYS + ["node"]) for p in parts]
+        where = np.concatenate([np.full(k.num_rows, n) for n, k in enumerate(keys)]) if keys else np.zeros(0, int)
+        row = np.concatenate([np.arange(k.num_rows) for k in keys]) if keys else np.zeros(0, int)
+        cached = first_per_key(pa.concat_tables(keys).append_column("__part", pa.array(where))
+                               .append_column("__row", pa.array(row))) if keys and sum(map(len, keys)) else None
         i, j = match(pool, cached) if cached is not None else (np.zeros(0, int), np.zeros(0, int))
         if len(i) < pool.num_rows:
             absent = np.setdiff1d(np.arange(pool.num_rows), i)[0]
             missing = f"teacher {name!r}: its cache lacks pool id {pool.column('id')[int(absent)].as_py()!r}"
             break
-        order = np.argsort(i)  # back to the pool's id order
-        picked = cached.take(pa.array(j[order]))
-        counts = pc.value_counts(picked.column("node")).to_pylist()
+        counts = pc.value_counts(cached.column("node").take(pa.array(j))).to_pylist()
         nodes[name] = {c["values"]: c["counts"] for c in counts}
-        for c in columns:
-            out = out.append_column(c, picked.column(c))
-    if missing is None and pool.num_rows:
-        pq.write_table(out, str(Path(out_dir) / f"part-{bucket:05d}.parquet"))
-    return pa.table({"bucket": [bucket], "rows": [pool.num_rows], "missing": pa.array([missing], pa.string()),
-                     "nodes": [json.dumps(nodes)]})
+        if new.num_rows:
+            picked = cached_columns(new, cached, parts, bucket, tcols)
+            for c in tcols:
+                out = out.append_column(c, picked.column(c))
+    if missing is None and new.num_rows:
+        pq.write_table(out, str(Path(out_dir) / f"part-{bucket:05d}{f'-{len(kept)}' if kept else ''}.parquet"))
+    for f in kept:
+        link(f, Path(out_dir) / Path(f).name)
+    return pa.table({"bucket": [bucket], "rows": [pool.num_rows], "kept": [old.num_rows if kept else 0],
+                     "missing": pa.array([missing], pa.string()), "nodes": [json.dumps(nodes)]})

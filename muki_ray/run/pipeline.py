@@ -36,8 +36,8 @@ from muki_ray.student.evaluate import evaluate_dataset
 from muki_ray.core.hardware import gpu_default
 from muki_ray.core.hf_folder import label_names, resolve_model_path
 from muki_ray.config.labels import LabelSpace
-from muki_ray.core.manifest import begin_stage, finish_stage, fingerprint, is_current, read_manifest, stage_output, \
-    write_json_atomic
+from muki_ray.core.manifest import begin_stage, finish_stage, fingerprint, is_current, read_manifest, set_aside, \
+    stage_output, write_json_atomic
 from muki_ray.data.pool import add_keys, join_bucket, over_buckets, pool_summary, write_bucketed
 from muki_ray.stages.refine_stage import self_train
 from muki_ray.core.progress import counted, track
@@ -188,6 +188,8 @@ def predict_stage(cfg: RunConfig, space: LabelSpace, run_dir: Path) -> dict:
     run_dir = Path(run_dir)
     pool = ensure_pool(cfg, space, run_dir)
     config_hash, inputs = stage_keys(cfg, space, run_dir, "predictions")
+    # The same teachers' predictions of an earlier pool: its rows that the pool still holds are kept.
+    previous = set_aside(run_dir / "predictions", config_hash)
     stage_dir = begin_stage(run_dir / "predictions")
     pool_root, buckets = run_dir / "pool" / "data", cfg.data.buckets
     specs = teacher_specs(cfg, space)
@@ -218,13 +220,15 @@ def predict_stage(cfg: RunConfig, space: LabelSpace, run_dir: Path) -> dict:
         n = results[s.name]["computed"]
         log.debug("predict: teacher %s %s", s.name, f"computed {n} rows (K={s.samples})" if n else "reused its cache")
     teachers = [(s.name, cache.parts(), cache_columns(s.name)) for s, cache in zip(specs, caches)]
-    nodes = {s.name: {} for s in specs}
+    nodes, kept = {s.name: {} for s in specs}, 0
     with stage_output(stage_dir, "data") as tmp:
         for b in over_buckets(join_bucket, buckets, pool_root=str(pool_root), teachers=teachers, out_dir=str(tmp),
-                              labeled=cfg.data.pool_gold_labels).iter_batches(batch_format="pyarrow", batch_size=None):
+                              labeled=cfg.data.pool_gold_labels, previous=previous and str(previous / "data")
+                              ).iter_batches(batch_format="pyarrow", batch_size=None):
             for rec in b.to_pylist():
                 if rec["missing"]:
                     raise RuntimeError(f"predict: {rec['missing']}")
+                kept += rec["kept"]
                 for name, by_node in json.loads(rec["nodes"]).items():
                     for node, n in by_node.items():
                         nodes[name][node] = nodes[name].get(node, 0) + n
@@ -232,11 +236,14 @@ def predict_stage(cfg: RunConfig, space: LabelSpace, run_dir: Path) -> dict:
     if rows != pool["rows"]:
         raise RuntimeError(f"predict: wrote {rows} rows for {pool['rows']} pool texts")
     computed = {s.name: results[s.name]["computed"] for s in specs}
-    return finish_stage(stage_dir, config_hash=config_hash, inputs=inputs, rows=rows, started=started, extra={
+    done = finish_stage(stage_dir, config_hash=config_hash, inputs=inputs, rows=rows, started=started, extra={
         "teachers": [s.name for s in specs], "computed": [n for n, c in computed.items() if c],
         "reused": sorted(n for n, c in computed.items() if not c), "rows_computed": computed,
-        "rows_reused": {n: rows - c for n, c in computed.items()}, "schedule": timeline,
+        "rows_reused": {n: rows - c for n, c in computed.items()}, "rows_kept": kept, "schedule": timeline,
         "busy_s": {s.name: results[s.name]["busy_s"] for s in specs}, "nodes": nodes})
+    if previous is not None:
+        shutil.rmtree(previous, ignore_errors=True)
+    return done
 
 
 # ------------------------------------------------------------------ targets
