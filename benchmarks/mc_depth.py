@@ -14,7 +14,10 @@ score), selection accuracy (the picked teacher owns the gold label) and supervis
 argmax is the gold label). Speed: every variant's seconds on `speed_texts` of them, the variants
 interleaved in one run, best of 2 rounds, and the speedup over exact. The recommended depth is the
 cheapest N whose agreement is within the noise floor on every dataset measured (within `--tolerance`
-of `exact, other seed`); if none is, exact MC stays the default.
+of `exact, other seed`); if none is, exact MC stays the default. The pick stands only where the
+pieces can resolve it: one standard error of an agreement difference near the floor f,
+sqrt(2 (1 - f) / texts), must not exceed the tolerance (about 1,600 texts at f = 0.98 and 0.005);
+a smaller run names the depth the rule would pick and keeps exact MC.
 
 Each variant is a piece, `results/runs/mc_depth/<dataset>/<variant>.json` (its picks per text, the
 teachers' folder fingerprint, sizes, commit, hardware), and so is the speed run (`speed.json`),
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -51,7 +55,8 @@ PIECES = RESULTS / "runs" / "mc_depth"
 
 
 def sizes(dataset: str, args) -> dict:
-    return {**SIZES[dataset], "samples": args.samples, "max_length": 128, "teacher_lr": 3e-4, "epochs": 3,
+    texts = {"texts": args.texts} if args.texts else {}
+    return {**SIZES[dataset], **texts, "samples": args.samples, "max_length": 128, "teacher_lr": 3e-4, "epochs": 3,
             "seed": 0}
 
 
@@ -174,6 +179,7 @@ def assemble(dataset: str) -> Optional[dict]:
             continue
         rows.append({"variant": name, "layers": p["layers"],
                      "agreement": float(np.mean(np.array(p["pick"]) == np.array(exact["pick"]))),
+                     "disagreements": int(np.sum(np.array(p["pick"]) != np.array(exact["pick"]))),
                      "selection_accuracy": p["selection_accuracy"], "supervision_accuracy": p["supervision_accuracy"],
                      "seconds": speed.get("seconds", {}).get(name), "speedup": speed.get("speedup", {}).get(name)})
     if not speed:
@@ -199,8 +205,29 @@ def recommend(pieces: dict, tolerance: float) -> dict:
     if not ok:
         return {"layers": None, "why": "no depth below the full one agrees with exact MC within the noise floor "
                 f"(tolerance {tolerance}) on every measured dataset: exact MC stays the default"}
+    # Whether the pieces can tell a depth from the floor at all: the standard error of the difference
+    # of two agreement rates near the floor f over n texts is about sqrt(2 (1 - f) / n). Where it is
+    # larger than the tolerance, the pick rests on a text or two, and a default that changes every
+    # teacher's numbers and every cache key is not changed on it.
+    coarse = {d: resolution(p) for d, p in sorted(pieces.items()) if resolution(p) > tolerance}
+    if coarse:
+        need = max(texts_needed(p, tolerance) for p in pieces.values())
+        return {"layers": None, "rule_pick": ok[0], "why": f"the rule picks {ok[0]} layers, but one standard error "
+                "of an agreement difference (" + ", ".join(f"{d} {v:.3f}" for d, v in coarse.items()) +
+                f") is larger than the tolerance {tolerance}: at this size the pick rests on one or two texts. "
+                f"Exact MC stays the default until a run with about {need:,} texts per dataset (--texts) resolves it"}
     return {"layers": ok[0], "why": f"the cheapest depth within {tolerance} of the noise floor on "
             f"{', '.join(sorted(pieces))}"}
+
+
+def resolution(piece: dict) -> float:
+    """One standard error of the difference of two agreement rates near the piece's noise floor."""
+    return math.sqrt(2 * max(1 - floor(piece), 1 / piece["sizes"]["texts"]) / piece["sizes"]["texts"])
+
+
+def texts_needed(piece: dict, tolerance: float) -> int:
+    """Texts at which `resolution` falls to `tolerance`, at the piece's noise floor."""
+    return int(math.ceil(round(2 * max(1 - floor(piece), 0.005) / tolerance ** 2 / 100, 6)) * 100)
 
 
 def floor(piece: dict) -> float:
@@ -228,11 +255,11 @@ def render(out: dict) -> str:
                   f"Sizes: {p['sizes']}; {len(p['teachers'])} teachers ({', '.join(p['teachers'])}); depth "
                   f"{p['depth']}; {p['threads']} torch threads; {p['hardware']}; commits {', '.join(p['commits'])}."
                   + (f" Missing: {', '.join(p['missing'])}." if p["missing"] else ""), "",
-                  "| variant | sampled layers | seconds | speedup | agreement with exact | selection acc | "
-                  "supervision acc |", "|---|---|---|---|---|---|---|"]
+                  "| variant | sampled layers | seconds | speedup | agreement with exact | texts that pick another "
+                  "teacher | selection acc | supervision acc |", "|---|---|---|---|---|---|---|---|"]
         lines += [f"| {r['variant']} | {r['layers']} | {fmt(r['seconds'], 1)} | {fmt(r['speedup'], 2)} | "
-                  f"{r['agreement']:.3f} | {r['selection_accuracy']:.3f} | {r['supervision_accuracy']:.3f} |"
-                  for r in p["rows"]]
+                  f"{r['agreement']:.3f} | {r.get('disagreements', '-')} | {r['selection_accuracy']:.3f} | "
+                  f"{r['supervision_accuracy']:.3f} |" for r in p["rows"]]
         lines += [""]
     lines += [f"Recommended default depth: {rec['layers'] or 'every layer (exact MC)'}: {rec['why']}.", ""]
     return "\n".join(lines)
@@ -257,6 +284,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("runs/mc_depth"), help="teachers' folders (not stored)")
     ap.add_argument("--samples", type=int, default=16, help="K (the engine's default)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads of the in-process passes")
+    ap.add_argument("--texts", type=int, default=None, help="pool texts per variant (default: SIZES)")
     ap.add_argument("--tolerance", type=float, default=0.005, help="agreement this far under the floor still holds")
     ap.add_argument("--assemble", action="store_true", help="only write results/mc_depth.{json,md} from the pieces present")
     args = ap.parse_args()

@@ -63,12 +63,13 @@ def test_benchmarks_without_results_yet_have_a_renderer(tmp_path):
            "selection_accuracy": 0.61, "supervision_accuracy": 0.6}
     piece = {"sizes": {"texts": 200}, "teachers": ["t1", "t2"], "depth": 6, "threads": 2, "hardware": "cpu",
              "commits": ["abc"], "missing": [], "rows": [row, {**row, "variant": "layers 1", "layers": 1,
-                                                               "speedup": 4.19, "agreement": 0.9437}]}
+                                                               "speedup": 4.19, "agreement": 0.9437,
+                                                               "disagreements": 11}]}
     (tmp_path / "mc_depth.json").write_text(json.dumps({"datasets": {"bbc_news": piece}, "missing": ["20newsgroups"],
                                                         "recommended": {"layers": None, "why": "none holds"},
                                                         "tolerance": 0.005}))
     md = report.render("mc_depth", tmp_path)
-    assert "| layers 1 | 1 | 12.5 | 4.19 | 0.944 | 0.610 | 0.600 |" in md and "Pieces missing: 20newsgroups" in md
+    assert "| layers 1 | 1 | 12.5 | 4.19 | 0.944 | 11 | 0.610 | 0.600 |" in md and "Pieces missing: 20newsgroups" in md
     teachers = {"t1": 0.98, "ng_sci": 0.9}
     r = {"method": "default", "selection_acc": 0.8, "supervision_acc": 0.75, "student_acc": 0.7,
          "per_teacher_acc": {"t1": 0.9, "ng_sci": 0.5}, "per_teacher": {t: {"recall": 0.5} for t in teachers}}
@@ -78,3 +79,22 @@ def test_benchmarks_without_results_yet_have_a_renderer(tmp_path):
          "rows": [r], "goals": ["default ≥ paper's preset: met"]}))
     md = report.render("cross_corpus", tmp_path)
     assert "| default | 0.800 | 0.750 | 0.700 | 0.900 | 0.500 | 0.500 | 0.500 |" in md and "- default ≥ paper" in md
+
+
+def test_mc_depth_keeps_exact_mc_until_the_pieces_can_resolve_the_depth():
+    """The rule's pick stands only where one standard error of an agreement difference is within the
+    tolerance: at 200 texts a floor of 0.98 cannot tell 0.975 from it; at 2,000 texts it can."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import mc_depth
+
+    def piece(texts, agreements):
+        rows = [{"variant": "exact, other seed", "agreement": 0.98}] + \
+            [{"variant": f"layers {n}", "agreement": a} for n, a in enumerate(agreements, 1)]
+        return {"sizes": {"texts": texts}, "depth": 4, "missing": [], "rows": rows}
+
+    small = {d: piece(200, [0.95, 0.975, 0.98]) for d in mc_depth.DATASETS}
+    rec = mc_depth.recommend(small, 0.005)
+    assert rec["layers"] is None and rec["rule_pick"] == 2 and "1,600 texts" in rec["why"]
+    large = {d: piece(2000, [0.95, 0.975, 0.98]) for d in mc_depth.DATASETS}
+    assert mc_depth.recommend(large, 0.005)["layers"] == 2
+    assert mc_depth.recommend({d: piece(2000, [0.9, 0.9, 0.9]) for d in mc_depth.DATASETS}, 0.005)["layers"] is None
