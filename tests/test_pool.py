@@ -87,3 +87,24 @@ def test_a_row_no_cache_part_holds_is_named(tmp_path):
     part = write(tmp_path / "c", "a.parquet", cache_rows({"d0": "text 0"}, "n", lambda i: 1.0))
     out, rec = join(tmp_path, "out", write(tmp_path / "p", "a.parquet", pool_rows(texts, dict.fromkeys(texts))), [part])
     assert rec["missing"] == "teacher 't': its cache lacks pool id 'd1'" and not list(out.iterdir())
+
+
+def test_an_earlier_output_is_set_aside_for_the_same_config_and_found_again_after_a_crash(tmp_path):
+    from muki_ray.core.manifest import begin_stage, finish_stage, read_manifest, set_aside
+
+    def complete(config_hash):
+        stage = begin_stage(tmp_path / "predictions")
+        (stage / "data").mkdir()
+        (stage / "data" / "part-00000.parquet").write_bytes(b"x")
+        finish_stage(stage, config_hash=config_hash, inputs={}, rows=1, started=0.0)
+
+    complete("k1")
+    aside = set_aside(tmp_path / "predictions", "k1")
+    assert aside == tmp_path / ".predictions.previous" and (aside / "data" / "part-00000.parquet").exists()
+    assert not (tmp_path / "predictions").exists()
+    begin_stage(tmp_path / "predictions")  # the new run crashes before its manifest: the rerun finds it again
+    assert set_aside(tmp_path / "predictions", "k1") == aside and read_manifest(aside)["config_hash"] == "k1"
+    assert set_aside(tmp_path / "predictions", "k2") is None and not aside.exists()  # other teachers: dropped
+    complete("k1")
+    assert set_aside(tmp_path / "predictions", "k2") is None  # a complete output of another config stays
+    assert read_manifest(tmp_path / "predictions")["config_hash"] == "k1"
