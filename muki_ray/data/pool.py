@@ -169,34 +169,49 @@ def match(left: pa.Table, right: pa.Table) -> tuple[np.ndarray, np.ndarray]:
     return m.column("__i").to_numpy(), m.column("__j").to_numpy()
 
 
-def cached_columns(rows: pa.Table, cached: pa.Table, parts: list[str], bucket: int, columns: list[str]) -> pa.Table:
-    """COLUMNS of a teacher's cached predictions for ROWS, in ROWS' order.
+def cached_keys(parts: list[str], bucket: int) -> Optional[pa.Table]:
+    """A teacher's keys in one bucket, one per key, with `node` and where each row is stored
+    (`__part`, `__row`); None when no part holds a row of the bucket."""
+    keys = [read_bucket(Path(p), bucket, KEYS + ["node"]) for p in parts]
+    if not sum(k.num_rows for k in keys):
+        return None
+    where = np.concatenate([np.full(k.num_rows, n) for n, k in enumerate(keys)])
+    row = np.concatenate([np.arange(k.num_rows) for k in keys])
+    return first_per_key(pa.concat_tables(keys).append_column("__part", pa.array(where))
+                         .append_column("__row", pa.array(row)))
 
-    cached: the teacher's keys in the bucket, one per key, with `__part` and `__row` (where each
-    is stored); every row of ROWS has one. Only the parts that hold some of ROWS are read."""
-    i, j = match(rows, cached)
-    j = j[np.argsort(i)]
+
+def cached_columns(cached: pa.Table, j: np.ndarray, parts: list[str], bucket: int, columns: list[str]) -> pa.Table:
+    """COLUMNS of the cached rows j of a teacher (`cached_keys`), in j's order. Only the parts that
+    hold some of them are read."""
     part, row = cached.column("__part").to_numpy()[j], cached.column("__row").to_numpy()[j]
-    grouped = np.argsort(part, kind="stable")  # ROWS' positions, part by part
+    grouped = np.argsort(part, kind="stable")  # j's positions, part by part
     tables = [read_bucket(Path(parts[p]), bucket, columns).take(pa.array(row[part == p])) for p in np.unique(part)]
     inverse = np.empty_like(grouped)
     inverse[grouped] = np.arange(len(grouped))
     return pa.concat_tables(tables).take(pa.array(inverse))
 
 
-def kept_files(previous: Optional[str], bucket: int, pool: pa.Table, columns: list[str]) -> tuple[list[str], pa.Table]:
-    """The files of the previous predictions' bucket that stay as they are, and their keys.
+def kept_files(previous: Optional[str], bucket: int, pool: pa.Table,
+               columns: list[str]) -> tuple[list[str], np.ndarray]:
+    """The files of the previous predictions' bucket that stay as they are, and which pool rows
+    they do not hold (a mask over POOL).
 
     They stay when every row they hold is still in the pool bucket with the same text, and they
     hold exactly `columns` (the same teachers, the same pool columns): a grown pool then writes
     only its new rows. Otherwise nothing is kept (the bucket is written whole)."""
+    every = np.ones(pool.num_rows, dtype=bool)
     files = sorted(str(f) for f in Path(previous).glob(f"part-{bucket:05d}*.parquet")) if previous else []
     if not files or any(pq.read_schema(f).names != columns for f in files):
-        return [], pa.table({"id": pa.array([], pa.string()), "text_hash": pa.array([], pa.int64())})
+        return [], every
     same = KEYS + (["label"] if "label" in columns else [])  # a relabeled row is rewritten too
-    old = pa.concat_tables([pq.read_table(f, columns=same) for f in files])
-    gone = same_as(old).join(same_as(pool.select(same)), keys=same, join_type="left anti", use_threads=False).num_rows
-    return ([], old.select(KEYS).slice(0, 0)) if gone else (files, old.select(KEYS))
+    old = same_as(pa.concat_tables([pq.read_table(f, columns=same) for f in files]))
+    if old.join(same_as(pool.select(same)), keys=same, join_type="left anti", use_threads=False).num_rows:
+        return [], every
+    held = pool.select(KEYS).append_column("__i", pa.array(np.arange(pool.num_rows))) \
+        .join(old.select(KEYS), keys=KEYS, join_type="inner", use_threads=False).column("__i").to_numpy()
+    every[held] = False
+    return files, every
 
 
 def same_as(t: pa.Table) -> pa.Table:
@@ -231,30 +246,27 @@ def join_bucket(bucket: int, pool_root: str, teachers: list, out_dir: str, label
     cols = ["id", "text"] + (["label"] if labeled else []) + ["text_hash"]
     pool = read_bucket(Path(pool_root), bucket, cols)
     pool = pool.sort_by("id") if pool.num_rows else pool
-    columns = cols + [c for _, _, cs in teachers for c in cs]
-    kept, old = kept_files(previous, bucket, pool, columns) if pool.num_rows else ([], None)
-    new = pool.join(old, keys=KEYS, join_type="left anti", use_threads=False).sort_by("id") if kept else pool
-    out, nodes, missing = new, {}, None
+    kept, new = kept_files(previous, bucket, pool, cols + [c for _, _, cs in teachers for c in cs]) \
+        if pool.num_rows else ([], np.zeros(0, dtype=bool))
+    out, nodes, missing = pool.filter(pa.array(new)), {}, None
     for name, parts, tcols in teachers if pool.num_rows else []:
-        keys = [read_bucket(Path(p), bucket, KEYS + ["node"]) for p in parts]
-        where = np.concatenate([np.full(k.num_rows, n) for n, k in enumerate(keys)]) if keys else np.zeros(0, int)
-        row = np.concatenate([np.arange(k.num_rows) for k in keys]) if keys else np.zeros(0, int)
-        cached = first_per_key(pa.concat_tables(keys).append_column("__part", pa.array(where))
-                               .append_column("__row", pa.array(row))) if keys and sum(map(len, keys)) else None
+        cached = cached_keys(parts, bucket)
         i, j = match(pool, cached) if cached is not None else (np.zeros(0, int), np.zeros(0, int))
         if len(i) < pool.num_rows:
             absent = np.setdiff1d(np.arange(pool.num_rows), i)[0]
             missing = f"teacher {name!r}: its cache lacks pool id {pool.column('id')[int(absent)].as_py()!r}"
             break
+        j = j[np.argsort(i)]  # each pool row's cached row
         counts = pc.value_counts(cached.column("node").take(pa.array(j))).to_pylist()
         nodes[name] = {c["values"]: c["counts"] for c in counts}
-        if new.num_rows:
-            picked = cached_columns(new, cached, parts, bucket, tcols)
+        if out.num_rows:
+            picked = cached_columns(cached, j[new], parts, bucket, tcols)
             for c in tcols:
                 out = out.append_column(c, picked.column(c))
-    if missing is None and new.num_rows:
+    if missing is None and out.num_rows:
         pq.write_table(out, str(Path(out_dir) / f"part-{bucket:05d}{f'-{len(kept)}' if kept else ''}.parquet"))
     for f in kept:
         link(f, Path(out_dir) / Path(f).name)
-    return pa.table({"bucket": [bucket], "rows": [pool.num_rows], "kept": [old.num_rows if kept else 0],
+    return pa.table({"bucket": [bucket], "rows": [pool.num_rows],
+                     "kept": [pool.num_rows - out.num_rows if kept else 0],
                      "missing": pa.array([missing], pa.string()), "nodes": [json.dumps(nodes)]})
