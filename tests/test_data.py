@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from collections import Counter
 
@@ -13,8 +14,11 @@ import pytest
 
 from muki_ray.run.cli import main
 from muki_ray.config.schema import Source
+from muki_ray.data import sources
 from muki_ray.data.sources import (
     BLOCK_ROWS,
+    PY_WHITESPACE,
+    CheckRows,
     DataError,
     check_labels,
     read_source,
@@ -210,3 +214,78 @@ def test_to_ray_dataset(tmp_path):
     t = read(src(write_jsonl(tmp_path / "d.jsonl", ROWS)))
     ds = to_ray_dataset(t, 3)
     assert ds.num_blocks() == 4 and sorted(r["id"] for r in ds.take_all()) == sorted(r["id"] for r in ROWS)
+
+
+# Lines that the column-wise path must leave to the row-wise one, or read exactly as it does.
+EDGE_LINES = [
+    b'{"id": 7, "text": "an int id", "label": "x"}\n',
+    b'{"id": "b", "text": "an int label", "label": 3}\n',
+    b'{"id": "c", "text": "\\u001c\\u2003 \\u0085", "label": "x"}\n',  # only str.isspace characters
+    b'{"id": "d", "text": "  padded  ", "label": "x"}\n',
+    b'\n',
+    b'   \r\n',
+    b'{"id": "e", "text": "crlf", "label": "x"}\r\n',
+    b'{"id": "f", "text": "two", "label": "x"} {"id": "g", "text": "objects", "label": "x"}\n',
+    b'{"id": "h",\n "text": "over two lines", "label": "x"}\n',
+    b'{"id": "i", "text": "\\ud800 a lone surrogate", "label": "x"}\n',
+    b'{"id": "j", "text": "duplicate", "text": "key", "label": "x"}\n',
+    b'{"id": "k", "text": null, "label": "x"}\n',
+    b'{"id": "l", "text": "no label"}\n',
+    b'{"id": "m", "text": "caf\xe9", "label": "x"}\n',
+    b'[1, 2]\n',
+    b'{"id": "n", "text": NaN, "label": "x"}\n',
+    b'{"id": "o", "text": 5, "label": "x"}\n',
+    b'{"id": "p", "text": "\\ud83d\\ude00 \xf0\x9f\x98\x80", "label": "x", "extra": {"a": [1, null]}}\n',
+    b'{"id": "q", "text": "a nul\\u0000 and", "label": true}\n',
+    b'\xef\xbb\xbf{"id": "r", "text": "a BOM", "label": "x"}\n',
+    b'{"id": "s", "text": "no newline at the end", "label": "x"}',
+]
+
+
+def checked_rows(content: bytes, fmt, row_wise: bool, monkeypatch) -> list[dict]:
+    """CheckRows over the jsonl reader's blocks of CONTENT, column-wise where it can or row-wise only."""
+    with monkeypatch.context() as m:
+        if row_wise:
+            m.setattr(sources, "_parse_clean_jsonl", lambda *a: None)
+            m.setattr(CheckRows, "_clean", lambda self, raw: None)
+        check = CheckRows(fmt, "text", "label", "id", seed=0)
+        blocks = list(sources._jsonl_blocks(io.BytesIO(content), ("id", "text", "label"), "text"))
+        return [r for b in blocks for r in check(b).to_pylist()]
+
+
+@pytest.mark.parametrize("line", EDGE_LINES, ids=range(len(EDGE_LINES)))
+def test_jsonl_read_column_wise_equals_row_wise(line, monkeypatch):
+    """pyarrow parses clean chunks of lines; every other chunk goes line by line, so both paths
+    give the same ids, texts, labels, line numbers and errors whatever a line holds."""
+    good = b"".join(json.dumps({"id": f"g{i}", "text": f"good {i}", "label": "x"}).encode() + b"\n" for i in range(3))
+    content = good + line + (good.replace(b'"g', b'"h') if line.endswith(b"\n") else b"")
+    fmt = sources.FileFormat(kind="jsonl", files=("f.jsonl",), name="f.jsonl", stem="f", has_id=True, has_label=True)
+    assert checked_rows(content, fmt, False, monkeypatch) == checked_rows(content, fmt, True, monkeypatch)
+
+
+def test_a_clean_jsonl_chunk_is_parsed_column_wise():
+    lines = [json.dumps({"id": f"g{i}", "text": f" good {i}", "label": "x", "n": i}).encode() + b"\n" for i in range(5)]
+    t = sources._parse_clean_jsonl(lines, ("id", "text", "label"), "text")
+    assert t is not None and t.column("text").to_pylist() == [f" good {i}" for i in range(5)]
+    assert sources._parse_clean_jsonl(lines[:2] + [b"\n"] + lines[2:], ("id", "text", "label"), "text") is None
+
+
+def test_py_whitespace_is_what_str_strip_removes():
+    assert set(PY_WHITESPACE) == {c for c in map(chr, range(0x110000)) if c.isspace()}
+
+
+def test_typed_columns_checked_column_wise_equal_row_wise(monkeypatch):
+    """Parquet: an int label, a large_string text; a null text in a later block is still named by its row."""
+    fmt = sources.FileFormat(kind="parquet", files=("f.parquet",), name="f.parquet", stem="f", has_id=False,
+                             has_label=True)
+    blocks = [pa.table({"text": pa.array([f"t{i}" for i in range(4)], pa.large_string()), "label": [1, 2, 1, 2],
+                        "__row": range(4), "__i": range(4)}),
+              pa.table({"text": pa.array(["t4", None, " \u3000"], pa.large_string()), "label": [1, 2, 1],
+                        "__row": range(4, 7), "__i": range(4, 7)})]
+    check = CheckRows(fmt, "text", "label", "id", seed=0)
+    assert check._clean(blocks[0]) is not None and check._clean(blocks[1]) is None
+    fast = [check(b).to_pylist() for b in blocks]
+    monkeypatch.setattr(CheckRows, "_clean", lambda self, raw: None)
+    assert fast == [check(b).to_pylist() for b in blocks]
+    assert [r["error"] for r in fast[1]] == [None, "f.parquet: row 5: missing value in text column 'text'",
+                                               "f.parquet: row 6: empty text"]

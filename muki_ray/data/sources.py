@@ -34,6 +34,8 @@ from typing import Iterator, Optional
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.json as pj
 import pyarrow.parquet as pq
 import ray.data
 from ray.data.datasource import FileBasedDatasource
@@ -374,14 +376,15 @@ class RowsDatasource(FileBasedDatasource):
 
     Ray's `read_json` / `read_csv` parse with pyarrow and drop line numbers, so a bad row could
     not be named; this reader keeps Ray's file listing, filesystems and read tasks and replaces
-    only the parse. Blocks: `__row` (int64: line for jsonl/csv, 0-based row otherwise) and
-    `__raw` (jsonl: the line's bytes) or the file's own columns (csv as strings, with
-    `__bad_utf8`; parquet and arrow as stored).
+    only the parse. Blocks: `__row` (int64: line for jsonl/csv, 0-based row otherwise), `__i`
+    (the record's index) and the file's wanted columns (csv as strings, with `__bad_utf8`;
+    parquet and arrow as stored; jsonl parsed by pyarrow chunk by chunk, or null with `__raw`,
+    the line's bytes, where a chunk has a line pyarrow would not read as Python's json does).
     """
 
-    def __init__(self, fmt: FileFormat, columns: tuple[str, ...]):
+    def __init__(self, fmt: FileFormat, columns: tuple[str, ...], text: str):
         super().__init__(list(fmt.files), file_extensions=None)
-        self.fmt, self.wanted = fmt, columns
+        self.fmt, self.wanted, self.text = fmt, columns, text
 
     def _open_input_source(self, filesystem, path, **open_args):
         if self.fmt.kind == "parquet":  # the footer needs random access
@@ -391,8 +394,7 @@ class RowsDatasource(FileBasedDatasource):
     def _read_stream(self, f, path: str) -> Iterator[pa.Table]:
         kind = self.fmt.kind
         if kind == "jsonl":
-            names, types = ("__row", "__i", "__raw"), (pa.int64(), pa.int64(), pa.binary())
-            yield from _chunks(_jsonl_rows(f), names, types)
+            yield from _jsonl_blocks(f, self.wanted, self.text)
         elif kind == "csv":
             names = ("__row", "__i", "__bad_utf8") + self.wanted
             types = (pa.int64(), pa.int64(), pa.bool_()) + (pa.string(),) * len(self.wanted)
@@ -413,13 +415,96 @@ class RowsDatasource(FileBasedDatasource):
         return sum(_ipc_rows(p) for p in files[:files.index(path)]) if path in files else 0
 
 
-def _jsonl_rows(f) -> Iterator[tuple]:
-    """(line number, record index, bytes) of each non-empty line."""
-    i = 0
-    for lineno, raw in enumerate(io.BufferedReader(f, 1 << 20), start=1):
-        if raw.strip():
-            yield lineno, i, raw
-            i += 1
+def _jsonl_blocks(f, wanted: tuple[str, ...], text: str) -> Iterator[pa.Table]:
+    """Blocks of about BLOCK_ROWS lines: {__row, __i, __raw, *wanted}.
+
+    A chunk of lines whose every line is one JSON object with string values for the wanted keys,
+    none missing and no empty text, is parsed by pyarrow (`__raw` null, the wanted columns set);
+    any other chunk is passed on line by line (`__raw` set, the wanted columns null) for CheckRows
+    to parse and name its bad rows. Both give the same rows: the fast path only takes what the
+    line-by-line path would accept unchanged.
+    """
+    reader = io.BufferedReader(f, 1 << 20)
+    lineno = i = 0
+    hint = 1 << 20
+    while True:
+        lines = reader.readlines(hint)
+        if not lines:
+            return
+        parsed = _parse_clean_jsonl(lines, wanted, text)
+        if parsed is not None:
+            n = parsed.num_rows
+            yield _block(np.arange(lineno + 1, lineno + 1 + n), np.arange(i, i + n), pa.nulls(n, pa.binary()),
+                         parsed, wanted)
+            lineno, i = lineno + n, i + n
+        else:
+            rows = []
+            for raw in lines:
+                lineno += 1
+                if raw.strip():
+                    rows.append((lineno, i, raw))
+                    i += 1
+            for s in range(0, len(rows), BLOCK_ROWS):
+                part = rows[s:s + BLOCK_ROWS]
+                n = len(part)
+                yield _block(np.array([r[0] for r in part]), np.array([r[1] for r in part]),
+                             pa.array([r[2] for r in part], pa.binary()), None, wanted, n)
+        hint = max(1 << 16, BLOCK_ROWS * sum(map(len, lines)) // len(lines))
+
+
+def _block(rows: np.ndarray, index: np.ndarray, raw: pa.Array, parsed: Optional[pa.Table],
+           wanted: tuple[str, ...], n: Optional[int] = None) -> pa.Table:
+    n = len(rows) if n is None else n
+    cols = {"__row": pa.array(rows, pa.int64()), "__i": pa.array(index, pa.int64()), "__raw": raw}
+    for c in wanted:
+        cols[c] = parsed.column(c) if parsed is not None else pa.nulls(n, pa.string())
+    return pa.table(cols)
+
+
+# What str.strip() removes (str.isspace), so the column-wise empty-text check matches the row-wise one.
+PY_WHITESPACE = "\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0\u1680" + "".join(map(chr, range(0x2000, 0x200b))) \
+    + "\u2028\u2029\u202f\u205f\u3000"
+
+
+def _one_object_per_line(data: bytes) -> bool:
+    """Whether every line of DATA starts with "{" and ends with "}" (before an optional "\\r").
+
+    With that and as many parsed rows as lines, each line is one object: a blank line, an array
+    or an object over two lines fails it (as does a line with spaces around it: line by line, then).
+    """
+    a = np.frombuffer(data, np.uint8)
+    if not len(a):
+        return False
+    ends = np.flatnonzero(a == 10)
+    if not len(ends) or ends[-1] != len(a) - 1:
+        ends = np.append(ends, len(a))  # a last line without a newline
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    last = ends - 1
+    last = np.where((last >= starts) & (a[np.maximum(last, 0)] == 13), last - 1, last)  # "\r\n"
+    return bool(np.all(last > starts) and np.all(a[starts] == 123) and np.all(a[last] == 125))
+
+
+def _parse_clean_jsonl(lines: list[bytes], wanted: tuple[str, ...], text: str) -> Optional[pa.Table]:
+    """The wanted columns of lines that hold one JSON object each, all clean; None otherwise."""
+    data = b"".join(lines)
+    if not _one_object_per_line(data):
+        return None
+    schema = pa.schema([(c, pa.string()) for c in wanted])
+    try:
+        t = pj.read_json(io.BytesIO(data),
+                         read_options=pj.ReadOptions(use_threads=False, block_size=max(1 << 20, 2 * max(map(len, lines)))),
+                         parse_options=pj.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore"))
+        t.validate(full=True)  # the parser does not check that strings are UTF-8
+    except (pa.ArrowException, ValueError):  # not UTF-8, a number where a string was expected, a duplicate key...
+        return None
+    if t.num_rows != len(lines) or any(t.column(c).null_count for c in wanted) or has_empty(t.column(text)):
+        return None
+    return t
+
+
+def has_empty(texts: pa.ChunkedArray) -> bool:
+    """Whether any text is empty once stripped as str.strip() strips."""
+    return pc.any(pc.equal(pc.utf8_length(pc.utf8_trim(texts, PY_WHITESPACE)), 0)).as_py() or False
 
 
 def _csv_rows(f, wanted) -> Iterator[tuple]:
@@ -471,7 +556,9 @@ class CheckRows:
     """Ray Data batch function: raw reader rows -> {id, text, [label], u, error, fatal}.
 
     `error` is the row's one-line problem (None when the row is good); `fatal` marks problems that
-    `on_bad_row: skip` does not skip (a line that is not JSON). `u` is the row's part hash.
+    `on_bad_row: skip` does not skip (a line that is not JSON). `u` is the row's part hash (zeros
+    when `hashed` is off: a source read whole, without `limit`, needs none).
+    A block without a bad row is checked column by column; a block with one, row by row.
     """
 
     fmt: FileFormat
@@ -479,8 +566,49 @@ class CheckRows:
     label: str
     id: str
     seed: int
+    hashed: bool = True
 
     def __call__(self, raw: pa.Table) -> pa.Table:
+        out = self._clean(raw)
+        if out is None:
+            out = self._rows(raw)
+        n = len(out["id"])
+        out["u"] = pa.array(unit_hash(out["id"].to_pylist(), self.seed) if self.hashed else np.zeros(n))
+        if "error" not in out:
+            out["error"], out["fatal"] = pa.nulls(n, pa.string()), pa.array(np.zeros(n, dtype=bool))
+        else:
+            out["error"], out["fatal"] = out.pop("error"), out.pop("fatal")  # last, in this order
+        return pa.table(out)
+
+    def _clean(self, raw: pa.Table) -> Optional[dict]:
+        """{id, text, [label]} of a block whose every row is good, column-wise; None when a row
+        needs the row-by-row check (a null, an empty text, a type a string is not read from
+        unchanged, bytes that are not UTF-8, a jsonl line not parsed yet)."""
+        f = self.fmt
+        if f.kind == "jsonl" and raw.column("__raw").null_count < raw.num_rows:
+            return None
+        if f.kind == "csv" and pc.any(raw.column("__bad_utf8")).as_py():
+            return None
+        out = {}
+        for key, name, on in (("id", self.id, f.has_id), ("text", self.text, True), ("label", self.label, f.has_label)):
+            if not on:
+                continue
+            col = raw.column(name) if name in raw.column_names else None
+            if col is None or col.null_count:
+                return None
+            if pa.types.is_integer(col.type) and key != "text" or pa.types.is_large_string(col.type):
+                col = col.cast(pa.string())  # str(5) == "5": what the row-wise path makes of it
+            elif not pa.types.is_string(col.type):
+                return None
+            out[key] = col
+        if has_empty(out["text"]):
+            return None
+        if not f.has_id:
+            out["id"] = pa.array([f"{f.stem}:{i}" for i in raw.column("__i").to_pylist()], pa.string())
+        return {k: out[k] for k in ("id", "text", "label") if k in out}
+
+    def _rows(self, raw: pa.Table) -> dict:
+        """The row-by-row check: every row's problem named by its line (or row) number."""
         f = self.fmt
         rows, index = raw.column("__row").to_pylist(), raw.column("__i").to_pylist()
         unit = "line" if f.kind in ("jsonl", "csv") else "row"
@@ -513,10 +641,9 @@ class CheckRows:
         out = {"id": pa.array(ids, pa.string()), "text": pa.array(texts, pa.string())}
         if f.has_label:
             out["label"] = pa.array(labels, pa.string())
-        out["u"] = pa.array(unit_hash(ids, self.seed))
         out["error"] = pa.array(errors, pa.string())
         out["fatal"] = pa.array(fatal, pa.bool_())
-        return pa.table(out)
+        return out
 
 
 def _parse_json_line(raw: bytes):
@@ -544,6 +671,9 @@ def _row_problem(text, label, rid, check: CheckRows) -> Optional[str]:
             return f"text is not valid UTF-8 (byte {e.start})"
     if not str(text).strip():
         return "empty text"
+    for what, v in (("text", text), ("label", label), ("id", rid)):
+        if isinstance(v, str) and _has_surrogates(v):  # a JSON escape such as \\ud800 alone
+            return f"{what} is not valid Unicode (a lone surrogate)"
     if check.fmt.has_label and label is None:
         return f"missing value in label column {check.label!r}"
     if rid is None:
@@ -665,8 +795,9 @@ def _checked(src, fmt: FileFormat, seed: int):
     cols = src.columns
     wanted = tuple(dict.fromkeys(c for c, on in ((cols.id, fmt.has_id), (cols.text, True),
                                                   (cols.label, fmt.has_label)) if on))
-    ds = ray.data.read_datasource(RowsDatasource(fmt, wanted), **io_read())
-    return ds.map_batches(CheckRows(fmt, cols.text, cols.label, cols.id, seed), batch_format="pyarrow",
+    ds = ray.data.read_datasource(RowsDatasource(fmt, wanted, cols.text), **io_read())
+    hashed = tuple(src.part) != (0.0, 1.0) or src.limit is not None  # u decides the part and `limit`'s rows
+    return ds.map_batches(CheckRows(fmt, cols.text, cols.label, cols.id, seed, hashed), batch_format="pyarrow",
                           batch_size=None, **io_map())
 
 
