@@ -52,6 +52,7 @@ DATASETS = ("bbc_news", "20newsgroups")
 SIZES = {"bbc_news": {"teacher_texts": 800, "texts": 200, "speed_texts": 8},
          "20newsgroups": {"teacher_texts": 1200, "texts": 200, "speed_texts": 8}}
 PIECES = RESULTS / "runs" / "mc_depth"
+TEACHER_DEV = 50  # dev texts the teachers' prepare stage picks its best epoch on
 
 
 def sizes(dataset: str, args) -> dict:
@@ -69,7 +70,7 @@ def train_teachers(dataset: str, size: dict, work: Path):
     from muki_ray.core.manifest import is_current
     from muki_ray.run.pipeline import prepare_stage
 
-    ns = argparse.Namespace(pool=size["texts"], teacher_texts=size["teacher_texts"], dev=50, test=400,
+    ns = argparse.Namespace(pool=size["texts"], teacher_texts=size["teacher_texts"], dev=TEACHER_DEV, test=400,
                             samples=size["samples"], max_length=size["max_length"], teacher_lr=size["teacher_lr"],
                             epochs=1, student_lr=2e-4)
     raw = base_config(dataset, ns)
@@ -125,13 +126,32 @@ def speed_piece(cfg, space, size: dict, threads: int, texts: list[str], depth: i
     return {"texts": len(texts), "seconds": best, "speedup": {n: best["exact"] / s for n, s in best.items()}}
 
 
+def pool_texts(dataset: str, n: int):
+    """n texts no teacher saw: the train split's second half (stratified first n), then, where that
+    half is shorter (BBC: 779 texts), the dev split's texts but the teachers' 50 dev texts, then the
+    test split's."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from common import table
+    from muki_ray.config.schema import Source
+
+    parts = [table(Source(source=dataset, split="train", part=(0.5, 1.0), limit=n))]
+    seen = table(Source(source=dataset, split="dev", limit=TEACHER_DEV)).column("id")
+    for split in ("dev", "test"):
+        have = sum(t.num_rows for t in parts)
+        if have < n:
+            t = table(Source(source=dataset, split=split)).select(parts[0].column_names)
+            t = t.filter(pc.invert(pc.is_in(t.column("id"), value_set=seen)))
+            parts.append(t.slice(0, n - have))
+    return pa.concat_tables(parts)
+
+
 def run_dataset(dataset: str, size: dict, work: Path, threads: int) -> dict:
     """Every piece of the dataset still missing, each written as it finishes; the pieces present."""
     import ray
     from transformers import AutoConfig
 
-    from common import table
-    from muki_ray.config.schema import Source
     from muki_ray.config.config_file import teacher_model_path
     from muki_ray.core.manifest import fingerprint, folder_fingerprint
 
@@ -140,8 +160,11 @@ def run_dataset(dataset: str, size: dict, work: Path, threads: int) -> dict:
     folders = [teacher_model_path(cfg, t) for t in cfg.teachers]
     teachers_fp = fingerprint([folder_fingerprint(f) for f in folders])
     depth = AutoConfig.from_pretrained(folders[0]).num_hidden_layers
-    pool = table(Source(source=dataset, split="train", part=(0.5, 1.0), limit=size["texts"]))
+    pool = pool_texts(dataset, size["texts"])
     texts, gold = pool.column("text").to_pylist(), space.encode(pool.column("label").to_pylist())
+    if len(texts) < size["texts"]:  # every unseen text the dataset has; the pieces record how many
+        print(f"{dataset}: {len(texts)} texts no teacher trained on (asked for {size['texts']})", flush=True)
+        size = {**size, "texts": len(texts)}
     folder = PIECES / dataset
     folder.mkdir(parents=True, exist_ok=True)
     common = {"sizes": size, "teachers": [t.name for t in cfg.teachers], "teachers_fingerprint": teachers_fp,
