@@ -88,6 +88,7 @@ def test_hf_save_to_disk_dataset_and_dict(tmp_path):
     (b'{"text": "ok"}\n{"body": "x"}\n', "line 2: missing value in text column 'text'"),
     (b'{"body": "x"}\n', "missing text column 'text'"),
     (b'{"text": "ok"}\n[1, 2]\n', "line 2: expected a JSON object, got list"),
+    (b'{"text": "ok"}\n{"text": "a \\ud800 alone"}\n', "line 2: text is not valid Unicode"),
     (b"", "no rows"),
 ])
 def test_jsonl_bad_rows_named(tmp_path, content, expected):

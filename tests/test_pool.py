@@ -1,15 +1,24 @@
 """The predictions join of one bucket (`pool.join_bucket`), in-process: what it writes, and what
-it keeps of an earlier join when the pool grows."""
+it keeps of an earlier join when the pool grows. The pool stage of a JSONL pool that grew at its
+end: only the new lines read and written (Ray Data)."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
+from muki_ray.config.labels import LabelSpace
+from muki_ray.config.schema import parse_config
+from muki_ray.core.manifest import read_manifest
 from muki_ray.data.pool import join_bucket, text_hash
+from muki_ray.data.sources import DataError, file_state
+from muki_ray.run.pipeline import pool_stage
 
 TEACHERS = [("t", ["t__p"])]
 
@@ -108,3 +117,77 @@ def test_an_earlier_output_is_set_aside_for_the_same_config_and_found_again_afte
     complete("k1")
     assert set_aside(tmp_path / "predictions", "k2") is None  # a complete output of another config stays
     assert read_manifest(tmp_path / "predictions")["config_hash"] == "k1"
+
+
+# ------------------------------------------------------------------ a pool that grew at its end
+def pool_lines(start: int, n: int, ids: bool = True) -> str:
+    return "".join(json.dumps({**({"id": f"d{i}"} if ids else {}), "text": f"text number {i}"}) + "\n"
+                   for i in range(start, start + n))
+
+
+def pool_cfg(tmp_path: Path, pool: Path, tiny_models, **data):
+    cfg = parse_config({"output_dir": str(tmp_path / "run"), "data": {"pool": {"source": str(pool)}, "buckets": 4, **data},
+                        "teachers": [{"name": "a", "model": str(tiny_models["news"])}],
+                        "student": {"model": str(tiny_models["student"])}})
+    return cfg, LabelSpace.from_teachers({"a": ["business", "politics"]})
+
+
+def pool_table(run: Path) -> pa.Table:
+    return pq.read_table(run / "pool" / "data").select(["id", "text", "text_hash"]).sort_by("id")
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("ids", [True, False], ids=["ids", "derived-ids"])
+def test_an_appended_pool_reads_only_its_new_lines_and_equals_a_full_read(tmp_path, tiny_models, ray_session, ids):
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text(pool_lines(0, 200, ids))
+    cfg, space = pool_cfg(tmp_path, pool, tiny_models)
+    run = tmp_path / "run"
+    first = pool_stage(cfg, space, run)
+    assert first["rows"] == 200 and first["rows_kept"] == 0 and first["source_file"] == file_state(pool)
+    old_files = {f.name for f in (run / "pool" / "data").rglob("*.parquet")}
+    with open(pool, "a") as f:
+        f.write(pool_lines(200, 20, ids) + "\n" + pool_lines(220, 5, ids))  # a blank line among them
+    grown = pool_stage(cfg, space, run)
+    assert grown["rows"] == 225 and grown["rows_kept"] == 200
+    files = list((run / "pool" / "data").rglob("*.parquet"))
+    assert old_files <= {f.name for f in files}  # the earlier files, linked
+    new_ids = {i for f in files if f.name not in old_files for i in pq.read_table(f).column("id").to_pylist()}
+    assert len(new_ids) == 25 and not (run / ".pool.previous").exists()
+    if not ids:  # derived ids go on from the earlier records (the blank line is not one)
+        assert new_ids == {f"pool:{i}" for i in range(200, 225)}
+    grown_table = pool_table(run)
+    shutil.rmtree(run / "pool")
+    full = pool_stage(cfg, space, run)
+    assert full["rows_kept"] == 0 and full["fingerprint"] == grown["fingerprint"]
+    assert pool_table(run).equals(grown_table)
+
+
+@pytest.mark.timeout(240)
+def test_an_appended_bad_line_is_named_by_its_line_and_a_changed_file_is_read_whole(tmp_path, tiny_models,
+                                                                                       ray_session):
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text(pool_lines(0, 100))
+    cfg, space = pool_cfg(tmp_path, pool, tiny_models)
+    run = tmp_path / "run"
+    first = pool_stage(cfg, space, run)
+    with open(pool, "a") as f:
+        f.write(pool_lines(100, 2) + json.dumps({"id": "bad", "text": " "}) + "\n")
+    with pytest.raises(DataError, match=r"pool.jsonl: line 103: empty text"):
+        pool_stage(cfg, space, run)
+    assert read_manifest(run / ".pool.previous")["fingerprint"] == first["fingerprint"]  # kept for the rerun
+    pool.write_text(pool_lines(0, 102))  # the bad line removed: still an append
+    assert pool_stage(cfg, space, run)["rows_kept"] == 100
+    os.utime(pool)  # touched, the same bytes: nothing read, everything kept
+    same = pool_stage(cfg, space, run)
+    assert same["rows_kept"] == 102 and same["rows"] == 102
+    lines = pool.read_text().splitlines(keepends=True)
+    lines[3] = json.dumps({"id": "d3", "text": "an edited text"}) + "\n"
+    pool.write_text("".join(lines) + pool_lines(102, 1))  # an earlier line changed: read whole
+    changed = pool_stage(cfg, space, run)
+    assert changed["rows_kept"] == 0 and changed["rows"] == 103
+    assert "an edited text" in pool_table(run).column("text").to_pylist()
+    with open(pool, "a") as f:
+        f.write(json.dumps({"id": "d7", "text": "a duplicate id"}) + "\n")
+    with pytest.raises(DataError, match="duplicate id 'd7'"):
+        pool_stage(cfg, space, run)

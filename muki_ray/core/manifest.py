@@ -70,20 +70,21 @@ def begin_stage(stage_dir: Path) -> Path:
     return stage_dir
 
 
-def set_aside(stage_dir: Path, config_hash: str) -> Optional[Path]:
-    """The complete output of an earlier run of this stage with the same config hash, moved to
-    RUN_DIR/.<stage>.previous before `begin_stage` empties the stage, so the new output can reuse
-    its files; None when there is none. The caller removes it once its own output is complete: a
-    crash in between leaves it there, and the rerun finds it again."""
+def set_aside(stage_dir: Path, value: str, key: str = "config_hash") -> Optional[Path]:
+    """The complete output of an earlier run of this stage whose manifest has the same KEY (the
+    config hash, or another key the stage writes), moved to RUN_DIR/.<stage>.previous before
+    `begin_stage` empties the stage, so the new output can reuse its files; None when there is
+    none. The caller removes it once its own output is complete: a crash in between leaves it
+    there, and the rerun finds it again."""
     stage_dir = Path(stage_dir)
     aside = stage_dir.parent / f".{stage_dir.name}.previous"
     done = read_manifest(stage_dir)
     if done is not None and not stage_dir.is_symlink():  # a shared stage is another run's: never moved
         shutil.rmtree(aside, ignore_errors=True)
-        if done.get("config_hash") == config_hash:
+        if done.get(key) == value:
             os.replace(stage_dir, aside)
     kept = read_manifest(aside)
-    if kept is None or kept.get("config_hash") != config_hash:
+    if kept is None or kept.get(key) != value:
         shutil.rmtree(aside, ignore_errors=True)
         return None
     return aside

@@ -220,6 +220,14 @@ def same_as(t: pa.Table) -> pa.Table:
     return t if i < 0 else t.set_column(i, "label", pc.fill_null(t.column("label").cast(pa.string()), "\0"))
 
 
+def link_all(src_root: Path, dst_root: Path) -> None:
+    """Every bucket file under SRC_ROOT hard-linked into the same bucket under DST_ROOT."""
+    for f in sorted(Path(src_root).glob("bucket=*/*.parquet")):
+        dst = Path(dst_root) / f.parent.name
+        dst.mkdir(parents=True, exist_ok=True)
+        link(str(f), dst / (f.name if not (dst / f.name).exists() else f"previous-{f.name}"))
+
+
 def link(src: str, dst: Path) -> None:
     """DST as a hard link to SRC (a copy where the file system has none)."""
     try:

@@ -332,6 +332,62 @@ def file_format(src) -> FileFormat:
                       has_id=cols.id in columns, has_label=cols.label in columns)
 
 
+@dataclass(frozen=True)
+class Tail:
+    """Where a JSONL file's appended lines start: byte offset, lines and records before it."""
+
+    offset: int
+    lines: int
+    records: int
+
+
+def file_state(path: Path, mark: Optional[int] = None) -> dict:
+    """{size, sha256, lines, records, ends_with_newline} of a JSONL file, streamed in 4 MiB reads
+    (records: non-blank lines, as the reader numbers them); with MARK, the same of its first MARK
+    bytes under "mark". A later run compares the mark with this state to tell an appended file."""
+    h, lines, records, carry, pos, out = hashlib.sha256(), 0, 0, b"", 0, {}
+    with open(path, "rb") as f:
+        while True:
+            step = 1 << 22 if mark is None or pos >= mark else min(1 << 22, mark - pos)
+            chunk = f.read(step)
+            if chunk:
+                h.update(chunk)
+                pos += len(chunk)
+                data = carry + chunk
+                cut = data.rfind(b"\n") + 1
+                done, carry = data[:cut], data[cut:]
+                n = done.count(b"\n")
+                lines += n
+                records += n - sum(1 for line in done.split(b"\n")[:-1] if not line.strip())
+            if mark is not None and pos == mark and "mark" not in out:
+                out["mark"] = {"size": pos, "sha256": h.copy().hexdigest(), "lines": lines + bool(carry),
+                               "records": records + bool(carry.strip()), "ends_with_newline": not carry}
+            if not chunk:
+                break
+    out.update(size=pos, sha256=h.hexdigest(), lines=lines + bool(carry), records=records + bool(carry.strip()),
+               ends_with_newline=not carry)
+    return out
+
+
+def appendable(src) -> bool:
+    """Whether a source can be read from where an earlier read ended: one JSONL file, no `limit`
+    (which picks rows by their rank among all of them)."""
+    path = Path(src.source)
+    return src.limit is None and path.is_file() and path.suffix.lower() in (".jsonl", ".json")
+
+
+def appended_tail(src, before: Optional[dict]) -> Optional[tuple[Tail, dict]]:
+    """(where the new lines start, the file's state) when SRC is a JSONL file that is its earlier
+    state BEFORE (`file_state`) with lines appended; None when it is not (or cannot be told)."""
+    path = Path(src.source)
+    if not before or not appendable(src) or not before.get("ends_with_newline") or path.stat().st_size < before["size"]:
+        return None
+    state = file_state(path, mark=before["size"])
+    if state.get("mark", {}).get("sha256") != before["sha256"]:
+        return None
+    return Tail(offset=before["size"], lines=before["lines"], records=before["records"]), state
+
+
 def _first_json_keys(path: Path) -> list[str]:
     """Keys of the first line that parses as a JSON object (the file's columns)."""
     seen_row = False
@@ -382,19 +438,24 @@ class RowsDatasource(FileBasedDatasource):
     the line's bytes, where a chunk has a line pyarrow would not read as Python's json does).
     """
 
-    def __init__(self, fmt: FileFormat, columns: tuple[str, ...], text: str):
+    def __init__(self, fmt: FileFormat, columns: tuple[str, ...], text: str, tail: Optional[Tail] = None):
         super().__init__(list(fmt.files), file_extensions=None)
-        self.fmt, self.wanted, self.text = fmt, columns, text
+        self.fmt, self.wanted, self.text, self.tail = fmt, columns, text, tail
 
     def _open_input_source(self, filesystem, path, **open_args):
         if self.fmt.kind == "parquet":  # the footer needs random access
             return filesystem.open_input_file(path)
+        if self.tail is not None:  # an appended JSONL file: only its new lines
+            f = filesystem.open_input_file(path)
+            f.seek(self.tail.offset)
+            return f
         return super()._open_input_source(filesystem, path, **open_args)
 
     def _read_stream(self, f, path: str) -> Iterator[pa.Table]:
         kind = self.fmt.kind
         if kind == "jsonl":
-            yield from _jsonl_blocks(f, self.wanted, self.text)
+            start = self.tail or Tail(0, 0, 0)
+            yield from _jsonl_blocks(f, self.wanted, self.text, start.lines, start.records)
         elif kind == "csv":
             names = ("__row", "__i", "__bad_utf8") + self.wanted
             types = (pa.int64(), pa.int64(), pa.bool_()) + (pa.string(),) * len(self.wanted)
@@ -415,17 +476,16 @@ class RowsDatasource(FileBasedDatasource):
         return sum(_ipc_rows(p) for p in files[:files.index(path)]) if path in files else 0
 
 
-def _jsonl_blocks(f, wanted: tuple[str, ...], text: str) -> Iterator[pa.Table]:
+def _jsonl_blocks(f, wanted: tuple[str, ...], text: str, lineno: int = 0, i: int = 0) -> Iterator[pa.Table]:
     """Blocks of about BLOCK_ROWS lines: {__row, __i, __raw, *wanted}.
 
     A chunk of lines whose every line is one JSON object with string values for the wanted keys,
     none missing and no empty text, is parsed by pyarrow (`__raw` null, the wanted columns set);
     any other chunk is passed on line by line (`__raw` set, the wanted columns null) for CheckRows
     to parse and name its bad rows. Both give the same rows: the fast path only takes what the
-    line-by-line path would accept unchanged.
+    line-by-line path would accept unchanged. LINENO and I: lines and records before F's first line.
     """
     reader = io.BufferedReader(f, 1 << 20)
-    lineno = i = 0
     hint = 1 << 20
     while True:
         lines = reader.readlines(hint)
@@ -709,13 +769,15 @@ def source_signature(src) -> str:
 _SCANS: dict[str, SourceInfo] = {}
 
 
-def scan_source(src, *, on_bad_row: str = "error", seed: int = 0, require_label: bool = False) -> SourceInfo:
+def scan_source(src, *, on_bad_row: str = "error", seed: int = 0, require_label: bool = False,
+                tail: Optional[Tail] = None) -> SourceInfo:
     """Check every row of a source in one Ray Data pass; raise DataError naming the first bad row.
 
     The pass returns per-block counts only (rows, bad rows, labels, the `limit` smallest u), which
-    the driver merges as they stream in. Cached per source content signature.
+    the driver merges as they stream in. Cached per source content signature. With TAIL, only the
+    lines appended to a JSONL file (`appended_tail`), which may hold no row.
     """
-    key = fingerprint([src.model_dump(), on_bad_row, seed, require_label, source_signature(src)])
+    key = fingerprint([src.model_dump(), on_bad_row, seed, require_label, source_signature(src), tail])
     if key in _SCANS:
         return _SCANS[key]
     if src.source in BUILTIN_DATASETS:
@@ -726,14 +788,14 @@ def scan_source(src, *, on_bad_row: str = "error", seed: int = 0, require_label:
         fmt = file_format(src)
         if require_label and not fmt.has_label:
             raise DataError(f"{fmt.name}: no label column {src.columns.label!r}")
-        ds = _checked(src, fmt, seed)
+        ds = _checked(src, fmt, seed, tail)
         info = _scan(ds, src.part, on_bad_row, limit=src.limit)
         if info.threshold is not None:  # count the labels of the `limit` rows kept
             info.labels = _scan(ds, src.part, on_bad_row, limit=None, threshold=info.threshold).labels
         info.has_label = fmt.has_label
     if info.skipped:
         log.warning("%s: skipped %d bad rows (on_bad_row: skip)", src.source, info.skipped)
-    if info.rows == 0:
+    if info.rows == 0 and tail is None:
         raise DataError(f"{src.source}: no rows" + (" in the part" if src.part != (0.0, 1.0) else ""))
     _SCANS[key] = info
     return info
@@ -790,12 +852,12 @@ def _error_order(msg: str) -> int:
     return int(m.group(1)) if m else 0
 
 
-def _checked(src, fmt: FileFormat, seed: int):
-    """The file's rows through CheckRows: {id, text, [label], u, error, fatal}."""
+def _checked(src, fmt: FileFormat, seed: int, tail: Optional[Tail] = None):
+    """The file's rows (with TAIL, its appended rows) through CheckRows: {id, text, [label], u, error, fatal}."""
     cols = src.columns
     wanted = tuple(dict.fromkeys(c for c, on in ((cols.id, fmt.has_id), (cols.text, True),
                                                   (cols.label, fmt.has_label)) if on))
-    ds = ray.data.read_datasource(RowsDatasource(fmt, wanted, cols.text), **io_read())
+    ds = ray.data.read_datasource(RowsDatasource(fmt, wanted, cols.text, tail), **io_read())
     hashed = tuple(src.part) != (0.0, 1.0) or src.limit is not None  # u decides the part and `limit`'s rows
     return ds.map_batches(CheckRows(fmt, cols.text, cols.label, cols.id, seed, hashed), batch_format="pyarrow",
                           batch_size=None, **io_map())
@@ -815,14 +877,15 @@ def _builtin_dataset(src, seed: int):
 
 
 def read_source(src, *, on_bad_row: str = "error", seed: int = 0, require_label: bool = False,
-                drop_label: bool = False):
+                drop_label: bool = False, tail: Optional[Tail] = None):
     """A source as a lazy Ray Dataset {id, text[, label]}: scanned first (bad rows raise DataError
-    here, on the driver), then read and checked again by Ray Data as the consumer streams it."""
-    info = scan_source(src, on_bad_row=on_bad_row, seed=seed, require_label=require_label)
+    here, on the driver), then read and checked again by Ray Data as the consumer streams it.
+    With TAIL, only the lines appended to a JSONL file."""
+    info = scan_source(src, on_bad_row=on_bad_row, seed=seed, require_label=require_label, tail=tail)
     if src.source in BUILTIN_DATASETS:
         ds, part = _builtin_dataset(src, seed), (0.0, 1.0)
     else:
-        ds, part = _checked(src, file_format(src), seed), src.part
+        ds, part = _checked(src, file_format(src), seed, tail), src.part
     threshold = info.threshold
 
     def keep(batch: pa.Table) -> pa.Table:

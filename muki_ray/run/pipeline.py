@@ -16,6 +16,7 @@ import json
 import logging
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pyarrow as pa
@@ -24,13 +25,13 @@ import pyarrow.parquet as pq
 import ray
 import ray.data
 
-from muki_ray.stages.cache import STAGES, TeacherCache, prototypes_model, stage_keys
+from muki_ray.stages.cache import STAGES, TeacherCache, pool_settings, prototypes_model, stage_keys
 from muki_ray.student.checkpoint import growth, warm_start_folder
 from muki_ray.core.cluster import Demand, cluster_nodes, refuse_oversized
 from muki_ray.stages.combiner import Combiner, select_scores, selected_shares, supervision
 from muki_ray.config.schema import RunConfig, prepared_settings
-from muki_ray.data.sources import (DataError, check_labels, fold, hashed_sample, io_map, io_read, io_write, read_source,
-                           scan_source)
+from muki_ray.data.sources import (DataError, SourceInfo, appendable, appended_tail, check_labels, file_state, fold,
+                                   hashed_sample, io_map, io_read, io_write, read_source, scan_source, source_signature)
 from muki_ray.stages.embedding import EmbeddingSpec
 from muki_ray.student.evaluate import evaluate_dataset
 from muki_ray.core.hardware import gpu_default
@@ -38,7 +39,7 @@ from muki_ray.core.hf_folder import label_names, resolve_model_path
 from muki_ray.config.labels import LabelSpace
 from muki_ray.core.manifest import begin_stage, finish_stage, fingerprint, is_current, read_manifest, set_aside, \
     stage_output, write_json_atomic
-from muki_ray.data.pool import add_keys, join_bucket, over_buckets, pool_summary, write_bucketed
+from muki_ray.data.pool import add_keys, join_bucket, link_all, over_buckets, pool_summary, write_bucketed
 from muki_ray.stages.refine_stage import self_train
 from muki_ray.core.progress import counted, track
 from muki_ray.run.report import stage_headline, write_report
@@ -82,29 +83,56 @@ def parquet_rows(folder: Path) -> int:
 def pool_stage(cfg: RunConfig, space: LabelSpace, run_dir: Path) -> dict:
     """RUN_DIR/pool/data/bucket=B/*.parquet: the checked pool {id, text, [label], text_hash}.
 
-    A bad row fails here, before any other stage works, and leaves no pool folder behind.
+    A bad row fails here, before any other stage works, and leaves no pool folder behind. A JSONL
+    pool that only grew at its end since the last pool stage (its earlier bytes the same, by their
+    SHA-256: `sources.appended_tail`) reads, checks and writes only its new lines, and hard-links
+    the earlier pool's files: its cost follows the new rows, not the pool.
     """
     started = time.time()
-    d = cfg.data
+    d, run_dir = cfg.data, Path(run_dir)
     config_hash, inputs = stage_keys(cfg, space, run_dir, "pool")
-    info = scan_source(d.pool, on_bad_row=d.on_bad_row, seed=d.seed, require_label=d.pool_gold_labels)
-    if d.pool_gold_labels:
-        check_labels(info, space.names, "data.pool")
-    stage_dir = begin_stage(Path(run_dir) / "pool")
-    try:
-        ds = read_source(d.pool, on_bad_row=d.on_bad_row, seed=d.seed, require_label=d.pool_gold_labels,
-                         drop_label=not d.pool_gold_labels)
-        with stage_output(stage_dir, "data") as tmp:
-            write_bucketed(ds.map_batches(add_keys, fn_kwargs={"buckets": d.buckets}, batch_format="pyarrow",
-                                          **io_map()), tmp)
-            summary = pool_summary(tmp, d.buckets, d.pool_gold_labels, where=d.pool.source)
-    except DataError:
-        shutil.rmtree(stage_dir, ignore_errors=True)
-        raise
-    log.debug("pool: %d texts in %d buckets (fingerprint %s)", summary["rows"], d.buckets, summary["fingerprint"])
-    return finish_stage(stage_dir, config_hash=config_hash, inputs=inputs, rows=summary["rows"], started=started,
+    settings = fingerprint(pool_settings(cfg))
+    previous = set_aside(run_dir / "pool", settings, key="settings_hash")
+    before = read_manifest(previous) if previous else None
+    signature = source_signature(d.pool)
+    tail, state = appended_tail(d.pool, (before or {}).get("source_file")) or (None, None)
+    with ThreadPoolExecutor(1) as beside:
+        # The file's size, hash and line counts, for the next run to tell an appended file: read
+        # beside the scan (a full read only; an appended one has them already).
+        later = beside.submit(file_state, Path(d.pool.source)) if tail is None and appendable(d.pool) else None
+        new_lines = tail is None or state["size"] > tail.offset
+        info = scan_source(d.pool, on_bad_row=d.on_bad_row, seed=d.seed, require_label=d.pool_gold_labels,
+                           tail=tail) if new_lines else SourceInfo(rows=0)
+        if d.pool_gold_labels:
+            check_labels(info, space.names, "data.pool")
+        stage_dir = begin_stage(run_dir / "pool")
+        try:
+            with stage_output(stage_dir, "data") as tmp:
+                if new_lines:
+                    ds = read_source(d.pool, on_bad_row=d.on_bad_row, seed=d.seed, require_label=d.pool_gold_labels,
+                                     drop_label=not d.pool_gold_labels, tail=tail)
+                    write_bucketed(ds.map_batches(add_keys, fn_kwargs={"buckets": d.buckets}, batch_format="pyarrow",
+                                                  **io_map()), tmp)
+                if tail is not None:
+                    link_all(previous / "data", tmp)
+                summary = pool_summary(tmp, d.buckets, d.pool_gold_labels, where=d.pool.source)
+        except DataError:
+            shutil.rmtree(stage_dir, ignore_errors=True)
+            raise
+        state = state if later is None else later.result()
+    if source_signature(d.pool) != signature:  # written to while read: the next run reads it whole
+        state = None
+    kept = before["rows"] if tail is not None else 0
+    log.debug("pool: %d texts in %d buckets (fingerprint %s; %d kept from the earlier pool)", summary["rows"],
+              d.buckets, summary["fingerprint"], kept)
+    done = finish_stage(stage_dir, config_hash=config_hash, inputs=inputs, rows=summary["rows"], started=started,
                         extra={"fingerprint": summary["fingerprint"], "labels": summary["labels"],
-                               "bad_rows_skipped": info.skipped, "bucket_rows": summary["bucket_rows"]})
+                               "bad_rows_skipped": info.skipped + (before["bad_rows_skipped"] if tail else 0),
+                               "bucket_rows": summary["bucket_rows"], "settings_hash": settings,
+                               "source_file": state, "rows_kept": kept})
+    if previous is not None:
+        shutil.rmtree(previous, ignore_errors=True)
+    return done
 
 
 def ensure_pool(cfg: RunConfig, space: LabelSpace, run_dir: Path) -> dict:

@@ -94,13 +94,18 @@ class TeacherCache:
 RESTARTS = {"max_failures", "checkpoint_every_steps"}
 
 
+def pool_settings(cfg: RunConfig) -> list:
+    """What the pool stage's output depends on besides the source's content."""
+    d = cfg.data
+    return [d.pool.model_dump(), d.seed, d.on_bad_row, d.pool_gold_labels, d.buckets]
+
+
 def config_key(cfg: RunConfig, space: LabelSpace, stage: str) -> str:
     """The config part of a stage's key: what `diff` compares and `run` records."""
     d = cfg.data
     dev = d.dev.model_dump() if d.dev else None
     if stage == "pool":
-        return fingerprint([d.pool.model_dump(), d.seed, d.on_bad_row, d.pool_gold_labels, d.buckets,
-                            source_signature(d.pool)])
+        return fingerprint(pool_settings(cfg) + [source_signature(d.pool)])
     if stage == "prepare":
         own = {t.name: t.prepare.model_dump() for t in cfg.teachers if t.prepare is not None}
         return fingerprint([cfg.prepare.model_dump() if cfg.prepare else None, space.teacher_labels, space.teachers,

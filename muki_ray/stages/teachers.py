@@ -200,14 +200,9 @@ def predict_teacher(spec: TeacherSpec, teacher, cache: TeacherCache, pool_root: 
     rows = over_buckets(missing_rows, buckets, io_map(), pool_root=str(pool_root), parts=cache.parts())
     options = stage_options(teacher.resources, gpu_default, actors)
     per = actor_resources(teacher.resources, gpu_default)
-    # Cap this pipeline to its grant, so pools of teachers running side by side never compete:
-    # its CPUs and GPUs, and the same share of the object store (uncapped, each pipeline of
-    # teachers running side by side budgets the whole store and together they spill).
-    total = ray.cluster_resources()
-    share = max([per[k] * actors / total[k] for k in ("CPU", "GPU") if per[k] and total.get(k)] or [1.0])
-    store = total.get("object_store_memory")
+    # Cap this pipeline to its grant, so pools of teachers running side by side never compete.
     rows.context.execution_options.resource_limits = ray.data.ExecutionResources(
-        cpu=per["CPU"] * actors, gpu=per["GPU"] * actors, object_store_memory=min(1.0, share) * store if store else None)
+        cpu=per["CPU"] * actors, gpu=per["GPU"] * actors)
     # Its actors must be placed within the timeout: Ray Data would otherwise wait for them forever.
     timeout = teacher.resources.placement_timeout_s
     rows.context.wait_for_min_actors_s = max(1, int(round(timeout)))
