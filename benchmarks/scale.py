@@ -224,18 +224,23 @@ def grow_piece(work: Path, models: Path, pools: dict, n: int) -> dict:
         full["stage_wall_s"] = stage_walls(base / "run")
     out = {"pool": n, "teachers": 2, "full": full, "grown": {}}
     for pct in GROWTH:
-        grown_pool = work / f"pool-{n}-plus{pct}pct.jsonl"
-        if not grown_pool.exists():
-            shutil.copy(pools[n], grown_pool)
-            pool_file(grown_pool, n * pct // 100, start=n)
+        # The texts are appended to the pool file the full run read, as a user grows a pool (then
+        # the file is cut back): the pool stage reads only the appended lines.
+        size = pools[n].stat().st_size
+        pool_file(pools[n], n * pct // 100, start=n)
         d = work / f"grow-{n}-{pct}pct"
         shutil.rmtree(d, ignore_errors=True)
         d.mkdir()
         shutil.copytree(base / "run", d / "run", symlinks=True)
-        r = measure(REPO, config(d, grown_pool, 2, models), cap_s=1e9)
+        try:
+            r = measure(REPO, config(d, pools[n], 2, models), cap_s=1e9)
+        finally:
+            os.truncate(pools[n], size)
         m = read_manifest(d / "run" / "predictions") or {}
+        pool_m = read_manifest(d / "run" / "pool") or {}
         out["grown"][str(pct)] = {**r, "stage_wall_s": stage_walls(d / "run"), "rows_computed": m.get("rows_computed"),
                                   "rows_reused": m.get("rows_reused"), "rows_kept": m.get("rows_kept"),
+                                  "pool_rows_kept": pool_m.get("rows_kept"),
                                   "ratio": round(r["wall_s"] / full["wall_s"], 3),
                                   "stage_ratio": round(m["wall_time_s"] / full["stage_wall_s"]["predictions"], 3)}
         shutil.rmtree(d, ignore_errors=True)
@@ -376,12 +381,13 @@ def goals_table(out: dict) -> str:
 def grow_table(out: dict) -> str:
     """The grown pools: the grown run against the full run of the same piece."""
     lines = ["| pool | grown by | wall s | full run's wall s | ratio | pool stage s | predictions stage ratio | "
-             "rows computed per teacher | prediction rows kept |", "|---|---|---|---|---|---|---|---|---|"]
+             "rows computed per teacher | prediction rows kept | pool rows kept |", "|---|---|---|---|---|---|---|---|---|---|"]
     for g in out["grows"]:
         for pct, r in sorted(g["grown"].items(), key=lambda x: -int(x[0])):
             lines.append(f"| {g['pool']:,} | {pct}% | {r['wall_s']} | {g['full']['wall_s']} | {r['ratio']} | "
                          f"{r['stage_wall_s']['pool']} | {r['stage_ratio']} | "
-                         f"{max((r['rows_computed'] or {}).values(), default='-')} | {r['rows_kept']} |")
+                         f"{max((r['rows_computed'] or {}).values(), default='-')} | {r['rows_kept']} | "
+                         f"{r.get('pool_rows_kept', '-')} |")
     return "\n".join(lines)
 
 
