@@ -358,7 +358,7 @@ def file_state(path: Path, mark: Optional[int] = None) -> dict:
                 done, carry = data[:cut], data[cut:]
                 n = done.count(b"\n")
                 lines += n
-                records += n - sum(1 for line in done.split(b"\n")[:-1] if not line.strip())
+                records += n - _blank_lines(done)
             if mark is not None and pos == mark and "mark" not in out:
                 out["mark"] = {"size": pos, "sha256": h.copy().hexdigest(), "lines": lines + bool(carry),
                                "records": records + bool(carry.strip()), "ends_with_newline": not carry}
@@ -367,6 +367,17 @@ def file_state(path: Path, mark: Optional[int] = None) -> dict:
     out.update(size=pos, sha256=h.hexdigest(), lines=lines + bool(carry), records=records + bool(carry.strip()),
                ends_with_newline=not carry)
     return out
+
+
+_BLANK = re.compile(rb"\n[ \t\r\x0b\x0c]*\n")
+
+
+def _blank_lines(done: bytes) -> int:
+    """Lines of DONE (whole lines, each ending in a newline) that bytes.strip() leaves empty; the
+    per-line count runs only where a blank line is (the search skips from newline to newline)."""
+    if not _BLANK.search(b"\n" + done):
+        return 0
+    return sum(1 for line in done.split(b"\n")[:-1] if not line.strip())
 
 
 def appendable(src) -> bool:
