@@ -102,18 +102,22 @@ def concurrent_tasks(options: dict) -> int:
 def bucket_stats(bucket: int, root: str, labeled: bool) -> pa.Table:
     """One pool bucket -> one row {bucket, rows, digest, duplicate, labels}.
 
-    digest: sha256 over the bucket's (id, text_hash) in id order, so the pool's fingerprint does
-    not depend on files, blocks or row order. duplicate: an id that occurs twice (ids of one
+    digest: sha256 over the bucket's ids and text hashes in id order, so the pool's fingerprint
+    does not depend on files, blocks or row order. duplicate: an id that occurs twice (ids of one
     bucket all hash alike, so a duplicate never spans two buckets).
     """
     cols = ["id", "text_hash"] + (["label"] if labeled else [])
     t = read_bucket(Path(root), bucket, cols)
     t = t.sort_by("id") if t.num_rows else t
-    ids = t.column("id").to_pylist() if t.num_rows else []
-    dup = next((a for a, b in zip(ids, ids[1:]) if a == b), None)
-    h = hashlib.sha256()
-    for rid, th in zip(ids, t.column("text_hash").to_pylist() if t.num_rows else []):
-        h.update(rid.encode("utf-8", "surrogatepass") + b"\0" + int(th).to_bytes(8, "little", signed=True))
+    ids = t.column("id").combine_chunks() if t.num_rows else pa.array([], pa.string())
+    n, dup = len(ids), None
+    if n > 1:  # sorted: a duplicate sits next to itself
+        same = pc.equal(ids.slice(1), ids.slice(0, n - 1)).to_numpy(zero_copy_only=False)
+        dup = ids[int(same.argmax()) + 1].as_py() if same.any() else None
+    # Column-wise (no hashing call per row): the ids' lengths, the ids, the text hashes.
+    h = hashlib.sha256(pc.binary_length(ids).to_numpy(zero_copy_only=False).astype("<i8").tobytes())
+    h.update("".join(ids.to_pylist()).encode("utf-8", "surrogatepass"))
+    h.update(t.column("text_hash").to_numpy().astype("<i8").tobytes() if n else b"")
     labels = {}
     if labeled and t.num_rows:
         counts = pc.value_counts(t.column("label")).to_pylist()
