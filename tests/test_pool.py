@@ -17,7 +17,7 @@ from muki_ray.config.labels import LabelSpace
 from muki_ray.config.schema import parse_config
 from muki_ray.core.manifest import read_manifest
 from muki_ray.data.pool import join_bucket, text_hash
-from muki_ray.data.sources import DataError, file_state
+from muki_ray.data.sources import BLOCK_ROWS, DataError, file_state
 from muki_ray.run.pipeline import pool_stage
 
 TEACHERS = [("t", ["t__p"])]
@@ -171,21 +171,22 @@ def test_an_appended_bad_line_is_named_by_its_line_and_a_changed_file_is_read_wh
     cfg, space = pool_cfg(tmp_path, pool, tiny_models)
     run = tmp_path / "run"
     first = pool_stage(cfg, space, run)
+    grown = 2 * BLOCK_ROWS + 2  # the appended lines span several blocks: line numbers go on across them
     with open(pool, "a") as f:
-        f.write(pool_lines(100, 2) + json.dumps({"id": "bad", "text": " "}) + "\n")
-    with pytest.raises(DataError, match=r"pool.jsonl: line 103: empty text"):
+        f.write(pool_lines(100, grown) + json.dumps({"id": "bad", "text": " "}) + "\n")
+    with pytest.raises(DataError, match=rf"pool.jsonl: line {101 + grown}: empty text"):
         pool_stage(cfg, space, run)
     assert read_manifest(run / ".pool.previous")["fingerprint"] == first["fingerprint"]  # kept for the rerun
-    pool.write_text(pool_lines(0, 102))  # the bad line removed: still an append
+    pool.write_text(pool_lines(0, 100 + grown))  # the bad line removed: still an append
     assert pool_stage(cfg, space, run)["rows_kept"] == 100
     os.utime(pool)  # touched, the same bytes: nothing read, everything kept
     same = pool_stage(cfg, space, run)
-    assert same["rows_kept"] == 102 and same["rows"] == 102
+    assert same["rows_kept"] == 100 + grown and same["rows"] == 100 + grown
     lines = pool.read_text().splitlines(keepends=True)
     lines[3] = json.dumps({"id": "d3", "text": "an edited text"}) + "\n"
-    pool.write_text("".join(lines) + pool_lines(102, 1))  # an earlier line changed: read whole
+    pool.write_text("".join(lines) + pool_lines(100 + grown, 1))  # an earlier line changed: read whole
     changed = pool_stage(cfg, space, run)
-    assert changed["rows_kept"] == 0 and changed["rows"] == 103
+    assert changed["rows_kept"] == 0 and changed["rows"] == 101 + grown
     assert "an edited text" in pool_table(run).column("text").to_pylist()
     with open(pool, "a") as f:
         f.write(json.dumps({"id": "d7", "text": "a duplicate id"}) + "\n")

@@ -517,15 +517,14 @@ def _jsonl_blocks(f, wanted: tuple[str, ...], text: str, lineno: int = 0, i: int
                     i += 1
             for s in range(0, len(rows), BLOCK_ROWS):
                 part = rows[s:s + BLOCK_ROWS]
-                n = len(part)
                 yield _block(np.array([r[0] for r in part]), np.array([r[1] for r in part]),
-                             pa.array([r[2] for r in part], pa.binary()), None, wanted, n)
+                             pa.array([r[2] for r in part], pa.binary()), None, wanted)
         hint = max(1 << 16, BLOCK_ROWS * sum(map(len, lines)) // len(lines))
 
 
 def _block(rows: np.ndarray, index: np.ndarray, raw: pa.Array, parsed: Optional[pa.Table],
-           wanted: tuple[str, ...], n: Optional[int] = None) -> pa.Table:
-    n = len(rows) if n is None else n
+           wanted: tuple[str, ...]) -> pa.Table:
+    n = len(rows)
     cols = {"__row": pa.array(rows, pa.int64()), "__i": pa.array(index, pa.int64()), "__raw": raw}
     for c in wanted:
         cols[c] = parsed.column(c) if parsed is not None else pa.nulls(n, pa.string())
